@@ -1,0 +1,117 @@
+"""Distillation losses: task, output KD, feature KD at every down/up block output (BK-SDM), mid-block
+output supervision (A-SDM's semantic-aware supervision), and an optional perceptual term.
+
+Feature maps are paired by rule, and the rule is reported: a student block is paired with the
+teacher block it was built from (the plan's mapping, so BK-SDM-Tiny's up0 pairs with the teacher's
+up1); a teacher block the student lacks (removed stage, removed mid block) is skipped; a pair whose
+shapes differ is skipped. Channel pruning here cuts inner widths only, so block outputs keep their
+shapes and stay paired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import Plan
+
+
+@dataclass
+class LossWeights:
+    task: float = 1.0  # MSE(eps_student, eps)
+    out_kd: float = 1.0  # MSE(eps_student, eps_teacher)
+    feat_kd: float = 1.0  # sum over paired down/up block outputs
+    mid: float = 0.0  # MSE of mid-block outputs (A-SDM)
+    perceptual: float = 0.0  # frozen feature network on predicted clean images
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class FeaturePair:
+    student: str  # module path in the student
+    teacher: str  # module path in the teacher
+    kind: str  # "block" or "mid"
+    status: str = "paired"  # or "skipped: <reason>"
+
+
+@dataclass
+class FeatureTaps:
+    """Forward hooks that keep the outputs of the paired blocks of a student and its teacher."""
+
+    pairs: list[FeaturePair]
+    student_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def report(self) -> list[dict[str, str]]:
+        return [asdict(p) for p in self.pairs]
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def feature_pairs(plan: Plan, student_has_mid: bool, teacher_has_mid: bool) -> list[FeaturePair]:
+    pairs = [FeaturePair(bp.student_path, bp.base.path, "block") for bp in plan.down + plan.up]
+    kept_down = {bp.base.path for bp in plan.down}
+    kept_up = {bp.base.path for bp in plan.up}
+    for b in plan.arch.down:
+        if b.path not in kept_down:
+            pairs.append(FeaturePair("-", b.path, "block", "skipped: the student has no such block (stage removed)"))
+    for b in plan.arch.up:
+        if b.path not in kept_up:
+            pairs.append(FeaturePair("-", b.path, "block", "skipped: the student has no such block (stage removed)"))
+    if teacher_has_mid:
+        if student_has_mid:
+            pairs.append(FeaturePair("mid_block", "mid_block", "mid"))
+        else:
+            pairs.append(FeaturePair("-", "mid_block", "mid", "skipped: the student has no mid block"))
+    return pairs
+
+
+def attach_taps(student: nn.Module, teacher: nn.Module, plan: Plan) -> FeatureTaps:
+    taps = FeatureTaps(feature_pairs(plan, student.mid_block is not None, teacher.mid_block is not None))
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    for p in taps.pairs:
+        if p.status != "paired":
+            continue
+        def keep(store, key):
+            def hook(_m, _a, out):
+                store[key] = _first(out)
+            return hook
+        taps.handles.append(s_mods[p.student].register_forward_hook(keep(taps.student_out, p.student)))
+        taps.handles.append(t_mods[p.teacher].register_forward_hook(keep(taps.teacher_out, p.teacher)))
+    return taps
+
+
+def feature_losses(taps: FeatureTaps) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(sum of block-output MSEs, mid-block MSE) from the last forward of both models."""
+    feat, mid = None, None
+    for p in taps.pairs:
+        if p.status != "paired":
+            continue
+        s, t = taps.student_out.get(p.student), taps.teacher_out.get(p.teacher)
+        if s is None or t is None:
+            continue
+        if s.shape != t.shape:
+            p.status = f"skipped: shapes differ (student {tuple(s.shape)}, teacher {tuple(t.shape)})"
+            continue
+        loss = F.mse_loss(s.float(), t.float())
+        if p.kind == "mid":
+            mid = loss
+        else:
+            feat = loss if feat is None else feat + loss
+    taps.student_out.clear()
+    taps.teacher_out.clear()
+    return feat, mid

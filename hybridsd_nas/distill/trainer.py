@@ -1,0 +1,227 @@
+"""One distillation loop, two lengths: the short proxy run and the long final training.
+
+Only the candidate's trainable parts get gradients and optimizer state (A-SDM's progressive
+incubation: frozen parts are excluded). The loop stops itself on a NaN or a diverging loss and
+returns ``status="failed"`` with the reason instead of raising. Long runs checkpoint periodically
+(safetensors + JSON, atomically) and resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import Plan, apply_frozen
+from .data import DistillData
+from .losses import LossWeights, attach_taps, feature_losses
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    p_uncond: float = 0.1  # captions dropped to "" (classifier-free guidance keeps working)
+    seed: int = 0
+    weights: LossWeights = field(default_factory=LossWeights)
+    divergence_factor: float = 20.0  # loss above this x its early median for `divergence_patience` steps
+    divergence_patience: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = no periodic checkpoints
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"] = self.weights.as_dict()
+        return d
+
+
+@dataclass
+class DistillResult:
+    status: str  # "ok", "failed", "interrupted"
+    reason: str | None
+    steps_done: int
+    seconds: float
+    curve: list[dict[str, float]]
+    feature_rule: list[dict[str, str]]
+    trainable_params: int
+    frozen_params: int
+    config: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _target(scheduler, latents, noise, t):
+    pt = scheduler.config.get("prediction_type", "epsilon")
+    if pt == "epsilon":
+        return noise
+    if pt == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"prediction_type {pt!r} is not supported; supported: epsilon, v_prediction")
+
+
+def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, curve: list, rng: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ckpt.parent / f".{ckpt.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "student.safetensors"))
+    osd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in osd["state"].items():
+        state_meta[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                state_meta[str(pid)][k] = v
+    if tensors:
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "curve": curve, "param_groups": osd["param_groups"],
+                                               "state_meta": state_meta, "rng": rng.get_state().tolist()}))
+    old = ckpt.parent / f".{ckpt.name}.old-{os.getpid()}"
+    if ckpt.exists():
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    student.load_state_dict(load_file(str(ckpt / "student.safetensors")), strict=True)
+    meta = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").is_file() else {}
+    state: dict[int, dict[str, Any]] = {}
+    for pid, m in meta["state_meta"].items():
+        state[int(pid)] = dict(m)
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    rng.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    return int(meta["step"]), list(meta["curve"])
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    plan: Plan,
+    data: DistillData,
+    scheduler,
+    cfg: DistillConfig | None = None,
+    progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    perceptual: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> DistillResult:
+    """Distil ``teacher`` into ``student`` (built from ``plan``) on ``data`` for ``cfg.steps`` steps."""
+    cfg = cfg or DistillConfig()
+    w = cfg.weights
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    for p_ in student.parameters():
+        p_.requires_grad_(True)
+    frozen = set(apply_frozen(student, plan))
+    params = [p_ for n, p_ in student.named_parameters() if n not in frozen]
+    n_train = sum(p_.numel() for p_ in params)
+    n_frozen = sum(p_.numel() for n, p_ in student.named_parameters() if n in frozen)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    taps = attach_taps(student, teacher, plan)
+    ckpt = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
+    start, curve = 0, []
+    if resume and ckpt is not None and ckpt.is_dir():
+        start, curve = _load_checkpoint(ckpt, student, opt, g)
+    if perceptual is not None and w.perceptual > 0 and decode is None:
+        raise ValueError("a perceptual loss needs a decode function (latents -> images)")
+    acp = scheduler.alphas_cumprod
+    n_t = scheduler.config.num_train_timesteps
+    early: list[float] = []
+    over = 0
+    status, reason = "ok", None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, cfg.steps), desc="distill", disable=not progress, initial=start, total=cfg.steps, leave=False)
+    step = start
+    try:
+        for step in bar:
+            idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+            lat, emb = data.batch(idx, cfg.p_uncond, g)
+            dev = next(student.parameters()).device
+            lat, emb = lat.to(dev), emb.to(dev)
+            noise = torch.randn(lat.shape, generator=g).to(dev)
+            t = torch.randint(0, n_t, (lat.shape[0],), generator=g).to(dev)
+            noisy = scheduler.add_noise(lat, noise, t)
+            target = _target(scheduler, lat, noise, t)
+            with torch.no_grad():
+                eps_t = teacher(noisy, t, emb, return_dict=False)[0]
+            eps_s = student(noisy, t, emb, return_dict=False)[0]
+            parts: dict[str, torch.Tensor] = {}
+            if w.task:
+                parts["task"] = F.mse_loss(eps_s.float(), target.float())
+            if w.out_kd:
+                parts["out_kd"] = F.mse_loss(eps_s.float(), eps_t.float())
+            feat, mid = feature_losses(taps)
+            if w.feat_kd and feat is not None:
+                parts["feat_kd"] = feat
+            if w.mid and mid is not None:
+                parts["mid"] = mid
+            if w.perceptual and perceptual is not None:
+                a = acp.to(dev)[t].view(-1, 1, 1, 1)
+                x0_s = (noisy - (1 - a).sqrt() * eps_s) / a.sqrt()
+                x0_t = (noisy - (1 - a).sqrt() * eps_t) / a.sqrt()
+                parts["perceptual"] = F.mse_loss(perceptual(decode(x0_s)), perceptual(decode(x0_t)).detach())
+            loss = sum(getattr(w, k) * v for k, v in parts.items())
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                status, reason = "failed", f"loss is {lv} at step {step} ({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())})"
+                break
+            if len(early) < 20:
+                early.append(lv)
+            else:
+                ref = sorted(early)[len(early) // 2]
+                over = over + 1 if lv > cfg.divergence_factor * ref else 0
+                if over >= cfg.divergence_patience:
+                    status, reason = "failed", f"diverged: loss {lv:.4g} above {cfg.divergence_factor}x its early median {ref:.4g} for {over} steps (step {step})"
+                    break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                curve.append({"step": step, "loss": lv, **{k: float(v.detach()) for k, v in parts.items()}})
+                bar.set_postfix(loss=f"{lv:.4f}")
+            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt, student, opt, step + 1, curve, g)
+        else:
+            step = cfg.steps
+    except KeyboardInterrupt:
+        status, reason = "interrupted", f"interrupted at step {step}"
+        if ckpt is not None:
+            _save_checkpoint(ckpt, student, opt, step, curve, g)
+    finally:
+        taps.remove()
+        bar.close()
+        student.eval()
+    if status == "ok" and ckpt is not None and cfg.checkpoint_every:
+        _save_checkpoint(ckpt, student, opt, cfg.steps, curve, g)
+    return DistillResult(status, reason, step if status != "ok" else cfg.steps, time.perf_counter() - t0, curve,
+                         taps.report(), n_train, n_frozen, cfg.as_dict())

@@ -1,0 +1,177 @@
+"""The quality proxy: a short distillation from the teacher, then proxy FID against the teacher's own
+samples (same prompts, same seeds), FID against real held-out images, KID and prompt adherence.
+
+Zero-cost pre-filters are computed first, before any training, from the student as inherited:
+the output error against the teacher on fixed noisy latents, and the latent-statistics score of
+Hybrid SD / LD-Pruner (shift of the output's mean and standard deviation). Studies may use them
+to skip hopeless candidates. Teacher samples, their features and the real reference statistics
+are cached by content so a study pays for them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arch import build_student, describe, load_pretrained_unet, plan, resolve_candidate
+from .distill import DistillConfig, LossWeights, distill, fashion_mnist_data
+from .errors import HybridSDError
+from .pipeline import load_pipeline, pipeline_path
+
+
+@dataclass
+class ProxySettings:
+    distill_steps: int = 200
+    batch_size: int = 32
+    lr: float = 5e-4
+    weights: LossWeights = field(default_factory=LossWeights)
+    data_images: int = 4096
+    samples: int = 64
+    sampler_steps: int | None = None  # default: the teacher's sampling.json, else 20
+    guidance: float | None = None  # default: the teacher's sampling.json, else 5.0
+    seed: int = 0
+    kid_subset: int = 50
+    reference_images: int = 1000  # the first N Fashion-MNIST test images (shared cache with the teacher evaluation)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"] = self.weights.as_dict()
+        return d
+
+
+def _sampling_defaults(teacher: str) -> dict[str, Any]:
+    p = Path(pipeline_path(teacher)) / "sampling.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def eval_prompt_set(teacher: str, n: int) -> list[dict[str, Any]]:
+    """``n`` evaluation prompts (the teacher's eval_prompts.json, cycled), each with its seed offset."""
+    p = Path(pipeline_path(teacher)) / "eval_prompts.json"
+    if not p.is_file():
+        raise HybridSDError(f"{pipeline_path(teacher)} has no eval_prompts.json; the proxy needs fixed evaluation prompts")
+    rows = json.loads(p.read_text())
+    return [dict(rows[i % len(rows)], sample=i) for i in range(n)]
+
+
+@torch.no_grad()
+def generate(pipe, unet, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 32) -> np.ndarray:
+    """uint8 images (N, 3, H, W); image i uses generator seed ``seed + i`` whatever the batching."""
+    old = pipe.unet
+    pipe.unet = unet
+    try:
+        out = []
+        for i in range(0, len(prompts), batch):
+            ps = prompts[i : i + batch]
+            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(ps))]
+            imgs = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
+            out.append((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))
+        return np.concatenate(out)
+    finally:
+        pipe.unet = old
+
+
+def _cache_root() -> Path:
+    from .cost.latency import cache_dir
+
+    return cache_dir() / "proxy"
+
+
+def teacher_samples(teacher: str, pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> np.ndarray:
+    """The teacher's samples for these prompts and seeds, cached on disk (safetensors)."""
+    from safetensors.numpy import load_file, save_file
+
+    key = hashlib.sha1(json.dumps([pipeline_path(teacher), prompts, seed, steps, guidance,
+                                   type(pipe.scheduler).__name__], sort_keys=True).encode()).hexdigest()[:16]
+    f = _cache_root() / f"teacher-{key}.safetensors"
+    if f.is_file():
+        return load_file(str(f))["images"]
+    imgs = generate(pipe, pipe.unet, prompts, seed, steps, guidance)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": imgs}, str(f))
+    return imgs
+
+
+@torch.no_grad()
+def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int = 0) -> dict[str, float]:
+    """Before any training: output MSE against the teacher on fixed noisy latents, and the
+    latent-statistics score |d mean| + |d std| of the predicted noise (LD-Pruner's criterion)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (n,), generator=g)
+    lat, emb = data.batch(idx)
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.linspace(50, scheduler.config.num_train_timesteps - 50, n).long()
+    noisy = scheduler.add_noise(lat, noise, t)
+    es = student(noisy, t, emb, return_dict=False)[0].float()
+    et = teacher(noisy, t, emb, return_dict=False)[0].float()
+    return {"output_mse": float(((es - et) ** 2).mean()),
+            "latent_stat_shift": float((es.mean() - et.mean()).abs() + (es.std() - et.std()).abs())}
+
+
+def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
+              device: str = "cpu", progress: bool = False, return_images: bool = False) -> dict[str, Any]:
+    """Score one candidate. Returns a dict with ``status`` and, when ok, the quality figures."""
+    from diffusers import DDPMScheduler
+
+    from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence, reference_features
+
+    s = settings or ProxySettings()
+    defaults = _sampling_defaults(teacher)
+    steps = s.sampler_steps or int(defaults.get("num_inference_steps", 20))
+    guidance = s.guidance if s.guidance is not None else float(defaults.get("guidance_scale", 5.0))
+    arch = describe(teacher)
+    cand = resolve_candidate(candidate, arch)
+    p = plan(arch, cand)
+    pipe = load_pipeline(teacher, device=device)
+    base_unet = load_pretrained_unet(base, device=device) if base else None
+    student = build_student(p, teacher=pipe.unet, device=device, base_unet=base_unet)
+    data = fashion_mnist_data(pipe, n=s.data_images, seed=s.seed)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    out: dict[str, Any] = {"candidate": cand.to_dict(), "candidate_key": cand.key, "teacher": str(teacher),
+                           "settings": {**s.as_dict(), "sampler_steps": steps, "guidance": guidance,
+                                        "sampler": type(pipe.scheduler).__name__, "device": device, "dtype": "float32"}}
+    out["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=s.seed)
+    cfg = DistillConfig(steps=s.distill_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, weights=s.weights)
+    res = distill(student, pipe.unet, p, data, sched, cfg, progress=progress)
+    out.update({"status": res.status, "reason": res.reason, "distill_seconds": round(res.seconds, 2),
+                "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule})
+    if res.status != "ok":
+        return out
+    t0 = time.perf_counter()
+    rows = eval_prompt_set(teacher, s.samples)
+    prompts = [r["prompt"] for r in rows]
+    t_imgs = teacher_samples(teacher, pipe, prompts, s.seed, steps, guidance)
+    s_imgs = generate(pipe, student, prompts, s.seed, steps, guidance)
+    fx = FeatureExtractor(device=device)
+    from .data import load_fashion_mnist, to_rgb_uint8
+
+    res_px = s_imgs.shape[-1]
+    test = load_fashion_mnist("test")
+    real = reference_features(to_rgb_uint8(test.images[: s.reference_images], res_px),
+                              name=f"fashion-mnist-test-first{s.reference_images}", resolution=res_px, extractor=fx)
+    t_ref = reference_features(t_imgs, name=f"teacher-samples-{hashlib.sha1(t_imgs.tobytes()).hexdigest()[:12]}",
+                               resolution=res_px, extractor=fx)
+    k = min(s.kid_subset, len(s_imgs))
+    vs_teacher = fid_kid(s_imgs, t_ref, extractor=fx, kid_subset_size=k, seed=s.seed)
+    vs_real = fid_kid(s_imgs, real, extractor=fx, kid_subset_size=k, seed=s.seed)
+    clf = load_classifier(Path(pipeline_path(teacher)) / "eval_classifier")
+    out.update({
+        "proxy_fid": vs_teacher["fid"],
+        "kid": vs_teacher["kid_mean"],
+        "kid_std": vs_teacher["kid_std"],
+        "fid_real": vs_real["fid"],
+        "kid_real": vs_real["kid_mean"],
+        "adherence": prompt_adherence(clf, s_imgs, np.array([r["class_index"] for r in rows])),
+        "adherence_teacher": prompt_adherence(clf, t_imgs, np.array([r["class_index"] for r in rows])),
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+        "samples": len(s_imgs),
+    })
+    if return_images:
+        out["images"] = s_imgs
+    return out

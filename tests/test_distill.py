@@ -1,0 +1,84 @@
+import copy
+
+import torch
+
+from hybridsd_nas.arch import Candidate, build_student, candidate_preset, describe, plan
+from hybridsd_nas.distill import DistillConfig, DistillData, LossWeights, distill
+
+from .conftest import TINY_SD1
+
+
+def _data(n=16, seed=0, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(n, 4, 16, 16, generator=g)
+    if nan:
+        lat[0, 0, 0, 0] = float("nan")
+    emb = torch.randn(3, 7, 32, generator=g)
+    return DistillData(lat, torch.randint(0, 2, (n,), generator=g), emb, ["a", "b"], "synthetic")
+
+
+def _sched():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _student(teacher, cand):
+    arch = describe(TINY_SD1)
+    p = plan(arch, cand)
+    return build_student(p, teacher=teacher, device="cpu"), p
+
+
+def test_short_distillation_runs_and_reports_feature_rule(tiny_sd1_teacher):
+    arch = describe(TINY_SD1)
+    s, p = _student(tiny_sd1_teacher, candidate_preset("bk-sdm-tiny", arch))
+    before = copy.deepcopy(s.state_dict())
+    r = distill(s, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=4, batch_size=4, log_every=1,
+                weights=LossWeights(mid=1.0)))
+    assert r.status == "ok" and r.steps_done == 4 and len(r.curve) == 4
+    assert all(c["loss"] > 0 for c in r.curve) and "feat_kd" in r.curve[0] and "mid" not in r.curve[0]
+    rule = {(x["student"], x["teacher"]): x["status"] for x in r.feature_rule}
+    assert rule[("up_blocks.0", "up_blocks.1")] == "paired"  # BK-SDM-Tiny's up0 was the teacher's up1
+    assert rule[("-", "up_blocks.0")].startswith("skipped") and rule[("-", "mid_block")].startswith("skipped")
+    assert any(not torch.equal(before[k], v) for k, v in s.state_dict().items())
+
+
+def test_frozen_parts_get_no_update_and_no_optimizer_state(tiny_sd1_teacher):
+    arch = describe(TINY_SD1)
+    s, p = _student(tiny_sd1_teacher, candidate_preset("asdm-m1", arch))
+    before = copy.deepcopy(s.state_dict())
+    r = distill(s, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=3, batch_size=4, weights=LossWeights(mid=1.0)))
+    assert r.status == "ok" and 0 < r.trainable_params < r.frozen_params
+    after = s.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("down_blocks.0.", "up_blocks.3.")) for k in changed)
+    assert any(k.startswith("down_blocks.0.") for k in changed) and any(k.startswith("up_blocks.3.") for k in changed)
+
+
+def test_nan_ends_the_run_as_failed_not_a_crash(tiny_sd1_teacher):
+    s, p = _student(tiny_sd1_teacher, Candidate())
+    r = distill(s, tiny_sd1_teacher, p, _data(n=1, nan=True), _sched(), DistillConfig(steps=3, batch_size=2))
+    assert r.status == "failed" and "nan" in r.reason.lower() and r.steps_done == 0
+
+
+def test_divergence_is_detected(tiny_sd1_teacher):
+    s, p = _student(tiny_sd1_teacher, candidate_preset("bk-sdm-small", describe(TINY_SD1)))
+    r = distill(s, tiny_sd1_teacher, p, _data(), _sched(),
+                DistillConfig(steps=60, batch_size=2, lr=5.0, grad_clip=0, divergence_factor=2.0, divergence_patience=3))
+    assert r.status == "failed" and ("diverged" in r.reason or "nan" in r.reason.lower() or "inf" in r.reason)
+
+
+def test_checkpoint_resume_continues_exactly(tiny_sd1_teacher, tmp_path):
+    cand = candidate_preset("bk-sdm-base", describe(TINY_SD1))
+    cfg = DistillConfig(steps=4, batch_size=2, checkpoint_every=2, seed=3)
+    a, p = _student(tiny_sd1_teacher, cand)
+    distill(a, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "a")
+    b, _ = _student(tiny_sd1_teacher, cand)
+    half = DistillConfig(steps=2, batch_size=2, checkpoint_every=2, seed=3)
+    distill(b, tiny_sd1_teacher, p, _data(), _sched(), half, checkpoint_dir=tmp_path / "b")
+    c, _ = _student(tiny_sd1_teacher, cand)  # a fresh process would start from the inherited weights
+    r = distill(c, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "b", resume=True)
+    assert r.status == "ok" and r.steps_done == 4
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, c.state_dict()[k], atol=1e-6), k
+    assert not list((tmp_path / "b").rglob("*.pt")) and not list((tmp_path / "b").rglob("*.bin"))

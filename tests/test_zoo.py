@@ -1,0 +1,88 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hybridsd_nas import HybridSDError, UnknownNameError, zoo
+from hybridsd_nas.data import CLASS_NAMES
+from hybridsd_nas.zoo import recipe
+from hybridsd_nas.zoo.cli import register
+
+SD1_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+SD1_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+
+
+def test_registry():
+    assert "tiny" in zoo.list_models()
+    assert zoo.is_zoo_name("tiny") and not zoo.is_zoo_name("sd-v1") and not zoo.is_zoo_name(None)
+    assert (zoo.model_path("tiny") / "model_index.json").is_file()
+    with pytest.raises(UnknownNameError, match="unknown model 'nope'; known: tiny") as e:
+        zoo.model_path("nope")
+    assert isinstance(e.value, HybridSDError)
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_every_zoo_model_is_a_small_complete_pipeline(name):
+    d = zoo.model_path(name)
+    total = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20, f"{name}: {total / 2**20:.1f} MiB"
+    index = json.loads((d / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (d / comp).is_dir(), comp
+    assert not list(d.rglob("*.bin")) and not list(d.rglob("*.pt")) and not list(d.rglob("*.pkl")), "safetensors only"
+    cfg = json.loads((d / "unet" / "config.json").read_text())
+    assert cfg["down_block_types"] == SD1_DOWN and cfg["up_block_types"] == SD1_UP
+    assert cfg["mid_block_type"] == "UNetMidBlock2DCrossAttn" and cfg["layers_per_block"] == 2
+    ev = zoo.eval_prompts(name)
+    assert sorted({e["class_index"] for e in ev}) == list(range(len(CLASS_NAMES)))
+    assert all(isinstance(e["prompt"], str) and CLASS_NAMES[e["class_index"]] in e["prompt"] for e in ev)
+
+
+def test_stock_diffusers_loads_and_samples_on_cpu():
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo.model_path("tiny"))
+    assert isinstance(pipe.unet, UNet2DConditionModel) and pipe.unet.dtype == torch.float32
+    assert len(pipe.unet.down_blocks) == 4 and len(pipe.unet.up_blocks) == 4
+    assert [len(b.resnets) for b in pipe.unet.down_blocks] == [2, 2, 2, 2]
+    assert [len(b.resnets) for b in pipe.unet.up_blocks] == [3, 3, 3, 3]
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a photo of a sneaker", "a trouser"], num_inference_steps=3, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 32, 32, 3)
+    assert np.isfinite(out).all() and out.std() > 0.01
+
+
+def test_tokenizer_builder(tmp_path):
+    from transformers import CLIPTokenizer
+
+    texts = ["a photo of a t-shirt", "an ankle boot"]
+    merges = recipe.learn_bpe(texts)
+    assert merges == recipe.learn_bpe(texts)  # deterministic
+    tok = CLIPTokenizer.from_pretrained(recipe.write_clip_tokenizer(tmp_path, texts))
+    assert tok.convert_ids_to_tokens(tok("An ankle boot").input_ids) == ["<|startoftext|>", "an</w>", "ankle</w>", "boot</w>", "<|endoftext|>"]
+    ids = tok("a cat", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(ids) == 77 and tok.model_max_length == 77  # unseen words split into byte pieces, no error
+    assert ids[0] == tok.bos_token_id and tok.pad_token_id == tok.eos_token_id
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command"))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_list_and_path(capsys):
+    assert _cli(["zoo", "list", "--json"]) == 0
+    infos = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in infos] == zoo.list_models() and infos[0]["installed"]
+    assert _cli(["zoo", "list"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert _cli(["zoo", "path", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == str(zoo.model_path("tiny"))
+    with pytest.raises(UnknownNameError, match="known: tiny"):
+        _cli(["zoo", "path", "bogus"])
