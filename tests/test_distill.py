@@ -33,6 +33,7 @@ def test_short_distillation_runs_and_reports_feature_rule(tiny_sd1_teacher):
     arch = describe(TINY_SD1)
     s, p = _student(tiny_sd1_teacher, candidate_preset("bk-sdm-tiny", arch))
     before = copy.deepcopy(s.state_dict())
+    teacher_mode = tiny_sd1_teacher.training
     r = distill(s, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=4, batch_size=4, log_every=1,
                 weights=LossWeights(mid=1.0)))
     assert r.status == "ok" and r.steps_done == 4 and len(r.curve) == 4
@@ -41,6 +42,9 @@ def test_short_distillation_runs_and_reports_feature_rule(tiny_sd1_teacher):
     assert rule[("up_blocks.0", "up_blocks.1")] == "paired"  # BK-SDM-Tiny's up0 was the teacher's up1
     assert rule[("-", "up_blocks.0")].startswith("skipped") and rule[("-", "mid_block")].startswith("skipped")
     assert any(not torch.equal(before[k], v) for k, v in s.state_dict().items())
+    # the caller's teacher comes back as it was handed over: trainable flags and mode untouched
+    assert all(p_.requires_grad for p_ in tiny_sd1_teacher.parameters())
+    assert tiny_sd1_teacher.training == teacher_mode
 
 
 def test_frozen_parts_get_no_update_and_no_optimizer_state(tiny_sd1_teacher):

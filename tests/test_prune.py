@@ -307,7 +307,7 @@ def test_taylor_when_the_student_is_the_teacher(tiny_sd1_teacher):
 
 def test_torch_pruning_dependency_graph_agrees_with_the_targets(tiny_sd1_teacher):
     """torch-pruning's own dependency analysis couples exactly the layers each target cuts."""
-    m = copy.deepcopy(tiny_sd1_teacher)
+    m = copy.deepcopy(tiny_sd1_teacher).requires_grad_(True)  # tracing follows autograd
     dg = tp.DependencyGraph().build_dependency(m, example_inputs=real_inputs(TINY_SD1, batch=1),
                                               output_transform=lambda o: o.sample)
     names = {mod: n for n, mod in m.named_modules()}

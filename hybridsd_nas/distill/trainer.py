@@ -135,6 +135,8 @@ def distill(
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
+    # The teacher is frozen for the run and handed back as it came (mode and grad flags).
+    teacher_state = (teacher.training, [p_.requires_grad for p_ in teacher.parameters()])
     teacher.eval().requires_grad_(False)
     student.train()
     for p_ in student.parameters():
@@ -221,6 +223,9 @@ def distill(
         taps.remove()
         bar.close()
         student.eval()
+        teacher.train(teacher_state[0])
+        for p_, flag in zip(teacher.parameters(), teacher_state[1]):
+            p_.requires_grad_(flag)
     if status == "ok" and ckpt is not None and cfg.checkpoint_every:
         _save_checkpoint(ckpt, student, opt, cfg.steps, curve, g)
     return DistillResult(status, reason, step if status != "ok" else cfg.steps, time.perf_counter() - t0, curve,
