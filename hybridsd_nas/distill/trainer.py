@@ -193,7 +193,7 @@ def distill(
             loss = sum(getattr(w, k) * v for k, v in parts.items())
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                status, reason = "failed", f"loss is {lv} at step {step} ({', '.join(f'{k}={float(v):.4g}' for k, v in parts.items())})"
+                status, reason = "failed", f"loss is {lv} at step {step} ({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())})"
                 break
             if len(early) < 20:
                 early.append(lv)
