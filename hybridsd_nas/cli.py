@@ -184,33 +184,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Build a candidate from a teacher's weights (layer removal, recombination, channel pruning) and export it."""
     import time
 
-    from .arch import build_student, describe, load_pretrained_unet, plan, resolve_candidate
-    from .cost import estimate_cost, unet_inputs, vae_scale_of
-    from .export import export_unet
+    from .arch import describe, resolve_candidate
+    from .export import export_candidate
 
     t0 = time.perf_counter()
-    arch = describe(args.teacher)
-    cand = resolve_candidate(args.candidate, arch)
-    p = plan(arch, cand)  # rejects impossible candidates before any weight is read
-    teacher = load_pretrained_unet(args.teacher, device=args.device)
-    base = load_pretrained_unet(args.base, device=args.device) if args.base else None
-    vs = vae_scale_of(args.teacher)
-    res = int(arch.config.get("sample_size") or 64) * vs
-    prune_kwargs = None
-    if cand.prune:
-        prune_kwargs = {"teacher": teacher, "example_inputs": unet_inputs(arch.config, res, 2, 77, vs, device=args.device),
-                        "seed": args.seed}
-    student = build_student(p, teacher=teacher, device=args.device, base_unet=base, prune_kwargs=prune_kwargs)
-    cost = estimate_cost(args.teacher, cand, arch=arch, resolution=res)
-    real_params = sum(t.numel() for t in student.parameters())
-    if real_params != cost["params"]:
-        raise HybridSDError(f"built student has {real_params} params but the cost engine predicted {cost['params']}; please report this candidate")
-    extra = {"base_unet": args.base} if args.base else {}
-    record = getattr(student, "hybridsd_prune_record", None)
-    if record is not None and hasattr(record, "summary"):
-        extra["pruning"] = record.summary()
-    out = export_unet(student, p, args.out, teacher_id=str(args.teacher), cost=cost, extra=extra, overwrite=args.overwrite)
-    fmt = "stock diffusers (UNet2DConditionModel.from_pretrained)" if p.expressible and record is None else "hybridsd (hybridsd_nas.load_unet)"
+    cand = resolve_candidate(args.candidate, describe(args.teacher))
+    out, cost = export_candidate(args.teacher, cand, args.out, base=args.base, device=args.device, seed=args.seed,
+                                 overwrite=args.overwrite)
+    fmt = "stock diffusers (UNet2DConditionModel.from_pretrained)" if cost["format"] == "diffusers" else "hybridsd (hybridsd_nas.load_unet)"
+    res = cost["measured"]["resolution"]
     print(f"{cand.label}: {cost['params'] / 1e6:.2f} M params, {cost['macs'] / 1e9:.2f} GMACs at {res}px -> {out} [{fmt}] "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -396,10 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_space)
 
     from .hybrid_cli import register as register_hybrid
+    from .study.cli import register as register_study
     from .zoo.cli import register as register_zoo
 
     register_zoo(sub)  # command groups that live beside their library code
     register_hybrid(sub)
+    register_study(sub)
     return ap
 
 

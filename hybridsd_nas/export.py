@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,10 @@ def export_unet(
     cost: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    card: str | None = None,
 ) -> Path:
-    """Save a student built from plan ``p`` to directory ``out`` (atomically)."""
+    """Save a student built from plan ``p`` to directory ``out`` (atomically); ``card`` is written
+    as the directory's README.md (a model card)."""
     out = Path(out)
     record = getattr(model, "hybridsd_prune_record", None)
     fmt = "diffusers" if p.expressible and record is None else "hybridsd"
@@ -97,6 +100,8 @@ def export_unet(
             **(extra or {}),
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=1, default=str))
+        if card:
+            (tmp / "README.md").write_text(card)
         _commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,3 +159,47 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def export_candidate(
+    teacher: str,
+    candidate: Any,
+    out: str | Path,
+    base: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    card: Callable[[dict[str, Any]], str] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Build ``candidate`` with the teacher's weights (layer removal, recombination, channel
+    pruning), check its size against the cost engine, and export it. Returns (path, cost).
+    ``card`` turns the cost dict into a model card (README.md)."""
+    from .arch import load_pretrained_unet, resolve_candidate
+    from .cost import estimate_cost, unet_inputs, vae_scale_of
+
+    arch = describe(teacher)
+    cand = resolve_candidate(candidate, arch)
+    p = plan(arch, cand)  # rejects impossible candidates before any weight is read
+    t = load_pretrained_unet(teacher, device=device)
+    b = load_pretrained_unet(base, device=device) if base else None
+    vs = vae_scale_of(teacher)
+    res = int(arch.config.get("sample_size") or 64) * vs
+    prune_kwargs = None
+    if cand.prune:
+        prune_kwargs = {"teacher": t, "example_inputs": unet_inputs(arch.config, res, 2, 77, vs, device=device), "seed": seed}
+    student = build_student(p, teacher=t, device=device, base_unet=b, prune_kwargs=prune_kwargs)
+    cost = estimate_cost(teacher, cand, arch=arch, resolution=res)
+    real = sum(x.numel() for x in student.parameters())
+    if real != cost["params"]:
+        raise HybridSDError(f"built student has {real} params but the cost engine predicted {cost['params']}; please report this candidate")
+    extra = dict(extra or {})
+    if base:
+        extra["base_unet"] = base
+    record = getattr(student, "hybridsd_prune_record", None)
+    if record is not None and hasattr(record, "summary"):
+        extra["pruning"] = record.summary()
+    path = export_unet(student, p, out, teacher_id=str(teacher), cost=cost, extra=extra, overwrite=overwrite,
+                       card=card(cost) if card else None)
+    cost["format"] = "diffusers" if p.expressible and record is None else "hybridsd"
+    return path, cost

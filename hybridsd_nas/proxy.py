@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,13 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
 
 
 def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
-              device: str = "cpu", progress: bool = False, return_images: bool = False) -> dict[str, Any]:
-    """Score one candidate. Returns a dict with ``status`` and, when ok, the quality figures."""
+              device: str = "cpu", progress: bool = False, return_images: bool = False,
+              zero_cost_only: bool = False, prefilter: Callable[[dict[str, float]], str | None] | None = None) -> dict[str, Any]:
+    """Score one candidate. Returns a dict with ``status`` and, when ok, the quality figures.
+
+    ``zero_cost_only`` stops after the zero-cost scores (no training); ``prefilter`` sees those
+    scores first and returns a reason to skip the candidate (status ``skipped``) or None.
+    """
     from diffusers import DDPMScheduler
 
     from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence, reference_features
@@ -136,7 +142,17 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     out: dict[str, Any] = {"candidate": cand.to_dict(), "candidate_key": cand.key, "teacher": str(teacher),
                            "settings": {**s.as_dict(), "sampler_steps": steps, "guidance": guidance,
                                         "sampler": type(pipe.scheduler).__name__, "device": device, "dtype": "float32"}}
+    t0 = time.perf_counter()
     out["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=s.seed)
+    out["zero_cost_seconds"] = round(time.perf_counter() - t0, 3)
+    if prefilter is not None:
+        why = prefilter(out["zero_cost"])
+        if why:
+            out.update({"status": "skipped", "reason": why})
+            return out
+    if zero_cost_only:
+        out.update({"status": "ok", "reason": None})
+        return out
     cfg = DistillConfig(steps=s.distill_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, weights=s.weights)
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=progress)
     out.update({"status": res.status, "reason": res.reason, "distill_seconds": round(res.seconds, 2),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,9 @@ def fid_kid(generated: Any, reference: Any, extractor: FeatureExtractor | None =
         raise HybridSDError(f"FID needs at least 2 images on each side, got {len(gen)} generated and {len(ref)} reference")
     sub = min(kid_subset_size, n)
     fid = FrechetInceptionDistance(feature=fx, normalize=False)
-    kid = KernelInceptionDistance(feature=fx, subsets=kid_subsets, subset_size=sub, normalize=False)
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": a few hundred here, by design
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=fx, subsets=kid_subsets, subset_size=sub, normalize=False)
     for m in (fid, kid):
         m.update(ref, real=True)
         m.update(gen, real=False)

@@ -1,0 +1,308 @@
+"""A study, declared in YAML and validated: every error names the file, the key and what is valid."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+# metric -> (group, default direction, what it is)
+METRICS: dict[str, tuple[str, str, str]] = {
+    "params": ("cost", "minimize", "parameter count of the U-Net"),
+    "macs": ("cost", "minimize", "MACs of one U-Net forward, attention matmuls included"),
+    "macs_conv_linear": ("cost", "minimize", "MACs of conv and linear layers only (thop / BK-SDM convention)"),
+    "latency_ms": ("cost", "minimize", "latency of one U-Net forward (measured or from the lookup table)"),
+    "output_mse": ("zero_cost", "minimize", "output MSE against the teacher before any training"),
+    "latent_stat_shift": ("zero_cost", "minimize", "|d mean| + |d std| of the predicted noise vs the teacher, before training"),
+    "proxy_fid": ("quality", "minimize", "FID of the distilled student's samples against the teacher's samples"),
+    "kid": ("quality", "minimize", "KID against the teacher's samples"),
+    "fid_real": ("quality", "minimize", "FID against real images"),
+    "adherence": ("quality", "maximize", "share of samples the evaluation classifier assigns to the prompted class"),
+}
+SAMPLERS = ("nsga2", "tpe", "gp", "bruteforce", "random")
+LATENCY_MODES = ("off", "lut", "measure")
+WANDB_MODES = ("off", "offline", "online")
+_TOP = ("name", "teacher", "base", "space", "objectives", "constraints", "cost", "latency", "sampler", "trials",
+        "timeout", "enqueue", "proxy", "prefilter", "storage", "artifacts", "heartbeat", "wandb", "max_failures",
+        "description")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class Constraint:
+    metric: str
+    max: float | None = None
+    min: float | None = None
+    of: str | None = None  # "teacher": max/min are fractions of the teacher's own figure
+
+    def absolute(self, reference: float) -> "Constraint":
+        """This constraint with fractions of ``reference`` turned into absolute bounds."""
+        if self.of is None:
+            return self
+        return Constraint(self.metric, None if self.max is None else self.max * reference,
+                          None if self.min is None else self.min * reference)
+
+    def violation(self, value: float) -> float:
+        """> 0 when broken (by how much), <= 0 when kept: Optuna's constraint convention."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return math.inf
+        v = -math.inf
+        if self.max is not None:
+            v = max(v, value - self.max)
+        if self.min is not None:
+            v = max(v, self.min - value)
+        return v
+
+    def describe(self) -> str:
+        parts = []
+        unit = " x the teacher's" if self.of else ""
+        if self.min is not None:
+            parts.append(f"{self.metric} >= {self.min:g}{unit}")
+        if self.max is not None:
+            parts.append(f"{self.metric} <= {self.max:g}{unit}")
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    teacher: str
+    space: str
+    objectives: tuple[Objective, ...]
+    constraints: tuple[Constraint, ...] = ()
+    base: str | None = None
+    resolution: int | None = None
+    batch: int = 1
+    latency_mode: str = "off"
+    latency_device: str = "cpu"
+    latency_dtype: str | None = None
+    latency_table: str | None = None
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    trials: int | None = 20
+    timeout: float | None = None
+    enqueue: tuple[str, ...] = ()
+    proxy: dict[str, Any] = field(default_factory=dict)
+    prefilter: tuple[Constraint, ...] = ()
+    storage: str | None = None
+    artifacts: str | None = None
+    heartbeat_interval: int = 10
+    heartbeat_grace: int = 30
+    max_retry: int = 3
+    max_failures: int = 5
+    wandb: str = "off"
+    description: str = ""
+    source: str = "<dict>"
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys([o.metric for o in self.objectives] + [c.metric for c in self.constraints]
+                                  + [c.metric for c in self.prefilter]))
+
+    def needs(self, group: str) -> bool:
+        return any(METRICS[m][0] == group for m in self.metrics)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path("results") / self.name
+
+    def storage_url(self, override: str | None = None) -> str:
+        url = override or self.storage
+        if url:
+            return url
+        return f"sqlite:///{(self.results_dir / 'study.db').as_posix()}"
+
+    def artifacts_dir(self) -> Path:
+        return Path(self.artifacts) if self.artifacts else self.results_dir / "artifacts"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["objectives"] = [asdict(o) for o in self.objectives]
+        d["constraints"] = [asdict(c) for c in self.constraints]
+        d["prefilter"] = [asdict(c) for c in self.prefilter]
+        return d
+
+
+def _err(src: str, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{src}: {key}: {msg}")
+
+
+def _mapping(src: str, key: str, v: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _err(src, key, f"must be a mapping with keys {', '.join(allowed)}, got {type(v).__name__}")
+    unknown = sorted(set(v) - set(allowed))
+    if unknown:
+        raise _err(src, f"{key}.{unknown[0]}", f"unknown key; allowed: {', '.join(allowed)}")
+    return dict(v)
+
+
+def _num(src: str, key: str, v: Any, kind=float, low: float | None = None, allow_none: bool = True):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, str):  # YAML 1.1 reads 5.0e6 (no sign in the exponent) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        raise _err(src, key, f"must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if isinstance(v, float) and math.isnan(v):
+        raise _err(src, key, "must be a number, got NaN")
+    if low is not None and v < low:
+        raise _err(src, key, f"must be >= {low:g}, got {v!r}")
+    return kind(v)
+
+
+def _choice(src: str, key: str, v: Any, choices: tuple[str, ...]) -> str:
+    if v is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    if v not in choices:
+        raise _err(src, key, f"{v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _constraints(src: str, key: str, v: Any) -> tuple[Constraint, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise _err(src, key, "must be a list of {metric, max and/or min, optional of: teacher}")
+    out = []
+    for i, c in enumerate(v):
+        k = f"{key}[{i}]"
+        c = _mapping(src, k, c, ("metric", "max", "min", "of"))
+        m = c.get("metric")
+        if m not in METRICS:
+            raise _err(src, f"{k}.metric", f"{m!r} is not a metric; known: {', '.join(METRICS)}")
+        lo, hi = _num(src, f"{k}.min", c.get("min")), _num(src, f"{k}.max", c.get("max"))
+        if lo is None and hi is None:
+            raise _err(src, k, "needs max, min or both")
+        if lo is not None and hi is not None and lo > hi:
+            raise _err(src, k, f"min {lo:g} is above max {hi:g}")
+        of = c.get("of")
+        if of is not None:
+            if of != "teacher":
+                raise _err(src, f"{k}.of", f"{of!r} is not known; 'teacher' makes max/min fractions of the teacher's figure")
+            if METRICS[m][0] != "cost":
+                raise _err(src, f"{k}.of", f"fractions of the teacher apply to cost metrics ({', '.join(x for x in METRICS if METRICS[x][0] == 'cost')}), not {m}")
+        out.append(Constraint(m, max=hi, min=lo, of=of))
+    return tuple(out)
+
+
+def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
+    src = source
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: a study must be a YAML mapping with keys {', '.join(_TOP)}")
+    unknown = sorted(set(data) - set(_TOP))
+    if unknown:
+        raise _err(src, unknown[0], f"unknown key; allowed: {', '.join(_TOP)}")
+    for key in ("name", "teacher", "space", "objectives"):
+        if data.get(key) in (None, "", []):
+            raise _err(src, key, "is required")
+    name = data["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _err(src, "name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names results/NAME/ and the study)")
+    for key in ("teacher", "space", "base", "storage", "artifacts", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise _err(src, key, f"must be a string, got {data[key]!r}")
+
+    objs = data["objectives"]
+    if not isinstance(objs, list):
+        raise _err(src, "objectives", "must be a list of {metric, direction}")
+    objectives = []
+    for i, o in enumerate(objs):
+        k = f"objectives[{i}]"
+        if isinstance(o, str):
+            o = {"metric": o}
+        o = _mapping(src, k, o, ("metric", "direction"))
+        m = o.get("metric")
+        if m not in METRICS:
+            raise _err(src, f"{k}.metric", f"{m!r} is not a metric; known: {', '.join(METRICS)}")
+        d = _choice(src, f"{k}.direction", o.get("direction", METRICS[m][1]), ("minimize", "maximize"))
+        objectives.append(Objective(m, d))
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise _err(src, "objectives", "names a metric twice")
+
+    cost = _mapping(src, "cost", data.get("cost"), ("resolution", "batch"))
+    lat = _mapping(src, "latency", data.get("latency"), ("mode", "device", "dtype", "table"))
+    lat_mode = _choice(src, "latency.mode", lat.get("mode", "off"), LATENCY_MODES)
+    smp = _mapping(src, "sampler", data.get("sampler"), ("name", "seed", "population_size", "n_startup_trials"))
+    sampler = _choice(src, "sampler.name", smp.pop("name", "tpe"), SAMPLERS)
+    seed = _num(src, "sampler.seed", smp.pop("seed", 0), int, allow_none=False)
+    for k in ("population_size", "n_startup_trials"):
+        if k in smp:
+            smp[k] = _num(src, f"sampler.{k}", smp[k], int, low=2 if k == "population_size" else 0, allow_none=False)
+    hb = _mapping(src, "heartbeat", data.get("heartbeat"), ("interval", "grace", "max_retry"))
+
+    enq = data.get("enqueue") or []
+    if isinstance(enq, str):
+        enq = [enq]
+    if not isinstance(enq, list) or not all(isinstance(e, str) for e in enq):
+        raise _err(src, "enqueue", f"must be a list of candidate preset names or files, got {enq!r}")
+
+    from ..proxy import ProxySettings
+
+    proxy_keys = tuple(k for k in ProxySettings.__dataclass_fields__ if k != "weights")
+    proxy = _mapping(src, "proxy", data.get("proxy"), proxy_keys)
+    for k, v in proxy.items():
+        if k in ("sampler_steps", "guidance") and v is None:
+            continue
+        kind = float if k in ("lr", "guidance") else int
+        proxy[k] = _num(src, f"proxy.{k}", v, kind, low=0 if k == "seed" else 1e-12, allow_none=False)
+
+    cfg = StudyConfig(
+        name=name, teacher=data["teacher"], space=data["space"], objectives=tuple(objectives),
+        constraints=_constraints(src, "constraints", data.get("constraints")), base=data.get("base"),
+        resolution=_num(src, "cost.resolution", cost.get("resolution"), int, low=8),
+        batch=_num(src, "cost.batch", cost.get("batch", 1), int, low=1, allow_none=False),
+        latency_mode=lat_mode, latency_device=str(lat.get("device", "cpu")), latency_dtype=lat.get("dtype"),
+        latency_table=lat.get("table"), sampler=sampler, sampler_options=smp, seed=seed,
+        trials=_num(src, "trials", data.get("trials", 20), int, low=1),
+        timeout=_num(src, "timeout", data.get("timeout"), float, low=1),
+        enqueue=tuple(enq), proxy=proxy, prefilter=_constraints(src, "prefilter", data.get("prefilter")),
+        storage=data.get("storage"), artifacts=data.get("artifacts"),
+        heartbeat_interval=_num(src, "heartbeat.interval", hb.get("interval", 10), int, low=1, allow_none=False),
+        heartbeat_grace=_num(src, "heartbeat.grace", hb.get("grace", 30), int, low=1, allow_none=False),
+        max_retry=_num(src, "heartbeat.max_retry", hb.get("max_retry", 3), int, low=0, allow_none=False),
+        wandb=_choice(src, "wandb", data.get("wandb", "off"), WANDB_MODES),
+        max_failures=_num(src, "max_failures", data.get("max_failures", 5), int, low=1, allow_none=False),
+        description=data.get("description") or "", source=src,
+    )
+    if cfg.trials is None and cfg.timeout is None:
+        raise _err(src, "trials", "a study needs a trial count, a timeout, or both")
+    if cfg.heartbeat_grace <= cfg.heartbeat_interval:
+        raise _err(src, "heartbeat.grace", f"must exceed heartbeat.interval ({cfg.heartbeat_interval}s), got {cfg.heartbeat_grace}")
+    if "latency_ms" in cfg.metrics and cfg.latency_mode == "off":
+        raise _err(src, "latency.mode", "latency_ms is an objective or constraint, so latency.mode must be lut or measure")
+    for c in cfg.prefilter:
+        if METRICS[c.metric][0] == "quality":
+            raise _err(src, "prefilter", f"{c.metric} needs the distillation; a pre-filter takes cost or zero-cost metrics only")
+    return cfg
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study file {str(path)!r} does not exist (a YAML file such as experiments/quickstart.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: malformed YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    return study_from_dict(data, str(p))
