@@ -125,8 +125,6 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     """
     from diffusers import DDPMScheduler
 
-    from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence, reference_features
-
     s = settings or ProxySettings()
     defaults = _sampling_defaults(teacher)
     steps = s.sampler_steps or int(defaults.get("num_inference_steps", 20))
@@ -159,14 +157,23 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
                 "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule})
     if res.status != "ok":
         return out
+    out.update(evaluate_student(teacher, pipe, student, s, steps, guidance, device=device, return_images=return_images))
+    return out
+
+
+def evaluate_student(teacher: str, pipe, student, s: ProxySettings, steps: int, guidance: float,
+                     device: str = "cpu", return_images: bool = False) -> dict[str, Any]:
+    """The proxy's evaluation of a (distilled) student: samples on ``s.samples`` fixed prompts and
+    seeds, FID/KID against the teacher's samples and against real held-out images, adherence."""
+    from .data import load_fashion_mnist, to_rgb_uint8
+    from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence, reference_features
+
     t0 = time.perf_counter()
     rows = eval_prompt_set(teacher, s.samples)
     prompts = [r["prompt"] for r in rows]
     t_imgs = teacher_samples(teacher, pipe, prompts, s.seed, steps, guidance)
     s_imgs = generate(pipe, student, prompts, s.seed, steps, guidance)
     fx = FeatureExtractor(device=device)
-    from .data import load_fashion_mnist, to_rgb_uint8
-
     res_px = s_imgs.shape[-1]
     test = load_fashion_mnist("test")
     real = reference_features(to_rgb_uint8(test.images[: s.reference_images], res_px),
@@ -177,7 +184,7 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     vs_teacher = fid_kid(s_imgs, t_ref, extractor=fx, kid_subset_size=k, seed=s.seed)
     vs_real = fid_kid(s_imgs, real, extractor=fx, kid_subset_size=k, seed=s.seed)
     clf = load_classifier(Path(pipeline_path(teacher)) / "eval_classifier")
-    out.update({
+    out = {
         "proxy_fid": vs_teacher["fid"],
         "kid": vs_teacher["kid_mean"],
         "kid_std": vs_teacher["kid_std"],
@@ -187,7 +194,7 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
         "adherence_teacher": prompt_adherence(clf, t_imgs, np.array([r["class_index"] for r in rows])),
         "eval_seconds": round(time.perf_counter() - t0, 2),
         "samples": len(s_imgs),
-    })
+    }
     if return_images:
         out["images"] = s_imgs
     return out

@@ -86,3 +86,26 @@ def test_checkpoint_resume_continues_exactly(tiny_sd1_teacher, tmp_path):
     for k, v in a.state_dict().items():
         assert torch.allclose(v, c.state_dict()[k], atol=1e-6), k
     assert not list((tmp_path / "b").rglob("*.pt")) and not list((tmp_path / "b").rglob("*.bin"))
+
+
+def test_the_student_at_step_n_of_a_long_run_is_the_n_step_student(tiny_sd1_teacher):
+    """What the rank-fidelity experiment relies on: evaluating a long run on the way gives exactly the
+    students that shorter runs (proxies) train, even when the evaluation runs the student in between."""
+    cand = candidate_preset("bk-sdm-small", describe(TINY_SD1))
+    short, p = _student(tiny_sd1_teacher, cand)
+    distill(short, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=3, batch_size=2, seed=5))
+    seen = {}
+
+    def on_step(n, st):
+        st.eval()
+        with torch.no_grad():  # an evaluation in between, as the experiment does
+            st(torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 7, 32), return_dict=False)
+        st.train()
+        seen[n] = copy.deepcopy(st.state_dict())
+
+    long, _ = _student(tiny_sd1_teacher, cand)
+    r = distill(long, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=6, batch_size=2, seed=5), on_step=on_step)
+    assert r.status == "ok" and sorted(seen) == [1, 2, 3, 4, 5, 6]
+    for k, v in short.state_dict().items():
+        assert torch.equal(v, seen[3][k]), k
+    assert any(not torch.equal(v, seen[6][k]) for k, v in short.state_dict().items())  # and it went on training

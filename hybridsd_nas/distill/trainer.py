@@ -128,8 +128,15 @@ def distill(
     resume: bool = False,
     perceptual: Callable[[torch.Tensor], torch.Tensor] | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> DistillResult:
-    """Distil ``teacher`` into ``student`` (built from ``plan``) on ``data`` for ``cfg.steps`` steps."""
+    """Distil ``teacher`` into ``student`` (built from ``plan``) on ``data`` for ``cfg.steps`` steps.
+
+    The learning rate is constant and the data, noise and timestep draws come from one generator
+    seeded with ``cfg.seed``, so the student after ``n`` steps of a longer run is the student of a
+    run of ``n`` steps. ``on_step(steps_done, student)`` is called after every optimizer step
+    (e.g. to evaluate intermediate students); it must leave the student as it found it.
+    """
     cfg = cfg or DistillConfig()
     w = cfg.weights
     t0 = time.perf_counter()
@@ -208,6 +215,8 @@ def distill(
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if on_step is not None:
+                on_step(step + 1, student)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 curve.append({"step": step, "loss": lv, **{k: float(v.detach()) for k, v in parts.items()}})
                 bar.set_postfix(loss=f"{lv:.4f}")

@@ -1,0 +1,309 @@
+"""Rank fidelity of the quality proxy: does a short distillation rank candidates the way a long one does?
+
+Every candidate (BK-SDM-Base/Small/Tiny, A-SDM's M1-M6 and two further layer-removal points) is
+distilled once for ``--long-steps`` steps. The distillation loop has a constant learning rate and
+draws all of its randomness from one seeded generator, so the student after ``n`` steps of that run
+*is* the student a proxy of ``n`` steps trains (``tests/test_proxy.py`` checks this bit for bit).
+The run is therefore evaluated on the way: at every ``--checkpoints`` step with the proxy's
+evaluation (``--proxy-samples`` fixed prompts and seeds) and at the end with the long evaluation
+(``--long-samples``). Each proxy setting is then compared with the long result: Kendall tau and
+Spearman rho between proxy FID and long FID (both against the teacher's samples, same prompts and
+seeds), and the proxy's cost (its distillation seconds up to step n plus its evaluation seconds) as
+a fraction of the long run's cost (distillation to the end plus the long evaluation).
+
+Recombinations (M1-M6) take their Base blocks from this experiment's long-distilled BK-SDM-Base,
+as A-SDM assembles from a trained compressed U-Net; their proxies use the same Base.
+
+    python experiments/proxy_fidelity/run.py --out results/proxy_fidelity
+
+Per-candidate results are written as they finish (``<out>/runs/<name>.json``); a rerun skips what
+is there, so an interrupted experiment loses at most the candidate in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
+from hybridsd_nas.cost import estimate_cost
+from hybridsd_nas.distill import DistillConfig, distill, fashion_mnist_data
+from hybridsd_nas.pipeline import load_pipeline
+from hybridsd_nas.proxy import ProxySettings, _sampling_defaults, evaluate_student, zero_cost_scores
+
+CANDIDATES: list[tuple[str, object]] = [
+    ("bk-sdm-base", "bk-sdm-base"),  # first: the Base the recombinations take their blocks from
+    ("bk-sdm-small", "bk-sdm-small"),
+    ("bk-sdm-tiny", "bk-sdm-tiny"),
+    ("drop-mid", {"name": "drop-mid", "drop_mid": True}),
+    ("drop-up-3rd-layers", {"name": "drop-up-3rd-layers", "drop_layers": ["up0.2", "up1.2", "up2.2", "up3.2"]}),
+    ("asdm-m1", "asdm-m1"),
+    ("asdm-m2", "asdm-m2"),
+    ("asdm-m3", "asdm-m3"),
+    ("asdm-m4", "asdm-m4"),
+    ("asdm-m5", "asdm-m5"),
+    ("asdm-m6", "asdm-m6"),
+]
+
+
+EXPORTED = ("bk-sdm-base", "bk-sdm-tiny")  # the recombinations' Base; the hybrid sweep's distilled small U-Nets
+
+
+def _ints(s: str) -> list[int]:
+    return sorted({int(x) for x in s.split(",") if x.strip()})
+
+
+def run_candidate(name: str, spec, args, pipe, arch, data, sched, base_unet, out_dir: Path) -> dict:
+    cand = resolve_candidate(spec, arch)
+    p = plan(arch, cand)
+    uses_base = bool(p.candidate.base_blocks)
+    student = build_student(p, teacher=pipe.unet, device="cpu", base_unet=base_unet if uses_base else None)
+    cost = estimate_cost(args.teacher, cand, arch=arch)
+    row: dict = {"candidate": name, "candidate_key": cand.key, "space": "recombination" if uses_base else "layer-removal",
+                 "params": cost["params"], "macs": cost["macs"]}
+    t0 = time.perf_counter()
+    row["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=args.seed)
+    row["zero_cost_seconds"] = round(time.perf_counter() - t0, 3)
+
+    steps = args.sampler_steps
+    proxy_s = ProxySettings(samples=args.proxy_samples, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    long_s = ProxySettings(samples=args.long_samples, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    evals: dict[int, dict] = {}
+    spent = {"eval": 0.0}
+    t_start = time.perf_counter()
+
+    def on_step(n: int, st) -> None:
+        if n not in args.checkpoints and n != args.long_steps:
+            return
+        e0 = time.perf_counter()
+        distill_s = e0 - t_start - spent["eval"]
+        st.eval()
+        try:
+            rec = {"distill_seconds": round(distill_s, 2)}
+            if n in args.checkpoints:
+                rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance)
+            if n == args.long_steps:
+                rec["long"] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance)
+        finally:
+            st.train()
+        evals[n] = rec
+        spent["eval"] += time.perf_counter() - e0
+        print(f"  {name} step {n}: " + ", ".join(f"{k} FID {v['proxy_fid']:.2f} ({v['eval_seconds']:.0f} s eval)"
+                                                 for k, v in rec.items() if isinstance(v, dict)) + f", {distill_s:.0f} s distill",
+              file=sys.stderr, flush=True)
+
+    cfg = DistillConfig(steps=args.long_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, on_step=on_step)
+    row.update({"status": res.status, "reason": res.reason, "trainable_params": res.trainable_params,
+                "frozen_params": res.frozen_params, "evals": {str(k): v for k, v in sorted(evals.items())},
+                "final_loss": res.curve[-1]["loss"] if res.curve else None})
+    if name in EXPORTED and res.status == "ok":
+        from hybridsd_nas.export import export_unet
+
+        export_unet(student, p, out_dir / f"{name}-long", teacher_id=args.teacher, cost=cost, overwrite=True,
+                    extra={"distill": res.config, "experiment": "proxy_fidelity"},
+                    card=f"# {name}, distilled {args.long_steps} steps from `{args.teacher}`\n\nWritten by "
+                         f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, seed {args.seed}); "
+                         "load with `hybridsd_nas.load_unet(<this directory>)`.\n")
+    return row
+
+
+def kendall_spearman(a, b) -> dict:
+    from scipy.stats import kendalltau, spearmanr
+
+    kt, sr = kendalltau(a, b), spearmanr(a, b)
+    return {"kendall_tau": float(kt.statistic), "kendall_p": float(kt.pvalue),
+            "spearman_rho": float(sr.statistic), "spearman_p": float(sr.pvalue)}
+
+
+def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
+    ok = [r for r in rows if r["status"] == "ok"]
+    L = str(args.long_steps)
+    long_fid = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
+    long_cost = np.array([r["evals"][L]["distill_seconds"] + r["evals"][L]["long"]["eval_seconds"] for r in ok])
+    settings = []
+    for n in args.checkpoints:
+        fid = np.array([r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok])
+        cost = np.array([r["evals"][str(n)]["distill_seconds"] + r["evals"][str(n)]["proxy"]["eval_seconds"] for r in ok])
+        settings.append({"distill_steps": n, "samples": args.proxy_samples, **kendall_spearman(fid, long_fid),
+                         "cost_fraction_mean": float(np.mean(cost / long_cost)), "cost_fraction_max": float(np.max(cost / long_cost)),
+                         "proxy_seconds_mean": float(cost.mean())})
+    for zk in ("output_mse", "latent_stat_shift"):
+        z = np.array([r["zero_cost"][zk] for r in ok])
+        settings.append({"distill_steps": 0, "zero_cost": zk, **kendall_spearman(z, long_fid),
+                         "cost_fraction_mean": float(np.mean([r["zero_cost_seconds"] for r in ok] / long_cost)),
+                         "cost_fraction_max": float(np.max([r["zero_cost_seconds"] for r in ok] / long_cost)),
+                         "proxy_seconds_mean": float(np.mean([r["zero_cost_seconds"] for r in ok]))})
+    default = args.default_steps
+    fields = ["candidate", "candidate_key", "space", "params", "macs", "trainable_params", "frozen_params",
+              "output_mse", "latent_stat_shift", "proxy_steps", "proxy_samples", "proxy_fid", "proxy_kid", "proxy_fid_real",
+              "proxy_adherence", "proxy_distill_seconds", "proxy_eval_seconds", "proxy_seconds",
+              "long_steps", "long_samples", "long_fid", "long_kid", "long_fid_real", "long_adherence",
+              "long_distill_seconds", "long_eval_seconds", "long_seconds", "status"]
+    out_rows = []
+    for r in rows:
+        d = {k: r.get(k) for k in fields}
+        d.update({"output_mse": r["zero_cost"]["output_mse"], "latent_stat_shift": r["zero_cost"]["latent_stat_shift"]})
+        if r["status"] == "ok":
+            pe, le = r["evals"][str(default)], r["evals"][L]
+            d.update({"proxy_steps": default, "proxy_samples": args.proxy_samples, "proxy_fid": pe["proxy"]["proxy_fid"],
+                      "proxy_kid": pe["proxy"]["kid"], "proxy_fid_real": pe["proxy"]["fid_real"], "proxy_adherence": pe["proxy"]["adherence"],
+                      "proxy_distill_seconds": pe["distill_seconds"], "proxy_eval_seconds": pe["proxy"]["eval_seconds"],
+                      "proxy_seconds": round(pe["distill_seconds"] + pe["proxy"]["eval_seconds"], 2),
+                      "long_steps": args.long_steps, "long_samples": args.long_samples, "long_fid": le["long"]["proxy_fid"],
+                      "long_kid": le["long"]["kid"], "long_fid_real": le["long"]["fid_real"], "long_adherence": le["long"]["adherence"],
+                      "long_distill_seconds": le["distill_seconds"], "long_eval_seconds": le["long"]["eval_seconds"],
+                      "long_seconds": round(le["distill_seconds"] + le["long"]["eval_seconds"], 2)})
+        out_rows.append(d)
+    with (results / "proxy_fidelity.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for d in out_rows:
+            w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()})
+    (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "candidates": rows}, indent=1))
+    _plot(ok, args, results / "proxy_fidelity.png", meta)
+    _markdown(out_rows, settings, args, meta, results / "proxy_fidelity.md")
+
+
+def _plot(ok, args, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = str(args.long_steps)
+    long_fid = [r["evals"][L]["long"]["proxy_fid"] for r in ok]
+    fig, axes = plt.subplots(1, len(args.checkpoints), figsize=(4 * len(args.checkpoints), 4), squeeze=False)
+    for ax, n in zip(axes[0], args.checkpoints):
+        fid = [r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok]
+        ax.scatter(fid, long_fid)
+        for r, x, y in zip(ok, fid, long_fid):
+            ax.annotate(r["candidate"], (x, y), fontsize=7)
+        ax.set_xlabel(f"proxy FID ({n} steps, {args.proxy_samples} samples)")
+        ax.set_ylabel(f"long FID ({args.long_steps} steps, {args.long_samples} samples)")
+    fig.suptitle(f"proxy vs long distillation, teacher {args.teacher}; {meta['machine']}, float32, seed {args.seed}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _markdown(rows, settings, args, meta, path: Path) -> None:
+    d = args.default_steps
+    lines = [
+        "# Rank fidelity of the quality proxy",
+        "",
+        f"Teacher `{args.teacher}` (the embedded tiny SD pipeline). {len([r for r in rows if r['status'] == 'ok'])} candidates from the "
+        "layer-removal and recombination spaces (BK-SDM presets, A-SDM M1-M6, two further layer-removal points), each "
+        f"distilled once for {args.long_steps} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}; task + output KD + "
+        "feature KD, weights 1/1/1). The loop's learning rate is constant and its randomness comes from one seeded generator, so "
+        "the student at step n of that run is exactly the student of an n-step proxy (checked by a test); it was evaluated at "
+        f"steps {', '.join(map(str, args.checkpoints))} with the proxy evaluation ({args.proxy_samples} prompts, fixed seeds) and at "
+        f"step {args.long_steps} with the long evaluation ({args.long_samples} prompts). FID is against the teacher's samples on the "
+        f"same prompts and seeds ({meta['sampler']}, {args.sampler_steps} steps, guidance {args.guidance}, 32x32 px), Inception-2015-12-05 "
+        "pool features. Recombinations take their Base blocks from this run's long-distilled BK-SDM-Base.",
+        "",
+        f"Measured on {meta['machine']}, float32, torch {meta['torch']}; wall seconds (distillation seconds exclude the "
+        "evaluations done on the way). Total wall time of the experiment: "
+        f"{meta.get('wall_seconds', 0) / 60:.0f} min.",
+        "",
+        "## Each proxy setting against the long run",
+        "",
+        "| proxy | Kendall tau (p) | Spearman rho (p) | proxy cost / long cost (mean, max) | proxy seconds (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for s in settings:
+        what = (f"zero-cost `{s['zero_cost']}` (no training)" if s.get("zero_cost")
+                else f"{s['distill_steps']} steps, {s['samples']} samples" + (" **(default)**" if s["distill_steps"] == d else ""))
+        lines.append(f"| {what} | {s['kendall_tau']:.3f} ({s['kendall_p']:.3g}) | {s['spearman_rho']:.3f} ({s['spearman_p']:.3g}) | "
+                     f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |")
+    lines += ["", f"## Per candidate (default proxy: {d} steps, {args.proxy_samples} samples)", "",
+              "| candidate | space | params (M) | proxy FID | long FID | long FID vs real | long adherence | proxy s | long s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted([r for r in rows if r["status"] == "ok"], key=lambda r: r["long_fid"]):
+        lines.append(f"| {r['candidate']} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
+                     f"{r['long_fid_real']:.1f} | {100 * r['long_adherence']:.0f}% | {r['proxy_seconds']:.0f} | {r['long_seconds']:.0f} |")
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"\n{r['candidate']}: {r['status']}")
+    lines += ["", "![proxy against long FID](proxy_fidelity.png)", "",
+              "With this many candidates the p-values are wide; the table reports what was measured, not a general law.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="tiny")
+    ap.add_argument("--long-steps", type=int, default=500)
+    ap.add_argument("--checkpoints", type=_ints, default=_ints("10,25,50"), help="proxy lengths evaluated, steps")
+    ap.add_argument("--default-steps", type=int, default=None, help="the proxy length reported as the default (default: the largest checkpoint)")
+    ap.add_argument("--batch-size", type=int, default=ProxySettings.batch_size)
+    ap.add_argument("--lr", type=float, default=ProxySettings.lr)
+    ap.add_argument("--proxy-samples", type=int, default=ProxySettings.samples)
+    ap.add_argument("--long-samples", type=int, default=256)
+    ap.add_argument("--sampler-steps", type=int, default=None)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    ap.add_argument("--out", default="results/proxy_fidelity", help="work directory (per-candidate runs)")
+    ap.add_argument("--results", default="results", help="where proxy_fidelity.csv/.md/.json/.png go")
+    args = ap.parse_args(argv)
+    if max(args.checkpoints) * 10 > args.long_steps:
+        ap.error(f"--long-steps {args.long_steps} must be at least 10x the longest proxy ({max(args.checkpoints)} steps)")
+    args.default_steps = args.default_steps or max(args.checkpoints)
+    if args.default_steps not in args.checkpoints:
+        ap.error(f"--default-steps {args.default_steps} is not one of --checkpoints {args.checkpoints}")
+    torch.set_num_threads(torch.get_num_threads())
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    pipe = load_pipeline(args.teacher, device="cpu")
+    defaults = _sampling_defaults(args.teacher)
+    args.sampler_steps = args.sampler_steps or int(defaults.get("num_inference_steps", 20))
+    args.guidance = args.guidance if args.guidance is not None else float(defaults.get("guidance_scale", 5.0))
+    arch = describe(args.teacher)
+    data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    meta = {"machine": f"{torch.get_num_threads()}-thread {platform.machine()} CPU ({platform.processor() or 'unknown'})",
+            "torch": torch.__version__, "sampler": type(pipe.scheduler).__name__, "args": {k: v for k, v in vars(args).items()}}
+    only = set(args.only.split(",")) if args.only else None
+    rows = []
+    base_unet = None
+    for name, spec in CANDIDATES:
+        if only and name not in only:
+            continue
+        f = out / "runs" / f"{name}.json"
+        if f.is_file():
+            rows.append(json.loads(f.read_text()))
+            print(f"{name}: done before, kept", file=sys.stderr)
+        else:
+            if name.startswith("asdm-") and base_unet is None:
+                bf = out / "bk-sdm-base-long"
+                if not (bf / "hybridsd_nas.json").is_file():
+                    raise SystemExit(f"error: {bf} is missing; run bk-sdm-base first (the recombinations' Base)")
+                from hybridsd_nas import load_unet
+
+                base_unet = load_unet(bf)
+            print(f"{name}: distilling {args.long_steps} steps", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            row = run_candidate(name, spec, args, pipe, arch, data, sched, base_unet, out)
+            row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            f.write_text(json.dumps(row, indent=1))
+            rows.append(row)
+    meta["wall_seconds"] = sum(r.get("wall_seconds", 0) for r in rows)
+    meta["this_invocation_seconds"] = round(time.perf_counter() - t_all, 1)
+    if len([r for r in rows if r["status"] == "ok"]) >= 3:
+        analyse(rows, args, meta, Path(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
