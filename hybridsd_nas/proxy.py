@@ -117,11 +117,14 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
 
 def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
               device: str = "cpu", progress: bool = False, return_images: bool = False,
-              zero_cost_only: bool = False, prefilter: Callable[[dict[str, float]], str | None] | None = None) -> dict[str, Any]:
+              zero_cost_only: bool = False, prefilter: Callable[[dict[str, float]], str | None] | None = None,
+              return_student: bool = False, evaluate: bool = True) -> dict[str, Any]:
     """Score one candidate. Returns a dict with ``status`` and, when ok, the quality figures.
 
     ``zero_cost_only`` stops after the zero-cost scores (no training); ``prefilter`` sees those
     scores first and returns a reason to skip the candidate (status ``skipped``) or None.
+    ``evaluate=False`` stops after the distillation; ``return_student`` adds the (distilled)
+    student module under ``"student"``.
     """
     from diffusers import DDPMScheduler
 
@@ -148,6 +151,8 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
         if why:
             out.update({"status": "skipped", "reason": why})
             return out
+    if return_student:
+        out["student"] = student
     if zero_cost_only:
         out.update({"status": "ok", "reason": None})
         return out
@@ -155,16 +160,19 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=progress)
     out.update({"status": res.status, "reason": res.reason, "distill_seconds": round(res.seconds, 2),
                 "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule})
-    if res.status != "ok":
+    if res.status != "ok" or not evaluate:
         return out
     out.update(evaluate_student(teacher, pipe, student, s, steps, guidance, device=device, return_images=return_images))
     return out
 
 
 def evaluate_student(teacher: str, pipe, student, s: ProxySettings, steps: int, guidance: float,
-                     device: str = "cpu", return_images: bool = False) -> dict[str, Any]:
+                     device: str = "cpu", return_images: bool = False,
+                     sample: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, Any]:
     """The proxy's evaluation of a (distilled) student: samples on ``s.samples`` fixed prompts and
-    seeds, FID/KID against the teacher's samples and against real held-out images, adherence."""
+    seeds, FID/KID against the teacher's samples and against real held-out images, adherence.
+    ``sample(prompts)`` replaces the student's own sampling (e.g. a hybrid run); it returns uint8
+    images (N, 3, H, W), image i seeded ``s.seed + i``."""
     from .data import load_fashion_mnist, to_rgb_uint8
     from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence, reference_features
 
@@ -172,7 +180,7 @@ def evaluate_student(teacher: str, pipe, student, s: ProxySettings, steps: int, 
     rows = eval_prompt_set(teacher, s.samples)
     prompts = [r["prompt"] for r in rows]
     t_imgs = teacher_samples(teacher, pipe, prompts, s.seed, steps, guidance)
-    s_imgs = generate(pipe, student, prompts, s.seed, steps, guidance)
+    s_imgs = sample(prompts) if sample is not None else generate(pipe, student, prompts, s.seed, steps, guidance)
     fx = FeatureExtractor(device=device)
     res_px = s_imgs.shape[-1]
     test = load_fashion_mnist("test")

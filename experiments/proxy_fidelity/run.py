@@ -43,14 +43,14 @@ CANDIDATES: list[tuple[str, object]] = [
     ("bk-sdm-base", "bk-sdm-base"),  # first: the Base the recombinations take their blocks from
     ("bk-sdm-small", "bk-sdm-small"),
     ("bk-sdm-tiny", "bk-sdm-tiny"),
-    ("drop-mid", {"name": "drop-mid", "drop_mid": True}),
-    ("drop-up-3rd-layers", {"name": "drop-up-3rd-layers", "drop_layers": ["up0.2", "up1.2", "up2.2", "up3.2"]}),
     ("asdm-m1", "asdm-m1"),
     ("asdm-m2", "asdm-m2"),
     ("asdm-m3", "asdm-m3"),
     ("asdm-m4", "asdm-m4"),
     ("asdm-m5", "asdm-m5"),
     ("asdm-m6", "asdm-m6"),
+    ("drop-mid", {"name": "drop-mid", "drop_mid": True}),
+    ("drop-up-3rd-layers", {"name": "drop-up-3rd-layers", "drop_layers": ["up0.2", "up1.2", "up2.2", "up3.2"]}),
 ]
 
 
@@ -114,6 +114,29 @@ def run_candidate(name: str, spec, args, pipe, arch, data, sched, base_unet, out
                          f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, seed {args.seed}); "
                          "load with `hybridsd_nas.load_unet(<this directory>)`.\n")
     return row
+
+
+def warm_caches(args, pipe) -> float:
+    """Teacher samples and reference features for both evaluations, computed once before any
+    candidate (a study pays for them once too); returns the seconds spent."""
+    from hybridsd_nas.data import load_fashion_mnist, to_rgb_uint8
+    from hybridsd_nas.metrics import FeatureExtractor, reference_features
+    from hybridsd_nas.proxy import eval_prompt_set, teacher_samples
+
+    t0 = time.perf_counter()
+    fx = FeatureExtractor(device="cpu")
+    for n in (args.proxy_samples, args.long_samples):
+        prompts = [r["prompt"] for r in eval_prompt_set(args.teacher, n)]
+        imgs = teacher_samples(args.teacher, pipe, prompts, args.seed, args.sampler_steps, args.guidance)
+        import hashlib
+
+        reference_features(imgs, name=f"teacher-samples-{hashlib.sha1(imgs.tobytes()).hexdigest()[:12]}",
+                           resolution=imgs.shape[-1], extractor=fx)
+    res_px = imgs.shape[-1]
+    n_ref = ProxySettings.reference_images
+    reference_features(to_rgb_uint8(load_fashion_mnist("test").images[:n_ref], res_px),
+                       name=f"fashion-mnist-test-first{n_ref}", resolution=res_px, extractor=fx)
+    return time.perf_counter() - t0
 
 
 def kendall_spearman(a, b) -> dict:
@@ -200,7 +223,7 @@ def _markdown(rows, settings, args, meta, path: Path) -> None:
         "# Rank fidelity of the quality proxy",
         "",
         f"Teacher `{args.teacher}` (the embedded tiny SD pipeline). {len([r for r in rows if r['status'] == 'ok'])} candidates from the "
-        "layer-removal and recombination spaces (BK-SDM presets, A-SDM M1-M6, two further layer-removal points), each "
+        f"layer-removal and recombination spaces ({', '.join(r['candidate'] for r in rows)}), each "
         f"distilled once for {args.long_steps} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}; task + output KD + "
         "feature KD, weights 1/1/1). The loop's learning rate is constant and its randomness comes from one seeded generator, so "
         "the student at step n of that run is exactly the student of an n-step proxy (checked by a test); it was evaluated at "
@@ -210,7 +233,8 @@ def _markdown(rows, settings, args, meta, path: Path) -> None:
         "pool features. Recombinations take their Base blocks from this run's long-distilled BK-SDM-Base.",
         "",
         f"Measured on {meta['machine']}, float32, torch {meta['torch']}; wall seconds (distillation seconds exclude the "
-        "evaluations done on the way). Total wall time of the experiment: "
+        "evaluations done on the way). Teacher samples and reference features were computed once before the candidates "
+        "(as a study computes them once) and are in no candidate's cost. Total wall time over the candidates: "
         f"{meta.get('wall_seconds', 0) / 60:.0f} min.",
         "",
         "## Each proxy setting against the long run",
@@ -251,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    ap.add_argument("--analyse-only", action="store_true", help="only tabulate the candidates already run")
     ap.add_argument("--out", default="results/proxy_fidelity", help="work directory (per-candidate runs)")
     ap.add_argument("--results", default="results", help="where proxy_fidelity.csv/.md/.json/.png go")
     args = ap.parse_args(argv)
@@ -272,8 +297,13 @@ def main(argv=None) -> int:
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    meta = {"machine": f"{torch.get_num_threads()}-thread {platform.machine()} CPU ({platform.processor() or 'unknown'})",
+    from hybridsd_nas.cost.latency import device_label
+
+    meta = {"machine": f"{device_label(torch.device('cpu'))} ({platform.machine()}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__, "sampler": type(pipe.scheduler).__name__, "args": {k: v for k, v in vars(args).items()}}
+    if not args.analyse_only:
+        meta["cache_warmup_seconds"] = round(warm_caches(args, pipe), 1)
+        print(f"teacher samples and reference features cached ({meta['cache_warmup_seconds']:.0f} s)", file=sys.stderr, flush=True)
     only = set(args.only.split(",")) if args.only else None
     rows = []
     base_unet = None
@@ -284,6 +314,8 @@ def main(argv=None) -> int:
         if f.is_file():
             rows.append(json.loads(f.read_text()))
             print(f"{name}: done before, kept", file=sys.stderr)
+        elif args.analyse_only:
+            continue
         else:
             if name.startswith("asdm-") and base_unet is None:
                 bf = out / "bk-sdm-base-long"

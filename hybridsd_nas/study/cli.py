@@ -133,7 +133,7 @@ def write_outputs(name: str, storage: str | None, out_dir: Path, device: str = "
     if best is not None:
         dest = out_dir / "best_unet"
         export_candidate(cfg["teacher"], best["candidate"], dest, base=cfg.get("base"), device=device,
-                         extra={"study": s["study"], "trial": best["trial"], "figures": {m: best[m] for m in _metric_cols([best])}},
+                         extra=_export_extra(best, s),
                          overwrite=True, card=lambda c: model_card(best, s, c))
         md.append(f"Exported: trial {best['trial']} ({best['candidate_key']}), the knee of the front (nearest the ideal point "
                   f"with objectives normalised over the front), in `{dest.name}/`.")
@@ -184,8 +184,28 @@ def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
+def _export_extra(row: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    extra = {"study": summary["study"], "trial": row["trial"], "figures": {m: row[m] for m in _metric_cols([row])}}
+    if row.get("schedule"):
+        extra["schedule"] = row["schedule"]  # a hybrid-schedule trial: the export is its small (edge) U-Net
+    return extra
+
+
+def _schedule_md(r: dict[str, Any]) -> str:
+    s = r.get("schedule")
+    if not s:
+        return ""
+    runs = " then ".join(f"{'the teacher (large, cloud)' if m == 'large' else 'this U-Net (small, edge)'} for {k} steps"
+                         for m, k in zip(s["models"], s["steps"]) if k > 0)
+    return (f"\n## Hybrid schedule\n\nThis trial is a hybrid run of {s['total_steps']} denoising steps: {runs}. The export is "
+            f"the small (edge) U-Net; run the schedule with `hybridsd-nas hybrid --teacher TEACHER --unets teacher <this "
+            f"directory> --steps {','.join(map(str, s['steps']))}` (order as listed: {', '.join(s['models'])}).\n")
+
+
 def model_card(study_row: dict[str, Any], summary: dict[str, Any], cost: dict[str, Any]) -> str:
     """A README for an exported trial: the candidate, every figure, how each was measured."""
+    from ..proxy import ProxySettings
+
     cfg = summary["config"]
     r = study_row
     figs = "\n".join(f"| {m} | {r[m]:.6g} |" if isinstance(r[m], float) else f"| {m} | {r[m]} |" for m in _metric_cols([r]))
@@ -203,7 +223,7 @@ mapping): the starting point for the final distillation (`hybridsd-nas distill`)
 ```json
 {json.dumps(r.get('candidate'), indent=1, sort_keys=True)}
 ```
-
+{_schedule_md(r)}
 ## Figures recorded by the study
 
 | metric | value |
@@ -219,8 +239,8 @@ Constraints: {', '.join(json.dumps(c) for c in summary['constraints']) or 'none'
   batch {cost['measured']['batch']}, {cost['measured']['text_tokens']} text tokens (this export: {cost['params']} params,
   {cost['macs']} MACs, {cost['macs_conv_linear']} conv+linear MACs).
 - latency: {lat}, batch {cfg.get('batch')}.
-- quality proxy (when an objective): short distillation of {proxy.get('distill_steps', 200)} steps, batch
-  {proxy.get('batch_size', 32)}, then {proxy.get('samples', 64)} samples with seed {proxy.get('seed', 0)}; proxy FID and KID
+- quality proxy (when an objective): short distillation of {proxy.get('distill_steps', ProxySettings.distill_steps)} steps, batch
+  {proxy.get('batch_size', ProxySettings.batch_size)}, then {proxy.get('samples', ProxySettings.samples)} samples with seed {proxy.get('seed', 0)}; proxy FID and KID
   against the teacher's samples from the same prompts and seeds; float32 on the study's worker device.
 """
 
@@ -238,8 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           f"{', '.join(map(str, have[:40])) or '(none)'}")
     cfg = s["config"]
     out, cost = export_candidate(cfg["teacher"], row["candidate"], args.out, base=cfg.get("base"), device=args.device,
-                                 extra={"study": s["study"], "trial": row["trial"],
-                                        "figures": {m: row[m] for m in _metric_cols([row])}},
+                                 extra=_export_extra(row, s),
                                  overwrite=args.overwrite, card=lambda c: model_card(row, s, c))
     print(f"trial {row['trial']} ({row['candidate_key']}): {cost['params'] / 1e6:.3f} M params -> {out} [{cost['format']}]")
     return 0

@@ -16,6 +16,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "macs": ("cost", "minimize", "MACs of one U-Net forward, attention matmuls included"),
     "macs_conv_linear": ("cost", "minimize", "MACs of conv and linear layers only (thop / BK-SDM convention)"),
     "latency_ms": ("cost", "minimize", "latency of one U-Net forward (measured or from the lookup table)"),
+    "cloud_share": ("cost", "minimize", "hybrid schedules: the cloud's share of the all-cloud MACs (U-Net steps, text encoder, decoder)"),
+    "edge_macs": ("cost", "minimize", "hybrid schedules: MACs the edge runs per image (its U-Net steps with guidance, the decoder)"),
     "output_mse": ("zero_cost", "minimize", "output MSE against the teacher before any training"),
     "latent_stat_shift": ("zero_cost", "minimize", "|d mean| + |d std| of the predicted noise vs the teacher, before training"),
     "proxy_fid": ("quality", "minimize", "FID of the distilled student's samples against the teacher's samples"),

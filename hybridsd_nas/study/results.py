@@ -85,7 +85,8 @@ def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None 
     for m in METRICS:
         if m in ua:
             row[m] = ua[m]
-    for k in ("adherence_teacher", "kid_std", "build", "cost_measured", "latency", "duplicate_of", "enqueued_as", "retry_of", "sample_grid_artifact"):
+    for k in ("adherence_teacher", "kid_std", "build", "cost_measured", "latency", "duplicate_of", "enqueued_as", "retry_of", "sample_grid_artifact",
+              "schedule", "accounting"):
         if k in ua:
             row[k] = ua[k]
     row["timings"] = ua.get("timings", {})

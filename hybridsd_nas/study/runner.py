@@ -139,12 +139,46 @@ class Evaluator:
         self.cfg, self.device = cfg, device
         self.arch = describe(cfg.teacher)
         self.space = load_space(cfg.space)
-        if self.space.kind == "hybrid-schedule":
-            raise ConfigError(f"{cfg.source}: space: {self.space.name!r} is a hybrid-schedule space; studies search "
-                              "layer-removal, recombination and channel-pruning spaces (score schedules with `hybridsd-nas hybrid sweep`)")
+        from .hybrid import HYBRID_METRICS
+
+        self.hybrid = self.space.kind == "hybrid-schedule"
+        used = [o.metric for o in cfg.objectives] + [c.metric for c in cfg.constraints]
+        if not self.hybrid and any(m in HYBRID_METRICS for m in used):
+            m = next(m for m in used if m in HYBRID_METRICS)
+            raise ConfigError(f"{cfg.source}: {m} is a figure of hybrid schedules; it needs a hybrid-schedule space "
+                              f"(space {self.space.name!r} is {self.space.kind})")
+        for c in cfg.constraints:
+            if c.metric in HYBRID_METRICS and c.of == "teacher":
+                raise ConfigError(f"{cfg.source}: constraints: {c.metric} takes no 'of: teacher' "
+                                  "(cloud_share is already a share of the all-cloud run; give edge_macs in MACs)")
+        if self.hybrid and cfg.enqueue:
+            raise ConfigError(f"{cfg.source}: enqueue: names candidates of layer-removal or recombination spaces; "
+                              f"space {self.space.name!r} is a hybrid-schedule space (leave enqueue out)")
         self.settings = ProxySettings(**cfg.proxy)
         self._lut = None
         self._teacher_cost: dict[str, Any] | None = None
+        self._schedule_cost = None
+        self._hybrid_proxy = None
+
+    def key(self, pt) -> str:
+        """What makes two trials the same evaluation: the candidate, and for schedules the schedule too."""
+        if self.hybrid:
+            from .hybrid import point_key
+
+            return point_key(pt)
+        return pt.candidate.key
+
+    def schedule_figures(self, pt, cost: dict[str, Any]) -> dict[str, Any]:
+        """Cloud/edge figures of a schedule point (its small U-Net's ``cost`` given)."""
+        from .hybrid import ScheduleCost
+
+        if self._schedule_cost is None:
+            self._schedule_cost = ScheduleCost(self.cfg.teacher, self.cfg.resolution)
+        if self._teacher_cost is None:
+            from ..arch import Candidate
+
+            self._teacher_cost = _cost_figures(self.cost(Candidate()))
+        return self._schedule_cost(pt.extra["schedule"], int(cost["macs"]), int(self._teacher_cost["macs"]))
 
     def constraints(self, group: str) -> list:
         """The config's constraints on metrics of ``group``, fractions of the teacher made absolute."""
@@ -186,9 +220,16 @@ class Evaluator:
         return estimate_cost(c.teacher, candidate, resolution=c.resolution, batch=c.batch, latency=c.latency_mode,
                              device=c.latency_device, dtype=c.latency_dtype, lut=lut, arch=self.arch)
 
-    def proxy(self, candidate, prefilter: Callable[[dict[str, float]], str | None] | None, quality: bool) -> dict[str, Any]:
+    def proxy(self, candidate, prefilter: Callable[[dict[str, float]], str | None] | None, quality: bool,
+              point=None) -> dict[str, Any]:
         from ..proxy import run_proxy
 
+        if self.hybrid:
+            from .hybrid import HybridProxy
+
+            if self._hybrid_proxy is None:
+                self._hybrid_proxy = HybridProxy(self.cfg.teacher, self.settings, self.device, self.cfg.base)
+            return self._hybrid_proxy(point, prefilter, quality)
         return run_proxy(self.cfg.teacher, candidate, self.settings, base=self.cfg.base, device=self.device,
                          return_images=quality, zero_cost_only=not quality, prefilter=prefilter)
 
@@ -276,10 +317,13 @@ class Objective:
             self._finish(trial, "rejected", f"invalid candidate: {e}", {}, timings, t_start)
             raise optuna.TrialPruned(f"invalid candidate: {e}") from None
         cand = pt.candidate
+        key = self.ev.key(pt)
         trial.set_user_attr("candidate", cand.to_dict())
-        trial.set_user_attr("candidate_key", cand.key)
+        trial.set_user_attr("candidate_key", key)
+        if "schedule" in pt.extra:
+            trial.set_user_attr("schedule", dict(pt.extra["schedule"]))
 
-        twin = self._twin(trial, cand.key)
+        twin = self._twin(trial, key)
         if twin is not None:
             figures = {k: twin.user_attrs[k] for k in twin.user_attrs if k in METRICS}
             trial.set_user_attr("duplicate_of", twin.number)
@@ -293,6 +337,10 @@ class Objective:
         cost = self.ev.cost(cand)
         timings["cost_seconds"] = time.perf_counter() - t0
         figures = _cost_figures(cost)
+        if self.ev.hybrid:
+            sc = self.ev.schedule_figures(pt, cost)
+            figures.update({m: sc[m] for m in ("cloud_share", "edge_macs")})
+            trial.set_user_attr("accounting", sc["accounting"])
         trial.set_user_attr("build", cost.get("build"))
         trial.set_user_attr("cost_measured", {k: v for k, v in cost["measured"].items() if k != "method"})
         if "latency" in cost:
@@ -306,7 +354,7 @@ class Objective:
             pre = list(self.cfg.prefilter) + self.ev.constraints("zero_cost")
             t0 = time.perf_counter()
             try:
-                res = self.ev.proxy(cand, (lambda z: _check(pre, z)) if pre else None, self.quality)
+                res = self.ev.proxy(cand, (lambda z: _check(pre, z)) if pre else None, self.quality, point=pt)
                 timings["proxy_seconds"] = time.perf_counter() - t0
             except HybridSDError as e:
                 self._finish(trial, "failed", f"{type(e).__name__}: {e}", figures, timings, t_start)

@@ -1,0 +1,135 @@
+"""Hybrid schedules as points of a study: architecture and schedule searched jointly.
+
+A point of a ``hybrid-schedule`` space is a small U-Net (a candidate of the teacher) plus a
+schedule: the teacher (the large, cloud model) runs ``k`` of the ``N`` denoising steps and the
+small one (the edge model) the rest, large first (Hybrid SD) or small first (A-SDM S1).
+
+Cost figures (weight-free, on the meta device) come from the same accounting as
+``hybridsd-nas hybrid``: ``cloud_share`` is the cloud's share of the MACs of running everything on
+the cloud (U-Net steps with classifier-free guidance, the text encoder on the cloud, the VAE
+decoder on the edge), ``edge_macs`` what the edge runs per image. Quality: the small U-Net is
+distilled once per worker with the study's proxy settings (then reused by every schedule that
+uses it), the hybrid run samples the proxy's fixed prompts and seeds, and the figures are the
+proxy's (FID/KID against the teacher's samples, FID against real images, adherence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HYBRID_METRICS = ("cloud_share", "edge_macs")
+
+
+def point_key(pt) -> str:
+    """Key of a schedule point: the runs that happen (a model with no steps is not part of the
+    run, whatever the order says) and the small U-Net when it runs."""
+    s = pt.extra["schedule"]
+    runs = [[m, k] for m, k in zip(s["models"], s["steps"]) if k > 0]
+    small = pt.candidate.key if any(m == "small" for m, _ in runs) else None
+    return "h-" + hashlib.sha1(json.dumps([runs, small]).encode()).hexdigest()[:12]
+
+
+class ScheduleCost:
+    """Cloud/edge accounting of schedules on one teacher pipeline (weight-free)."""
+
+    def __init__(self, teacher: str, resolution: int | None = None):
+        from ..arch import describe
+        from ..pipeline import pipeline_path
+        from ..hybrid._cost import Component, decoder_macs, text_encoder_macs
+
+        self.teacher = teacher
+        root = Path(pipeline_path(teacher))
+        self.arch = describe(teacher)
+        te_cfg = json.loads((root / "text_encoder" / "config.json").read_text())
+        vae_cfg = json.loads((root / "vae" / "config.json").read_text())
+        self.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
+        self.resolution = resolution or int(self.arch.config.get("sample_size") or 64) * self.vae_scale
+        h = self.resolution // self.vae_scale
+        self.latent_shape = (int(self.arch.config.get("in_channels", 4)), h, h)
+        self.text_shape = (int(te_cfg.get("max_position_embeddings", 77)), int(te_cfg["hidden_size"]))
+        self.te = Component("text encoder", "cloud", 2 * text_encoder_macs(te_cfg, self.text_shape[0]))
+        self.dec = Component("VAE decoder", "edge", decoder_macs({k: v for k, v in vae_cfg.items() if not k.startswith("_")}, (h, h)))
+
+    def __call__(self, schedule: dict[str, Any], small_macs: int, large_macs: int) -> dict[str, Any]:
+        from ..hybrid._cost import Segment, account
+
+        macs = {"large": large_macs, "small": small_macs}
+        where = {"large": "cloud", "small": "edge"}
+        segs = [Segment(m, where[m], k, macs[m]) for m, k in zip(schedule["models"], schedule["steps"])]
+        c = account(segs, large_macs, latent_shape=self.latent_shape, text_shape=self.text_shape,
+                    image_shape=(self.resolution, self.resolution, 3), dtype_bytes=4, text_encoder=self.te, decoder=self.dec)
+        edge = c["per_location"]["edge"]
+        return {"cloud_share": float(c["cloud_share"]["all_macs"]), "edge_macs": int(edge["unet_macs"] + edge["component_macs"]),
+                "accounting": {"cloud_share_steps": c["cloud_share"]["steps"], "cloud_share_unet_macs": c["cloud_share"]["unet_macs"],
+                               "bytes_sent": c["bytes_sent"], "resolution": self.resolution, "method": c["method"],
+                               "components": "text encoder on the cloud, VAE decoder on the edge, classifier-free guidance"}}
+
+
+class HybridProxy:
+    """The proxy for schedule points; distilled small U-Nets are kept per candidate for this worker."""
+
+    def __init__(self, teacher: str, settings, device: str = "cpu", base: str | None = None):
+        self.teacher, self.settings, self.device, self.base = teacher, settings, device, base
+        self._students: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+    def _student(self, cand, pipe, zero_cost_only: bool, prefilter) -> tuple[Any, dict[str, Any]]:
+        from ..proxy import run_proxy
+
+        if cand.key in self._students:
+            student, info = self._students[cand.key]
+            return student, {**info, "distill_seconds": 0.0, "distilled_before": True}
+        res = run_proxy(self.teacher, cand, self.settings, base=self.base, device=self.device,
+                        zero_cost_only=zero_cost_only, prefilter=prefilter, return_student=True, evaluate=False)
+        student = res.pop("student", None)
+        if res["status"] == "ok" and not zero_cost_only:
+            self._students[cand.key] = (student, {k: res.get(k) for k in ("zero_cost", "zero_cost_seconds", "distill_final_loss")})
+        return student, res
+
+    def __call__(self, pt, prefilter, quality: bool) -> dict[str, Any]:
+        from ..hybrid import HybridPipeline
+        from ..pipeline import load_pipeline
+        from ..proxy import _sampling_defaults, evaluate_student
+
+        pipe = load_pipeline(self.teacher, device=self.device)
+        student, out = self._student(pt.candidate, pipe, not quality, prefilter)
+        out = dict(out)
+        if out.get("status", "ok") != "ok" or not quality:
+            out.setdefault("status", "ok")
+            return out
+        s = self.settings
+        defaults = _sampling_defaults(self.teacher)
+        steps = s.sampler_steps or int(defaults.get("num_inference_steps", 20))
+        guidance = s.guidance if s.guidance is not None else float(defaults.get("guidance_scale", 5.0))
+        sched = pt.extra["schedule"]
+        if sum(sched["steps"]) != steps:
+            from ..errors import HybridSDError
+
+            raise HybridSDError(f"the space's schedules have {sum(sched['steps'])} steps but the proxy samples with {steps}; "
+                                f"set proxy.sampler_steps: {sum(sched['steps'])} (or the space's options.steps: {steps})")
+        unets = [pipe.unet if m == "large" else student for m in sched["models"]]
+        hp = HybridPipeline.from_pipeline(pipe, unets, sched["steps"], locations=["cloud" if m == "large" else "edge" for m in sched["models"]],
+                                          names=list(sched["models"]))
+
+        def sample(prompts: list[str]) -> np.ndarray:
+            import torch
+
+            imgs = []
+            for i in range(0, len(prompts), 32):
+                ps = prompts[i: i + 32]
+                gens = [torch.Generator().manual_seed(s.seed + i + j) for j in range(len(ps))]
+                im = hp(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
+                imgs.append((np.clip(im, 0, 1) * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))
+            return np.concatenate(imgs)
+
+        t0 = time.perf_counter()
+        out.update(evaluate_student(self.teacher, pipe, student, s, steps, guidance, device=self.device,
+                                    return_images=True, sample=sample))
+        out["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        out["status"] = "ok"
+        return out
