@@ -87,6 +87,17 @@ def arithmetic(out: Path) -> list[dict]:
     return near
 
 
+def _origin(r: dict) -> str:
+    if r.get("small_origin") == "export":
+        path = (r.get("small_info") or {}).get("path")
+        meta = json.loads((Path(path) / "hybridsd_nas.json").read_text()) if path else {}
+        d = meta.get("distill") or {}
+        how = (f"distilled from the teacher for {d.get('steps')} steps (batch {d.get('batch_size')}, lr {d.get('lr')}, seed "
+               f"{d.get('seed')})") if d else "an exported U-Net"
+        return f"`{r['small']}`: {how}, loaded from `{path}`"
+    return f"`{r['small']}`: built from the teacher by BK-SDM weight inheritance, **not distilled**"
+
+
 def teacher_fingerprint(tdir: Path) -> str:
     f = tdir / "unet" / "diffusion_pytorch_model.safetensors"
     return hashlib.sha1(f.read_bytes()).hexdigest()[:12] if f.is_file() else "unknown"
@@ -121,8 +132,9 @@ def main() -> None:
         st = SweepSettings(steps=a.steps, step_every=a.step_every, samples=a.samples, seed=a.seed, guidance=a.guidance,
                            batch=a.batch)
         r = run_sweep(a.teacher, ["teacher", small], st, reference_cache=cache)
-        write_csv(r, out / f"sweep_teacher_{small}.csv")
-        (out / f"sweep_teacher_{small}.json").write_text(json.dumps(r, indent=1, default=str))
+        tag = Path(small).name
+        write_csv(r, out / f"sweep_teacher_{tag}.csv")
+        (out / f"sweep_teacher_{tag}.json").write_text(json.dumps(r, indent=1, default=str))
         results.append(r)
     plot(results, out / "sweep_fid_vs_cloud.png", "fid")
     if results[0]["adherence_classifier"]:
@@ -143,9 +155,7 @@ def main() -> None:
         f"- FID at {a.samples} samples is strongly biased upwards: compare rows with each other, not with published FIDs",
         "- cloud share: U-Net MACs on the cloud over all steps on the teacher (weight-free count); the large U-Net "
         "is the teacher (cloud), the small one runs on the edge whatever the order",
-        f"- small U-Nets: {', '.join(r['small'] for r in results)}: built from the teacher by BK-SDM weight inheritance, "
-        "**not distilled**. A distilled BK-SDM-Base needs the distillation of issue 5, which has not been run on this "
-        "teacher yet: no distilled rows are reported.",
+        "- small U-Nets: " + "; ".join(_origin(r) for r in results),
         f"- wall time of the whole sweep: {total / 60:.1f} min",
         "",
     ]
@@ -161,7 +171,7 @@ def main() -> None:
     md += ["Files: `sweep_teacher_<small>.csv` / `.json` (every row), `sweep_fid_vs_cloud.png`, "
            "`cloud_cost_arithmetic.md` (the -66% arithmetic).", "",
            f"Command: `python experiments/hybrid_sweep.py --teacher {a.teacher} --samples {a.samples} --steps {a.steps} "
-           f"--step-every {a.step_every} --guidance {a.guidance} --out {a.out}`"]
+           f"--step-every {a.step_every} --guidance {a.guidance} --smalls {' '.join(a.smalls)} --out {a.out}`"]
     (out / "README.md").write_text("\n".join(md) + "\n")
     print(f"done in {total / 60:.1f} min")
 

@@ -152,7 +152,7 @@ def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None
                          "label": asdm_label(order, k, s.steps), **r})
     return {
         "teacher": teacher, "teacher_dir": str(tdir), "large": large.name, "small": small.name,
-        "large_origin": large.origin, "small_origin": small.origin,
+        "large_origin": large.origin, "small_origin": small.origin, "small_info": dict(small.info or {}),
         "settings": asdict(s), "resolution": res, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "scheduler": type(pipe.scheduler).__name__, "metrics": scorer.impl,
         "adherence_classifier": scorer.classifier is not None,
