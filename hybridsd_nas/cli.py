@@ -232,10 +232,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     data = _distill_data(pipe, args.data, args.seed)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         checkpoint_every=args.checkpoint_every,
-                        weights=LossWeights(task=args.w_task, out_kd=args.w_out, feat_kd=args.w_feat, mid=args.w_mid))
+                        weights=LossWeights(task=args.w_task, out_kd=args.w_out, feat_kd=args.w_feat, mid=args.w_mid,
+                                            perceptual=args.w_perceptual))
     work = Path(args.out).with_name(Path(args.out).name + ".work")
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, checkpoint_dir=work, resume=args.resume)
+    perc, dec = (None, None)
+    if args.w_perceptual > 0:
+        from .distill import perceptual_term
+
+        perc, dec = perceptual_term(pipe, args.teacher, args.perceptual_net, device=args.device)
+    res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, checkpoint_dir=work, resume=args.resume,
+                  perceptual=perc, decode=dec)
     if res.status != "ok":
         raise HybridSDError(f"distillation {res.status}: {res.reason}; last checkpoint kept in {work} (rerun with --resume)")
     cost = estimate_cost(args.teacher, cand, arch=arch)
@@ -291,6 +298,7 @@ def _add_unet_args(sp: argparse.ArgumentParser, multi: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .proxy import ProxySettings
 
     ap = argparse.ArgumentParser(prog="hybridsd-nas", description="Architecture search and structural pruning of Stable Diffusion U-Nets.")
     ap.add_argument("--version", action="version", version=f"hybridsd-nas {__version__}")
@@ -338,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--w-out", type=float, default=1.0)
     sp.add_argument("--w-feat", type=float, default=1.0)
     sp.add_argument("--w-mid", type=float, default=0.0, help="A-SDM mid-block output supervision")
+    sp.add_argument("--w-perceptual", type=float, default=0.0,
+                    help="perceptual term: frozen classifier features of the decoded predicted clean images")
+    sp.add_argument("--perceptual-net", default=None,
+                    help="classifier directory for the perceptual term (default: the teacher's eval_classifier)")
     sp.add_argument("--checkpoint-every", type=int, default=500)
     sp.add_argument("--resume", action="store_true")
     sp.add_argument("--device", default="cpu")
@@ -348,11 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("proxy", help="quality proxy of a candidate: short distillation, then proxy FID, KID, adherence")
     sp.add_argument("--teacher", default="tiny", help="teacher pipeline (default: the embedded tiny teacher)")
     sp.add_argument("--candidate", required=True)
-    sp.add_argument("--distill-steps", type=int, default=200)
-    sp.add_argument("--samples", type=int, default=64)
+    sp.add_argument("--distill-steps", type=int, default=ProxySettings.distill_steps)
+    sp.add_argument("--samples", type=int, default=ProxySettings.samples)
     sp.add_argument("--sampler-steps", type=int, default=None)
     sp.add_argument("--guidance", type=float, default=None)
-    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--batch-size", type=int, default=ProxySettings.batch_size)
     sp.add_argument("--w-mid", type=float, default=0.0)
     sp.add_argument("--reference-images", type=int, default=1000, help="held-out real images for fid_real (cached)")
     sp.add_argument("--data-images", type=int, default=4096, help="training images encoded for the distillation (cached)")

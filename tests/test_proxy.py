@@ -33,3 +33,30 @@ def test_proxy_cli_json(capsys):
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["status"] == "ok" and {"proxy_fid", "fid_real", "kid", "adherence", "distill_seconds", "eval_seconds"} <= set(r)
+
+
+def test_perceptual_term_trains_through_a_frozen_classifier(tmp_path):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
+    from hybridsd_nas.distill import DistillConfig, LossWeights, distill, fashion_mnist_data, perceptual_term
+    from hybridsd_nas.errors import HybridSDError
+    from hybridsd_nas.pipeline import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    p = plan(describe("tiny"), resolve_candidate("bk-sdm-tiny", describe("tiny")))
+    student = build_student(p, teacher=pipe.unet, device="cpu")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    data = fashion_mnist_data(pipe, n=16)
+    perc, dec = perceptual_term(pipe, "tiny")
+    vae_before = [q.requires_grad for q in pipe.vae.parameters()]
+    cfg = DistillConfig(steps=2, batch_size=4, log_every=1, weights=LossWeights(task=0, out_kd=0, feat_kd=0, perceptual=1.0))
+    r = distill(student, pipe.unet, p, data, DDPMScheduler.from_config(pipe.scheduler.config), cfg, perceptual=perc, decode=dec)
+    assert r.status == "ok" and all(c["perceptual"] > 0 and c["loss"] == c["perceptual"] for c in r.curve)
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())  # the term alone trains the student
+    assert not any(vae_before) and not any(q.grad is not None for q in pipe.vae.parameters())  # the decoder stays frozen
+    with pytest.raises(HybridSDError, match="perceptual network '/nope' is not a directory"):
+        perceptual_term(pipe, "tiny", net="/nope")
+    with pytest.raises(ValueError, match="perceptual weight 1.0 given but no perceptual network"):
+        distill(student, pipe.unet, p, data, DDPMScheduler.from_config(pipe.scheduler.config), cfg)

@@ -2,10 +2,11 @@
 incubation), used short by the quality proxy and long as the final training."""
 
 from .data import DistillData, encode_images, encode_prompts, fashion_mnist_data, folder_data, teacher_sample_data
-from .losses import FeaturePair, LossWeights, attach_taps, feature_pairs
+from .losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
 from .trainer import DistillConfig, DistillResult, distill
 
 __all__ = [
+    "perceptual_term",
     "DistillConfig",
     "DistillData",
     "DistillResult",

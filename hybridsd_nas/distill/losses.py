@@ -115,3 +115,41 @@ def feature_losses(taps: FeatureTaps) -> tuple[torch.Tensor | None, torch.Tensor
     taps.student_out.clear()
     taps.teacher_out.clear()
     return feat, mid
+
+
+def perceptual_term(pipe, teacher: str, net: str | None = None, device: str | torch.device = "cpu"):
+    """``(perceptual, decode)`` for :func:`hybridsd_nas.distill.distill`'s perceptual loss.
+
+    ``decode`` maps latents to images in [0, 1] through the pipeline's VAE decoder (frozen);
+    ``perceptual`` maps images to the features of a frozen classifier (a directory with
+    ``model.safetensors`` + ``config.json``, as the embedded teacher's ``eval_classifier``; the
+    default is the one in the ``teacher`` pipeline's directory). The loss is the MSE between the features of the student's and
+    the teacher's predicted clean images.
+    """
+    from pathlib import Path
+
+    from ..errors import HybridSDError
+    from ..metrics.adherence import load_classifier
+    from ..pipeline import pipeline_path
+
+    if net is None:
+        net = str(Path(pipeline_path(teacher)) / "eval_classifier")
+    if not Path(net).is_dir():
+        raise HybridSDError(f"perceptual network {net!r} is not a directory; give a classifier directory "
+                            "(model.safetensors + config.json, e.g. the tiny teacher's eval_classifier)")
+    clf = load_classifier(net).to(device).eval().requires_grad_(False)
+    vae = pipe.vae.eval().requires_grad_(False)
+    scale = float(vae.config.scaling_factor)
+    res = clf.resolution
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        img = vae.decode(latents / scale, return_dict=False)[0]
+        return ((img.float().clamp(-1, 1) + 1) / 2)
+
+    def perceptual(images: torch.Tensor) -> torch.Tensor:
+        x = images.mean(1, keepdim=True)
+        if x.shape[-1] != res:
+            x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
+        return clf.features(x).flatten(1)
+
+    return perceptual, decode

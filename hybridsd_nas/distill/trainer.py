@@ -160,6 +160,9 @@ def distill(
         start, curve = _load_checkpoint(ckpt, student, opt, g)
     if perceptual is not None and w.perceptual > 0 and decode is None:
         raise ValueError("a perceptual loss needs a decode function (latents -> images)")
+    if w.perceptual > 0 and perceptual is None:
+        raise ValueError(f"perceptual weight {w.perceptual} given but no perceptual network "
+                         "(pass perceptual= and decode=, e.g. from hybridsd_nas.distill.perceptual_term)")
     acp = scheduler.alphas_cumprod
     n_t = scheduler.config.num_train_timesteps
     early: list[float] = []

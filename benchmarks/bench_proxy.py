@@ -1,0 +1,79 @@
+"""Seconds of one quality-proxy run at the default settings on the embedded ``tiny`` teacher.
+
+A benchmark, not a test. Runs ``run_proxy`` twice on one candidate: first with empty caches (the
+teacher's samples, the reference features and the encoded training images are computed, as in
+the first trial of a study), then again with them warm (every later trial). Writes
+results/bench_proxy_<device>.json and .md.
+
+    python benchmarks/bench_proxy.py --candidate bk-sdm-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="tiny")
+    p.add_argument("--candidate", default="bk-sdm-tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "results"))
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["HYBRIDSD_NAS_CACHE"] = cache  # cold: nothing computed before
+        import torch
+
+        from hybridsd_nas.cost.latency import device_label
+        from hybridsd_nas.proxy import ProxySettings, run_proxy
+
+        torch.set_num_threads(args.threads)
+        runs = []
+        for label in ("cold caches", "warm caches"):
+            t0 = time.perf_counter()
+            r = run_proxy(args.teacher, args.candidate, ProxySettings(), device=args.device)
+            wall = time.perf_counter() - t0
+            if r["status"] != "ok":
+                print(f"proxy {r['status']}: {r.get('reason')}", file=sys.stderr)
+                return 1
+            runs.append({"run": label, "wall_seconds": round(wall, 1), "distill_seconds": r["distill_seconds"],
+                         "eval_seconds": r["eval_seconds"], "proxy_fid": r["proxy_fid"], "adherence": r["adherence"]})
+            print(f"{label}: {wall:.1f} s (distill {r['distill_seconds']:.1f} s, eval {r['eval_seconds']:.1f} s), "
+                  f"proxy FID {r['proxy_fid']:.2f}", flush=True)
+        dev = device_label(torch.device(args.device))
+        res = {"what": f"run_proxy({args.teacher!r}, {args.candidate!r}) at the default ProxySettings, once with empty caches "
+                       "and once with warm ones", "device": dev, "threads": args.threads, "dtype": "float32",
+               "torch": torch.__version__, "python": platform.python_version(), "settings": r["settings"], "runs": runs,
+               "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.device.replace(":", "")
+    (out / f"bench_proxy_{tag}.json").write_text(json.dumps(res, indent=1))
+    s = res["settings"]
+    md = ["# Quality proxy: seconds per candidate at the defaults", "",
+          f"`run_proxy('{args.teacher}', '{args.candidate}')` with the default settings: {s['distill_steps']} distillation steps "
+          f"at batch {s['batch_size']} (lr {s['lr']}), then {s['samples']} samples ({s['sampler']}, {s['sampler_steps']} steps, "
+          f"guidance {s['guidance']}, seed {s['seed']}) scored against the teacher's samples and {s['reference_images']} real "
+          f"images. Device {dev}, {args.threads} threads, float32, torch {torch.__version__}; {res['date']}.", "",
+          "| caches | wall s | distill s | eval s | proxy FID |", "|---|---|---|---|---|"]
+    md += [f"| {r['run']} | {r['wall_seconds']} | {r['distill_seconds']} | {r['eval_seconds']} | {r['proxy_fid']:.2f} |" for r in runs]
+    md += ["", "Cold: the first candidate of a study also computes the teacher's samples, the reference features and "
+           "the encoded training images; every later candidate runs warm.", ""]
+    (out / f"bench_proxy_{tag}.md").write_text("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
