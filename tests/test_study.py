@@ -176,11 +176,11 @@ def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     real = runner.Evaluator.proxy
     calls = []
 
-    def flaky(self, candidate, prefilter, quality):
+    def flaky(self, candidate, prefilter, quality, point=None):
         calls.append(candidate.key)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, candidate, prefilter, quality)
+        return real(self, candidate, prefilter, quality, point=point)
 
     monkeypatch.setattr(runner.Evaluator, "proxy", flaky)
     res = run_study(_cfg(tmp_path, "flaky", trials=4), storage=_sqlite(tmp_path), progress=False)
