@@ -174,6 +174,23 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     return out
 
 
+def references(teacher: str, pipe, s: ProxySettings, steps: int, guidance: float, fx) -> tuple[np.ndarray, Any, Any]:
+    """What every evaluation with settings ``s`` compares against, cached by content: the teacher's
+    samples on the ``s.samples`` fixed prompts and seeds, their features, and the features of the
+    first ``s.reference_images`` held-out real images."""
+    from .data import load_fashion_mnist, to_rgb_uint8
+    from .metrics import reference_features
+
+    prompts = [r["prompt"] for r in eval_prompt_set(teacher, s.samples)]
+    t_imgs = teacher_samples(teacher, pipe, prompts, s.seed, steps, guidance)
+    res_px = t_imgs.shape[-1]
+    real = reference_features(to_rgb_uint8(load_fashion_mnist("test").images[: s.reference_images], res_px),
+                              name=f"fashion-mnist-test-first{s.reference_images}", resolution=res_px, extractor=fx)
+    t_ref = reference_features(t_imgs, name=f"teacher-samples-{hashlib.sha1(t_imgs.tobytes()).hexdigest()[:12]}",
+                               resolution=res_px, extractor=fx)
+    return t_imgs, t_ref, real
+
+
 def evaluate_student(teacher: str, pipe, student, s: ProxySettings, steps: int, guidance: float,
                      device: str = "cpu", return_images: bool = False,
                      sample: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, Any]:
@@ -181,21 +198,14 @@ def evaluate_student(teacher: str, pipe, student, s: ProxySettings, steps: int, 
     seeds, FID/KID against the teacher's samples and against real held-out images, adherence.
     ``sample(prompts)`` replaces the student's own sampling (e.g. a hybrid run); it returns uint8
     images (N, 3, H, W), image i seeded ``s.seed + i``."""
-    from .data import load_fashion_mnist, to_rgb_uint8
-    from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence, reference_features
+    from .metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence
 
     t0 = time.perf_counter()
     rows = eval_prompt_set(teacher, s.samples)
     prompts = [r["prompt"] for r in rows]
-    t_imgs = teacher_samples(teacher, pipe, prompts, s.seed, steps, guidance)
-    s_imgs = sample(prompts) if sample is not None else generate(pipe, student, prompts, s.seed, steps, guidance)
     fx = FeatureExtractor(device=device)
-    res_px = s_imgs.shape[-1]
-    test = load_fashion_mnist("test")
-    real = reference_features(to_rgb_uint8(test.images[: s.reference_images], res_px),
-                              name=f"fashion-mnist-test-first{s.reference_images}", resolution=res_px, extractor=fx)
-    t_ref = reference_features(t_imgs, name=f"teacher-samples-{hashlib.sha1(t_imgs.tobytes()).hexdigest()[:12]}",
-                               resolution=res_px, extractor=fx)
+    t_imgs, t_ref, real = references(teacher, pipe, s, steps, guidance, fx)
+    s_imgs = sample(prompts) if sample is not None else generate(pipe, student, prompts, s.seed, steps, guidance)
     k = min(s.kid_subset, len(s_imgs))
     vs_teacher = fid_kid(s_imgs, t_ref, extractor=fx, kid_subset_size=k, seed=s.seed)
     vs_real = fid_kid(s_imgs, real, extractor=fx, kid_subset_size=k, seed=s.seed)

@@ -119,23 +119,13 @@ def run_candidate(name: str, spec, args, pipe, arch, data, sched, base_unet, out
 def warm_caches(args, pipe) -> float:
     """Teacher samples and reference features for both evaluations, computed once before any
     candidate (a study pays for them once too); returns the seconds spent."""
-    from hybridsd_nas.data import load_fashion_mnist, to_rgb_uint8
-    from hybridsd_nas.metrics import FeatureExtractor, reference_features
-    from hybridsd_nas.proxy import eval_prompt_set, teacher_samples
+    from hybridsd_nas.metrics import FeatureExtractor
+    from hybridsd_nas.proxy import references
 
     t0 = time.perf_counter()
     fx = FeatureExtractor(device="cpu")
     for n in (args.proxy_samples, args.long_samples):
-        prompts = [r["prompt"] for r in eval_prompt_set(args.teacher, n)]
-        imgs = teacher_samples(args.teacher, pipe, prompts, args.seed, args.sampler_steps, args.guidance)
-        import hashlib
-
-        reference_features(imgs, name=f"teacher-samples-{hashlib.sha1(imgs.tobytes()).hexdigest()[:12]}",
-                           resolution=imgs.shape[-1], extractor=fx)
-    res_px = imgs.shape[-1]
-    n_ref = ProxySettings.reference_images
-    reference_features(to_rgb_uint8(load_fashion_mnist("test").images[:n_ref], res_px),
-                       name=f"fashion-mnist-test-first{n_ref}", resolution=res_px, extractor=fx)
+        references(args.teacher, pipe, ProxySettings(samples=n, seed=args.seed), args.sampler_steps, args.guidance, fx)
     return time.perf_counter() - t0
 
 

@@ -50,8 +50,6 @@ def space_from_dict(data: Any, source: str) -> SearchSpace:
 
 def load_space(spec: str | Path) -> SearchSpace:
     """A space by name (``search_spaces/NAME.yaml``) or by path to a YAML file."""
-    import yaml
-
     p = Path(spec)
     if not p.suffix:
         p = spaces_dir() / f"{spec}.yaml"
@@ -59,10 +57,16 @@ def load_space(spec: str | Path) -> SearchSpace:
             raise UnknownNameError("search space", str(spec), list_spaces())
     if not p.is_file():
         raise ConfigError(f"space file {str(spec)!r} does not exist")
+    return space_from_dict(read_yaml(p), str(p))
+
+
+def read_yaml(p: Path) -> Any:
+    """The content of YAML file ``p`` (safe loader); malformed YAML is a one-line ConfigError with the line."""
+    import yaml
+
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}: malformed YAML{where} ({getattr(e, 'problem', None) or e})") from None
-    return space_from_dict(data, str(p))

@@ -172,14 +172,9 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        if isinstance(v, int) and abs(v) >= 10**6:
-            return f"{v / 1e6:.3f}M"
-        return "" if v is None else str(v)
+    from .results import format_value
 
-    table = [[c for c in cols]] + [[fmt(r.get(c)) for c in cols] for r in rows]
+    table = [[c for c in cols]] + [[format_value(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 

@@ -296,15 +296,9 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    import yaml
+    from ..spaces.loader import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"study file {str(path)!r} does not exist (a YAML file such as experiments/quickstart.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: malformed YAML{where} ({getattr(e, 'problem', None) or e})") from None
-    return study_from_dict(data, str(p))
+    return study_from_dict(read_yaml(p), str(p))

@@ -93,6 +93,7 @@ class HybridProxy:
 
     def __call__(self, pt, prefilter, quality: bool) -> dict[str, Any]:
         from ..hybrid import HybridPipeline
+        from ..hybrid._sweep import generate
         from ..pipeline import load_pipeline
         from ..proxy import _sampling_defaults, evaluate_student
 
@@ -116,16 +117,8 @@ class HybridProxy:
         hp = HybridPipeline.from_pipeline(pipe, unets, sched["steps"], locations=["cloud" if m == "large" else "edge" for m in sched["models"]],
                                           names=list(sched["models"]))
 
-        def sample(prompts: list[str]) -> np.ndarray:
-            import torch
-
-            imgs = []
-            for i in range(0, len(prompts), 32):
-                ps = prompts[i: i + 32]
-                gens = [torch.Generator().manual_seed(s.seed + i + j) for j in range(len(ps))]
-                im = hp(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
-                imgs.append((np.clip(im, 0, 1) * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))
-            return np.concatenate(imgs)
+        def sample(prompts: list[str]) -> np.ndarray:  # the sweep's sampling, channels first as the proxy's
+            return np.ascontiguousarray(generate(hp, prompts, s.seed, steps, guidance, batch=32).transpose(0, 3, 1, 2))
 
         t0 = time.perf_counter()
         out.update(evaluate_student(self.teacher, pipe, student, s, steps, guidance, device=self.device,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from .results import HV_NOTE, feasible_trials, normaliser, summarize
+from .results import HV_NOTE, feasible_trials, format_value, normaliser, summarize
 
 _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -28,11 +28,7 @@ def _esc(x: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and abs(v) >= 10**6:
-        return f"{v / 1e6:.3f} M"
-    return "" if v is None else str(v)
+    return format_value(v, unit_sep=" ")
 
 
 def _artifact_dir(study: optuna.Study) -> Path:

@@ -16,6 +16,15 @@ HV_NOTE = ("hypervolume of the objectives min-max normalised over the trials com
            "maximised ones flipped), against the reference point 1.1 in every objective")
 
 
+def format_value(v: Any, unit_sep: str = "") -> str:
+    """A figure for tables: floats to 4 significant digits, large integers in millions."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 10**6:
+        return f"{v / 1e6:.3f}{unit_sep}M"
+    return "" if v is None else str(v)
+
+
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Complete trials that keep every constraint, one per candidate (reused duplicates left out)."""
     out = []

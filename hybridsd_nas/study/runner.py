@@ -174,11 +174,15 @@ class Evaluator:
 
         if self._schedule_cost is None:
             self._schedule_cost = ScheduleCost(self.cfg.teacher, self.cfg.resolution)
+        return self._schedule_cost(pt.extra["schedule"], int(cost["macs"]), int(self.teacher_figures()["macs"]))
+
+    def teacher_figures(self) -> dict[str, Any]:
+        """The teacher's own cost figures (the no-op candidate), counted once."""
         if self._teacher_cost is None:
             from ..arch import Candidate
 
             self._teacher_cost = _cost_figures(self.cost(Candidate()))
-        return self._schedule_cost(pt.extra["schedule"], int(cost["macs"]), int(self._teacher_cost["macs"]))
+        return self._teacher_cost
 
     def constraints(self, group: str) -> list:
         """The config's constraints on metrics of ``group``, fractions of the teacher made absolute."""
@@ -187,11 +191,7 @@ class Evaluator:
             if METRICS[c.metric][0] != group:
                 continue
             if c.of == "teacher":
-                if self._teacher_cost is None:
-                    from ..arch import Candidate
-
-                    self._teacher_cost = _cost_figures(self.cost(Candidate()))
-                c = c.absolute(float(self._teacher_cost[c.metric]))
+                c = c.absolute(float(self.teacher_figures()[c.metric]))
             out.append(c)
         return out
 
