@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--unet-batch", type=int, default=256)
     p.add_argument("--unet-lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="U-Net learning rate after warm-up: constant, or cosine decay to 0 over the step or time budget, whichever ends first")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: save the trained weights as they are)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="share of prompts replaced by '' (classifier-free guidance)")
     p.add_argument("--classifier-epochs", type=int, default=6, help="0 skips the classifier")
     p.add_argument("--limit-images", type=int, default=0, help="train on the first N images only (smoke tests)")
@@ -192,7 +194,18 @@ def main(argv=None) -> int:
         m.requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
+    t_start = time.time()
+
+    def unet_lr_factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(args.warmup, 1))
+        if args.lr_schedule == "constant":
+            return warm
+        progress = s / max(args.unet_steps, 1)
+        if args.unet_minutes > 0:  # the time budget may end the run first: decay along whichever is further on
+            progress = max(progress, (time.time() - t_start) / (args.unet_minutes * 60))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, unet_lr_factor)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     log(f"U-Net {n_unet / 1e6:.3f}M params, text encoder {n_text / 1e6:.3f}M params", fh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +27,37 @@ def pipeline_path(spec: str | Path) -> str:
     if _HUB_ID.match(s):
         return s
     raise UnknownNameError("teacher pipeline (zoo name, directory or hub id)", s, [n for n in _known_names() if _zoo_path(n)])
+
+
+_WHOLE_FILE_LIMIT = 64 << 20  # larger files are fingerprinted by size, time and their first and last MiB
+
+
+@lru_cache(maxsize=16)
+def _fingerprint(path: str, stats: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha1()
+    for rel, size, mtime in stats:
+        h.update(f"{rel}|{size}\n".encode())
+        with open(Path(path) / rel, "rb") as f:
+            if size <= _WHOLE_FILE_LIMIT:
+                h.update(f.read())
+            else:
+                h.update(str(mtime).encode())
+                h.update(f.read(1 << 20))
+                f.seek(-(1 << 20), 2)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def pipeline_fingerprint(spec: str | Path) -> str:
+    """What a cache of anything computed from a pipeline is keyed by: its path (or hub id) and, for a
+    local directory, a hash of its files' contents, so that retrained weights never meet stale caches."""
+    path = pipeline_path(spec)
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    stats = tuple((str(f.relative_to(p)), st.st_size, st.st_mtime_ns)
+                  for f in sorted(p.rglob("*")) if f.is_file() and (st := f.stat()))
+    return f"{path}@{_fingerprint(path, stats)}"
 
 
 @lru_cache(maxsize=4)

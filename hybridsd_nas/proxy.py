@@ -24,7 +24,7 @@ import torch
 from .arch import build_student, describe, load_pretrained_unet, plan, resolve_candidate
 from .distill import DistillConfig, LossWeights, distill, fashion_mnist_data
 from .errors import HybridSDError
-from .pipeline import load_pipeline, pipeline_path
+from .pipeline import load_pipeline, pipeline_fingerprint, pipeline_path
 
 
 @dataclass
@@ -91,7 +91,7 @@ def teacher_samples(teacher: str, pipe, prompts: list[str], seed: int, steps: in
     """The teacher's samples for these prompts and seeds, cached on disk (safetensors)."""
     from safetensors.numpy import load_file, save_file
 
-    key = hashlib.sha1(json.dumps([pipeline_path(teacher), prompts, seed, steps, guidance,
+    key = hashlib.sha1(json.dumps([pipeline_fingerprint(teacher), prompts, seed, steps, guidance,
                                    type(pipe.scheduler).__name__], sort_keys=True).encode()).hexdigest()[:16]
     f = _cache_root() / f"teacher-{key}.safetensors"
     if f.is_file():

@@ -86,3 +86,23 @@ def test_cli_list_and_path(capsys):
     assert capsys.readouterr().out.strip() == str(zoo.model_path("tiny"))
     with pytest.raises(UnknownNameError, match="known: tiny"):
         _cli(["zoo", "path", "bogus"])
+
+
+def test_pipeline_fingerprint_follows_the_weights(tmp_path):
+    """Caches (teacher samples, distillation latents and embeddings) are keyed by content: rewriting
+    a weight file in place, even with the same size, gives a new key; an untouched copy keeps it."""
+    import shutil
+
+    from hybridsd_nas.pipeline import pipeline_fingerprint
+
+    src = tmp_path / "a"
+    (src / "unet").mkdir(parents=True)
+    (src / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 4096)
+    first = pipeline_fingerprint(src)
+    assert first == pipeline_fingerprint(src)
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    assert first.split("@")[1] == pipeline_fingerprint(dst).split("@")[1]
+    (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x01" + b"\x00" * 4095)
+    assert pipeline_fingerprint(src) != first

@@ -61,7 +61,7 @@ def _ints(s: str) -> list[int]:
     return sorted({int(x) for x in s.split(",") if x.strip()})
 
 
-def run_candidate(name: str, spec, args, pipe, arch, data, sched, base_unet, out_dir: Path) -> dict:
+def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_unet, out_dir: Path) -> dict:
     cand = resolve_candidate(spec, arch)
     p = plan(arch, cand)
     uses_base = bool(p.candidate.base_blocks)
@@ -81,13 +81,18 @@ def run_candidate(name: str, spec, args, pipe, arch, data, sched, base_unet, out
     t_start = time.perf_counter()
 
     def on_step(n: int, st) -> None:
-        if n not in args.checkpoints and n != args.long_steps:
+        if n not in args.checkpoints and n not in args.score_checkpoints and n != args.long_steps:
             return
         e0 = time.perf_counter()
         distill_s = e0 - t_start - spent["eval"]
         st.eval()
         try:
             rec = {"distill_seconds": round(distill_s, 2)}
+            # the cheap score: output error against the teacher on fixed held-out noisy latents
+            # (the zero-cost score's measure after n steps; its own generator, so the run is unchanged)
+            h0 = time.perf_counter()
+            rec["heldout"] = zero_cost_scores(st, pipe.unet, heldout, sched, n=args.heldout_latents, seed=args.seed + 1)
+            rec["heldout"]["seconds"] = round(time.perf_counter() - h0, 3)
             if n in args.checkpoints:
                 rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance)
             if n == args.long_steps:
@@ -97,14 +102,17 @@ def run_candidate(name: str, spec, args, pipe, arch, data, sched, base_unet, out
         evals[n] = rec
         spent["eval"] += time.perf_counter() - e0
         print(f"  {name} step {n}: " + ", ".join(f"{k} FID {v['proxy_fid']:.2f} ({v['eval_seconds']:.0f} s eval)"
-                                                 for k, v in rec.items() if isinstance(v, dict)) + f", {distill_s:.0f} s distill",
+                                                 for k, v in rec.items() if isinstance(v, dict) and "proxy_fid" in v)
+              + f", held-out output MSE {rec['heldout']['output_mse']:.4f}, {distill_s:.0f} s distill",
               file=sys.stderr, flush=True)
 
-    cfg = DistillConfig(steps=args.long_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    # log_every=1 only records every step's loss (a free score); training is the same
+    cfg = DistillConfig(steps=args.long_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=1)
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, on_step=on_step)
     row.update({"status": res.status, "reason": res.reason, "trainable_params": res.trainable_params,
                 "frozen_params": res.frozen_params, "evals": {str(k): v for k, v in sorted(evals.items())},
-                "final_loss": res.curve[-1]["loss"] if res.curve else None})
+                "final_loss": res.curve[-1]["loss"] if res.curve else None,
+                "curve": [{k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()} for c in res.curve]})
     if name in EXPORTED and res.status == "ok":
         from hybridsd_nas.export import export_unet
 
@@ -138,6 +146,7 @@ def kendall_spearman(a, b) -> dict:
 
 
 def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok"]
     L = str(args.long_steps)
     long_fid = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
@@ -155,6 +164,23 @@ def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
                          "cost_fraction_mean": float(np.mean([r["zero_cost_seconds"] for r in ok] / long_cost)),
                          "cost_fraction_max": float(np.max([r["zero_cost_seconds"] for r in ok] / long_cost)),
                          "proxy_seconds_mean": float(np.mean([r["zero_cost_seconds"] for r in ok]))})
+    # cheap scores that need no sampling: the held-out output MSE against the teacher after n steps,
+    # and the mean training loss of the n-th step and the 4 before it (free: the run logs it anyway)
+    for n in args.score_checkpoints:
+        if not all("heldout" in r["evals"].get(str(n), {}) for r in ok):
+            continue  # runs of an earlier version of this script
+        ev = [r["evals"][str(n)] for r in ok]
+        sc = np.array([e["heldout"]["output_mse"] for e in ev])
+        cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
+        settings.append({"what": f"held-out output MSE after {n} steps (no sampling)", "distill_steps": n,
+                         **kendall_spearman(sc, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost)),
+                         "cost_fraction_max": float(np.max(cost / long_cost)), "proxy_seconds_mean": float(cost.mean())})
+        if all(r.get("curve") for r in ok):
+            tl = np.array([np.mean([c["loss"] for c in r["curve"] if n - 5 <= c["step"] < n]) for r in ok])
+            cost = np.array([e["distill_seconds"] for e in ev])
+            settings.append({"what": f"training loss of steps {max(n - 4, 1)}..{n} (free)", "distill_steps": n,
+                             **kendall_spearman(tl, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost)),
+                             "cost_fraction_max": float(np.max(cost / long_cost)), "proxy_seconds_mean": float(cost.mean())})
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -254,8 +280,8 @@ def _markdown(rows, settings, extra, args, meta, path: Path) -> None:
         "|---|---|---|---|---|",
     ]
     for s in settings:
-        what = (f"zero-cost `{s['zero_cost']}` (no training)" if s.get("zero_cost")
-                else f"{s['distill_steps']} steps, {s['samples']} samples" + (" **(default)**" if s["distill_steps"] == d else ""))
+        what = (f"zero-cost `{s['zero_cost']}` (no training)" if s.get("zero_cost") else s["what"] if s.get("what")
+                else f"{s['distill_steps']} steps, {s['samples']} samples (FID)" + (" **(default)**" if s["distill_steps"] == d else ""))
         lines.append(f"| {what} | {s['kendall_tau']:.3f} ({s['kendall_p']:.3g}) | {s['spearman_rho']:.3f} ({s['spearman_p']:.3g}) | "
                      f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |")
     lines += ["", "## Also tried on the same runs", "", "| proxy | Kendall tau (p) | Spearman rho (p) | cost / long cost (mean) |",
@@ -272,19 +298,19 @@ def _markdown(rows, settings, extra, args, meta, path: Path) -> None:
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"\n{r['candidate']}: {r['status']}")
-    best = max((s for s in settings if not s.get("zero_cost")), key=lambda s: s["kendall_tau"])
-    target = [s for s in settings if not s.get("zero_cost") and s["kendall_tau"] >= 0.8 and s["cost_fraction_mean"] <= 0.10]
+    trained = [s for s in settings if not s.get("zero_cost")]
+    best = max(trained, key=lambda s: s["kendall_tau"])
+    target = [s for s in trained if s["kendall_tau"] >= 0.8 and s["cost_fraction_mean"] <= 0.10]
+    name = lambda s: s.get("what") or f"{s['distill_steps']} steps, {s['samples']} samples (FID)"  # noqa: E731
     lines += ["", "## Reading", "",
-              (f"Target (Kendall tau >= 0.8 at <= 10% of the long run's cost): met by {', '.join(str(s['distill_steps']) + ' steps' for s in target)}."
+              (f"Target (Kendall tau >= 0.8 at <= 10% of the long run's cost): met by {'; '.join(name(s) for s in target)}."
                if target else
                f"Target (Kendall tau >= 0.8 at <= 10% of the long run's cost): **not met** by any setting measured. The best "
-               f"was {best['distill_steps']} steps (tau {best['kendall_tau']:.2f} at {100 * best['cost_fraction_mean']:.1f}% of the cost). "
-               "The proxy's disagreements are across spaces: short distillations rank recombinations (most of their weights the "
-               "teacher's own, frozen) well above BK-SDM's fully trainable students, which catch up over the long run. The "
-               "evaluation (sampling 32 images) is most of the proxy's cost, so more distillation steps buy little rank "
-               "fidelity per second here; extrapolating the FID curve overshoots."),
+               f"was {name(best)} (tau {best['kendall_tau']:.2f} at {100 * best['cost_fraction_mean']:.1f}% of the cost)."),
               "", "![proxy against long FID](proxy_fidelity.png)", "",
               "With this many candidates the p-values are wide; the table reports what was measured, not a general law.", ""]
+    if args.notes:
+        lines += [Path(args.notes).read_text().strip(), ""]
     path.write_text("\n".join(lines))
 
 
@@ -293,6 +319,9 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher", default="tiny")
     ap.add_argument("--long-steps", type=int, default=500)
     ap.add_argument("--checkpoints", type=_ints, default=_ints("10,25,50"), help="proxy lengths evaluated, steps")
+    ap.add_argument("--score-checkpoints", type=_ints, default=_ints("5,10,20,40,60,80"),
+                    help="steps at which the cheap held-out output-MSE score is taken (no sampling)")
+    ap.add_argument("--heldout-latents", type=int, default=64, help="held-out noisy latents of that score")
     ap.add_argument("--default-steps", type=int, default=None, help="the proxy length reported as the default (default: the largest checkpoint)")
     ap.add_argument("--batch-size", type=int, default=ProxySettings.batch_size)
     ap.add_argument("--lr", type=float, default=ProxySettings.lr)
@@ -305,6 +334,7 @@ def main(argv=None) -> int:
     ap.add_argument("--analyse-only", action="store_true", help="only tabulate the candidates already run")
     ap.add_argument("--out", default="results/proxy_fidelity", help="work directory (per-candidate runs)")
     ap.add_argument("--results", default="results", help="where proxy_fidelity.csv/.md/.json/.png go")
+    ap.add_argument("--notes", default=None, help="a markdown file of reading notes appended to proxy_fidelity.md")
     args = ap.parse_args(argv)
     if max(args.checkpoints) * 10 > args.long_steps:
         ap.error(f"--long-steps {args.long_steps} must be at least 10x the longest proxy ({max(args.checkpoints)} steps)")
@@ -321,6 +351,7 @@ def main(argv=None) -> int:
     args.guidance = args.guidance if args.guidance is not None else float(defaults.get("guidance_scale", 5.0))
     arch = describe(args.teacher)
     data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
+    heldout = fashion_mnist_data(pipe, n=args.heldout_latents, seed=args.seed, split="test")
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -353,7 +384,7 @@ def main(argv=None) -> int:
                 base_unet = load_unet(bf)
             print(f"{name}: distilling {args.long_steps} steps", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            row = run_candidate(name, spec, args, pipe, arch, data, sched, base_unet, out)
+            row = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, out)
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             f.write_text(json.dumps(row, indent=1))
             rows.append(row)

@@ -88,18 +88,35 @@ def _cached(key: dict[str, Any], build) -> DistillData:
 
 
 def _pipe_key(pipe) -> str:
-    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "pipeline"))
+    """The cache key of the latents and embeddings a pipeline makes: its directory's content
+    fingerprint, its hub id, or (built in memory) a hash of its text encoder's and VAE's weights."""
+    from ..pipeline import pipeline_fingerprint
+
+    name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
+    if name and Path(name).is_dir() and (Path(name) / "model_index.json").is_file():
+        return pipeline_fingerprint(name)
+    if name and not Path(name).exists() and "/" in name and not name.startswith((".", "/")):
+        return name  # a hub id
+    h = hashlib.sha1()
+    for module in (pipe.text_encoder, pipe.vae):
+        for t in module.state_dict().values():
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return f"{name or 'in-memory pipeline'}#{h.hexdigest()[:16]}"
 
 
-def fashion_mnist_data(pipe, n: int = 2048, seed: int = 0, resolution: int | None = None) -> DistillData:
-    """``n`` Fashion-MNIST training images with prompts from the class names (random templates)."""
+def fashion_mnist_data(pipe, n: int = 2048, seed: int = 0, resolution: int | None = None,
+                       split: str = "train") -> DistillData:
+    """``n`` Fashion-MNIST images of ``split`` (``train``; ``test`` for held-out scores) with prompts
+    from the class names (random templates)."""
     from ..data import load_fashion_mnist, prompt_for_label, to_rgb_uint8
 
+    if split not in ("train", "test"):
+        raise ConfigError(f"unknown Fashion-MNIST split {split!r}; valid: train, test")
     res = resolution or pipe.vae.config.sample_size
-    key = {"source": "fashion-mnist-train", "n": n, "seed": seed, "res": res, "teacher": _pipe_key(pipe)}
+    key = {"source": f"fashion-mnist-{split}", "n": n, "seed": seed, "res": res, "teacher": _pipe_key(pipe)}
 
     def build() -> DistillData:
-        ds = load_fashion_mnist("train")
+        ds = load_fashion_mnist(split)
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(ds), size=min(n, len(ds)), replace=False)
         prompts, pindex, table = [], [], {}
@@ -111,7 +128,7 @@ def fashion_mnist_data(pipe, n: int = 2048, seed: int = 0, resolution: int | Non
             pindex.append(table[p])
         lat = encode_images(pipe, to_rgb_uint8(ds.images[idx], res))
         return DistillData(lat, torch.tensor(pindex), encode_prompts(pipe, prompts), prompts,
-                           f"Fashion-MNIST train, {len(idx)} images (seed {seed}), {res}px")
+                           f"Fashion-MNIST {split}, {len(idx)} images (seed {seed}), {res}px")
 
     return _cached(key, build)
 
