@@ -82,7 +82,7 @@ def cmd_sample(args) -> list[Path]:
     classes = np.array([e["class_index"] for e in chosen])
     written = []
     variants = [("untrained", args.guidance[0])] if args.untrained else []
-    variants += [("trained", g) for g in args.guidance]
+    variants += [(args.label, g) for g in args.guidance]
     for which, g in variants:
         pipe = load_pipeline(args.model, args.device, untrained=which == "untrained", seed=args.seed)
         if args.device.startswith("cuda"):
@@ -99,7 +99,8 @@ def cmd_sample(args) -> list[Path]:
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "seconds": round(dt, 2),
             "prompts_file": prompts_file.name,
         }
-        out = Path(args.out_dir) / f"samples_{which}_g{g:g}.npz"
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in which)
+        out = Path(args.out_dir) / f"samples_{safe}_g{g:g}.npz"
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out, images=imgs, class_index=classes, meta=json.dumps(meta))
         print(f"{out}: {len(imgs)} images in {dt:.1f}s ({meta['device_name']})", flush=True)
@@ -172,7 +173,7 @@ def cmd_score(args) -> dict:
                "score_seconds": round(time.time() - t0, 1)}
         report["runs"].append(row)
         print(json.dumps(row), flush=True)
-        if meta["pipeline"] == "trained" and abs(meta["guidance"] - args.grid_guidance) < 1e-9:
+        if meta["pipeline"] == args.label and abs(meta["guidance"] - args.grid_guidance) < 1e-9:
             save_grid(imgs, classes, res / "samples_grid.png",
                       title=f"tiny teacher, {meta['sampler']} {meta['steps']} steps, guidance {meta['guidance']:g}, seed {meta['seed']}, {meta['device_name']}")
     if args.real_baseline:
@@ -256,6 +257,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
     p.add_argument("--grid-guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--label", default="trained", help="name of the sampled pipeline in the tables (the grid is drawn from it)")
     p.add_argument("--untrained", action="store_true", help="also sample the same pipeline with fresh weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(ROOT / "results" / "tiny_teacher" / "samples"))

@@ -50,13 +50,14 @@ def _fingerprint(path: str, stats: tuple[tuple[str, int, int], ...]) -> str:
 
 def pipeline_fingerprint(spec: str | Path) -> str:
     """What a cache of anything computed from a pipeline is keyed by: its path (or hub id) and, for a
-    local directory, a hash of its files' contents, so that retrained weights never meet stale caches."""
+    local directory, a hash of its files' contents (documentation aside), so that retrained weights never
+    meet stale caches."""
     path = pipeline_path(spec)
     p = Path(path)
     if not p.is_dir():
         return path
     stats = tuple((str(f.relative_to(p)), st.st_size, st.st_mtime_ns)
-                  for f in sorted(p.rglob("*")) if f.is_file() and (st := f.stat()))
+                  for f in sorted(p.rglob("*")) if f.is_file() and f.suffix != ".md" and (st := f.stat()))
     return f"{path}@{_fingerprint(path, stats)}"
 
 

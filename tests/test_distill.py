@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from hybridsd_nas.arch import Candidate, build_student, candidate_preset, describe, plan
@@ -109,3 +110,11 @@ def test_the_student_at_step_n_of_a_long_run_is_the_n_step_student(tiny_sd1_teac
     for k, v in short.state_dict().items():
         assert torch.equal(v, seen[3][k]), k
     assert any(not torch.equal(v, seen[6][k]) for k, v in short.state_dict().items())  # and it went on training
+
+
+def test_fashion_mnist_data_names_the_valid_splits():
+    from hybridsd_nas.distill import fashion_mnist_data
+    from hybridsd_nas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="valid: train, test"):
+        fashion_mnist_data(None, n=4, split="validation")
