@@ -7,7 +7,7 @@ Phases, all from scratch on the real Fashion-MNIST training images (32x32, zero-
      VAE latents, 10% of prompts dropped to "" for classifier-free guidance, EMA of the weights;
   4. the prompt-adherence classifier (a small CNN on the real training images).
 Writes the pipeline directory (default: hybridsd_nas/zoo/tiny) and settings.json, loss.csv,
-loss.png and train_log.txt to results/tiny_teacher/.
+loss.png and train_log.txt to --results (default results/tiny_teacher/).
 
 Runs on CPU or CUDA (``--device``); the saved pipeline is float32 and runs on CPU.
   python experiments/train_tiny_teacher.py --device cuda
