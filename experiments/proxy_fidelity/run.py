@@ -145,6 +145,12 @@ def kendall_spearman(a, b) -> dict:
             "spearman_rho": float(sr.statistic), "spearman_p": float(sr.pvalue)}
 
 
+def _cost_fields(cost: np.ndarray, long_cost: np.ndarray) -> dict:
+    """A proxy's seconds per candidate as a fraction of the long run's (mean, max) and in seconds."""
+    return {"cost_fraction_mean": float(np.mean(cost / long_cost)), "cost_fraction_max": float(np.max(cost / long_cost)),
+            "proxy_seconds_mean": float(np.mean(cost))}
+
+
 def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -156,14 +162,11 @@ def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
         fid = np.array([r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok])
         cost = np.array([r["evals"][str(n)]["distill_seconds"] + r["evals"][str(n)]["proxy"]["eval_seconds"] for r in ok])
         settings.append({"distill_steps": n, "samples": args.proxy_samples, **kendall_spearman(fid, long_fid),
-                         "cost_fraction_mean": float(np.mean(cost / long_cost)), "cost_fraction_max": float(np.max(cost / long_cost)),
-                         "proxy_seconds_mean": float(cost.mean())})
+                         **_cost_fields(cost, long_cost)})
     for zk in ("output_mse", "latent_stat_shift"):
         z = np.array([r["zero_cost"][zk] for r in ok])
         settings.append({"distill_steps": 0, "zero_cost": zk, **kendall_spearman(z, long_fid),
-                         "cost_fraction_mean": float(np.mean([r["zero_cost_seconds"] for r in ok] / long_cost)),
-                         "cost_fraction_max": float(np.max([r["zero_cost_seconds"] for r in ok] / long_cost)),
-                         "proxy_seconds_mean": float(np.mean([r["zero_cost_seconds"] for r in ok]))})
+                         **_cost_fields(np.array([r["zero_cost_seconds"] for r in ok]), long_cost)})
     # cheap scores that need no sampling: the held-out output MSE against the teacher after n steps,
     # and the mean training loss of the n-th step and the 4 before it (free: the run logs it anyway)
     for n in args.score_checkpoints:
@@ -173,14 +176,12 @@ def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
         sc = np.array([e["heldout"]["output_mse"] for e in ev])
         cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
         settings.append({"what": f"held-out output MSE after {n} steps (no sampling)", "distill_steps": n,
-                         **kendall_spearman(sc, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost)),
-                         "cost_fraction_max": float(np.max(cost / long_cost)), "proxy_seconds_mean": float(cost.mean())})
+                         **kendall_spearman(sc, long_fid), **_cost_fields(cost, long_cost)})
         if all(r.get("curve") for r in ok):
             tl = np.array([np.mean([c["loss"] for c in r["curve"] if n - 5 <= c["step"] < n]) for r in ok])
             cost = np.array([e["distill_seconds"] for e in ev])
             settings.append({"what": f"training loss of steps {max(n - 4, 1)}..{n} (free)", "distill_steps": n,
-                             **kendall_spearman(tl, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost)),
-                             "cost_fraction_max": float(np.max(cost / long_cost)), "proxy_seconds_mean": float(cost.mean())})
+                             **kendall_spearman(tl, long_fid), **_cost_fields(cost, long_cost)})
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []

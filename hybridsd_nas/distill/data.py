@@ -93,10 +93,11 @@ def _pipe_key(pipe) -> str:
     from ..pipeline import pipeline_fingerprint
 
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
-    if name and Path(name).is_dir() and (Path(name) / "model_index.json").is_file():
-        return pipeline_fingerprint(name)
-    if name and not Path(name).exists() and "/" in name and not name.startswith((".", "/")):
-        return name  # a hub id
+    if name:
+        try:
+            return pipeline_fingerprint(name)
+        except HybridSDError:  # not a pipeline directory or hub id: key by the weights themselves
+            pass
     h = hashlib.sha1()
     for module in (pipe.text_encoder, pipe.vae):
         for t in module.state_dict().values():
