@@ -184,10 +184,27 @@ def cmd_score(args) -> dict:
                                              **{k: m[k] for k in ("fid", "kid_mean", "kid_std")},
                                              "adherence_equivalent": accuracy(clf, real, train.labels[: args.real_baseline])}
     out = res / "eval.json"
+    if args.keep and out.is_file():
+        report = merge_reports(json.loads(out.read_text()), report)
     out.write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, res / "eval.md")
     print(f"wrote {out}")
     return report
+
+
+def merge_reports(old: dict, new: dict) -> dict:
+    """``new`` with the runs of ``old`` that it does not re-score (same samples file) kept before its own,
+    and old's other sections kept; only when both were scored against the same reference, features and classifier."""
+    for key in ("reference", "features", "classifier"):
+        a = {k: v for k, v in old.get(key, {}).items() if k != "feature_seconds_or_cache"}
+        b = {k: v for k, v in new[key].items() if k != "feature_seconds_or_cache"}
+        if a != b:
+            raise SystemExit(f"--keep: {key} of the existing eval.json differs from this scoring ({a} vs {b}); "
+                             "score every sample set again without --keep")
+    fresh = {r["samples"] for r in new["runs"]}
+    merged = {**old, **new}
+    merged["runs"] = [r for r in old.get("runs", []) if r["samples"] not in fresh] + new["runs"]
+    return merged
 
 
 def cmd_adherence(args) -> dict:
@@ -267,6 +284,8 @@ def parse_args(argv=None):
     p.add_argument("--kid-subset", type=int, default=500)
     p.add_argument("--real-baseline", type=int, default=0, help="also score N real training images (the floor)")
     p.add_argument("--classifier", default=None, help="classifier directory (default: the tiny teacher's)")
+    p.add_argument("--keep", action="store_true",
+                   help="score: keep the runs already in eval.json that these samples do not replace (same reference, features and classifier)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--results", default=str(ROOT / "results" / "tiny_teacher"))
     return p.parse_args(argv)

@@ -2,7 +2,9 @@
 
 Phases, all from scratch on the real Fashion-MNIST training images (32x32, zero-padded, RGB):
   1. a CLIP-style BPE tokenizer learnt from the prompt templates;
-  2. the VAE (32x32x3 <-> 16x16x4), reconstruction MSE + a small KL term;
+  2. the VAE (32x32x3 <-> 16x16x4), reconstruction MSE + a small KL term; optionally (--decoder-steps)
+     the decoder alone fine-tuned to reconstruct the image from noisy latents, which makes it robust to
+     the small latent errors of a sampled U-Net output (the encoder, hence the latent space, is unchanged);
   3. the text encoder and the U-Net (SD-1.x block topology) together, noise-prediction MSE on the
      VAE latents, 10% of prompts dropped to "" for classifier-free guidance, EMA of the weights;
   4. the prompt-adherence classifier (a small CNN on the real training images).
@@ -49,6 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-minutes", type=float, default=0.0, help="also stop the VAE phase after this many minutes (0: no limit)")
     p.add_argument("--vae-kl", type=float, default=1e-6, help="weight of the KL term")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="then fine-tune the VAE decoder alone on noisy latents (encoder frozen: the latent space and a "
+                        "U-Net trained on it stay valid); 0 skips")
+    p.add_argument("--decoder-noise", type=float, default=0.2,
+                   help="decoder fine-tuning: latent noise std drawn uniformly from [0, this] per image (scaled latent units)")
+    p.add_argument("--decoder-lr", type=float, default=2e-4)
+    p.add_argument("--decoder-batch", type=int, default=128)
+    p.add_argument("--decoder-minutes", type=float, default=0.0, help="also stop the decoder phase after this many minutes (0: no limit)")
     p.add_argument("--unet-steps", type=int, default=20000, help="at most this many U-Net steps")
     p.add_argument("--unet-minutes", type=float, default=0.0, help="also stop the U-Net phase after this many minutes (0: no limit)")
     p.add_argument("--unet-batch", type=int, default=256)
@@ -159,19 +169,54 @@ def main(argv=None) -> int:
             break
     vae_steps_done = step if args.vae_steps > 0 else 0
     vae.eval()
+    need_latents = args.unet_steps > 0 or args.vae_steps > 0 or not args.resume
     with torch.no_grad():
         means, stds = [], []
-        for i in range(0, n, 1024):
+        for i in range(0, n if need_latents else 0, 1024):
             d = vae.encode(x_all[i : i + 1024]).latent_dist
             means.append(d.mean)
             stds.append(d.std)
-        lat_mean, lat_std = torch.cat(means), torch.cat(stds)
-        sample = lat_mean + lat_std * torch.randn_like(lat_std)
         if args.vae_steps > 0 or not args.resume:
+            lat_mean, lat_std = torch.cat(means), torch.cat(stds)
+            sample = lat_mean + lat_std * torch.randn_like(lat_std)
             scaling = float(1.0 / sample.std())
             vae.register_to_config(scaling_factor=scaling)
         else:
             scaling = float(vae.config.scaling_factor)
+        if need_latents:
+            lat_mean, lat_std = torch.cat(means), torch.cat(stds)
+
+    # 2b. decoder fine-tuning on noisy latents (encoder frozen)
+    dec_steps_done, dec_curve_start = 0, len(curve)
+    if args.decoder_steps > 0:
+        t_dec = time.time()
+        train_params = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
+        opt = torch.optim.AdamW(train_params, lr=args.decoder_lr, weight_decay=0.0)
+        dec_deadline = time.time() + args.decoder_minutes * 60 if args.decoder_minutes > 0 else math.inf
+        vae.decoder.train()
+        for step in range(1, args.decoder_steps + 1):
+            xb = x_all[torch.randint(0, n, (args.decoder_batch,), device=device)]
+            with torch.no_grad():
+                z = vae.encode(xb).latent_dist.sample() * scaling
+            sig = torch.rand(len(z), 1, 1, 1, device=device) * args.decoder_noise
+            rec = vae.decode((z + sig * torch.randn_like(z)) / scaling).sample
+            mse = F.mse_loss(rec, xb)
+            opt.zero_grad(set_to_none=True)
+            mse.backward()
+            torch.nn.utils.clip_grad_norm_(train_params, 1.0)
+            opt.step()
+            dec_steps_done = step
+            if step % args.log_every == 0 or step == args.decoder_steps:
+                curve.append(("decoder_mse", step, mse.item()))
+                if step % (args.log_every * 10) == 0 or step == args.log_every:
+                    log(f"decoder step {step}/{args.decoder_steps} mse {mse.item():.5f} ({time.time() - t_dec:.0f}s)", fh)
+            if time.time() > dec_deadline:
+                log(f"decoder: time limit of {args.decoder_minutes} min reached at step {step}", fh)
+                break
+        vae.eval()
+        timings["decoder_s"] = time.time() - t_dec
+        log(f"decoder fine-tuning: {dec_steps_done} steps in {timings['decoder_s']:.1f}s (latent noise std U[0, {args.decoder_noise}])", fh)
+    with torch.no_grad():
         held = torch.from_numpy(to_rgb_uint8(test.images[:1000], 32)).float().div(127.5).sub(1.0).to(device)
         rec_test = F.mse_loss(vae.decode(vae.encode(held).latent_dist.mode()).sample.clamp(-1, 1), held).item()
     timings["vae_s"] = time.time() - t0
@@ -285,7 +330,7 @@ def main(argv=None) -> int:
         "unet_config": recipe.UNET_CONFIG, "vae_config": recipe.VAE_CONFIG, "text_config": recipe.TEXT_CONFIG,
         "unet_params": n_unet, "text_encoder_params": n_text, "vae_params": sum(p.numel() for p in vae.parameters()),
         "vocab_size": len(tokenizer), "vae_scaling_factor": scaling, "vae_test_recon_mse": rec_test,
-        "vae_steps_done": vae_steps_done, "unet_steps_done": unet_steps_done, "final_unet_loss": curve[-1][2] if curve else None,
+        "vae_steps_done": vae_steps_done, "decoder_steps_done": dec_steps_done, "unet_steps_done": unet_steps_done, "final_unet_loss": curve[-1][2] if curve else None,
         "wall_seconds": timings, "classifier": clf_report.as_dict() if clf_report else None,
     }
     (res / "settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n")
@@ -308,8 +353,10 @@ def plot_curve(curve, path: Path, where: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, phase, title in zip(axes, ("vae_mse", "unet_mse"), ("VAE reconstruction MSE", "U-Net noise-prediction MSE")):
+    phases = [("vae_mse", "VAE reconstruction MSE"), ("decoder_mse", "decoder MSE from noisy latents"), ("unet_mse", "U-Net noise-prediction MSE")]
+    phases = [(k, t) for k, t in phases if any(p == k for p, _, _ in curve)] or phases[:1]
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.6), squeeze=False)
+    for ax, (phase, title) in zip(axes[0], phases):
         pts = [(s, v) for p, s, v in curve if p == phase]
         if pts:
             ax.plot(*zip(*pts))
