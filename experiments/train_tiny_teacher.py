@@ -81,6 +81,19 @@ def log(msg: str, fh) -> None:
     fh.flush()
 
 
+def end_of_step(phase: str, step: int, total: int, mse: float, extra: str, deadline: float, minutes: float, args, curve, fh) -> bool:
+    """Record a VAE/decoder step's MSE every --log-every steps (and print every tenth record);
+    True when the phase's time limit is reached."""
+    if step % args.log_every == 0 or step == total:
+        curve.append((f"{phase}_mse", step, mse))
+        if step % (args.log_every * 10) == 0 or step == total:
+            log(f"{phase} step {step}/{total} mse {mse:.5f} {extra}", fh)
+    if time.time() > deadline:
+        log(f"{phase}: time limit of {minutes} min reached at step {step}", fh)
+        return True
+    return False
+
+
 def ema_update(ema_model, model, decay: float) -> None:
     with torch.no_grad():
         for pe, p in zip(ema_model.parameters(), model.parameters()):
@@ -160,12 +173,7 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % args.log_every == 0 or step == args.vae_steps:
-            curve.append(("vae_mse", step, mse.item()))
-            if step % (args.log_every * 10) == 0 or step == args.vae_steps:
-                log(f"vae step {step}/{args.vae_steps} mse {mse.item():.5f} kl {kl.item():.3f}", fh)
-        if time.time() > vae_deadline:
-            log(f"vae: time limit of {args.vae_minutes} min reached at step {step}", fh)
+        if end_of_step("vae", step, args.vae_steps, mse.item(), f"kl {kl.item():.3f}", vae_deadline, args.vae_minutes, args, curve, fh):
             break
     vae_steps_done = step if args.vae_steps > 0 else 0
     vae.eval()
@@ -206,12 +214,8 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(train_params, 1.0)
             opt.step()
             dec_steps_done = step
-            if step % args.log_every == 0 or step == args.decoder_steps:
-                curve.append(("decoder_mse", step, mse.item()))
-                if step % (args.log_every * 10) == 0 or step == args.log_every:
-                    log(f"decoder step {step}/{args.decoder_steps} mse {mse.item():.5f} ({time.time() - t_dec:.0f}s)", fh)
-            if time.time() > dec_deadline:
-                log(f"decoder: time limit of {args.decoder_minutes} min reached at step {step}", fh)
+            if end_of_step("decoder", step, args.decoder_steps, mse.item(), f"({time.time() - t_dec:.0f}s)", dec_deadline,
+                           args.decoder_minutes, args, curve, fh):
                 break
         vae.eval()
         timings["decoder_s"] = time.time() - t_dec

@@ -27,6 +27,7 @@ def _write_idx(path, arr):
 
 
 def _fake_fashion_mnist(root: Path, n: int = 24) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, prefix in (("train", "train"), ("test", "t10k")):
         _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
