@@ -13,8 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+def _script_at(rel: str):
+    name = rel.replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{rel}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -43,7 +44,7 @@ def _state(path: Path, component: str, weights: str) -> dict:
 
 @pytest.mark.slow
 def test_decoder_finetuning_keeps_the_latent_space_and_the_unet(tmp_path):
-    train = _script("train_tiny_teacher")
+    train = _script_at("train_tiny_teacher")
     data = _fake_fashion_mnist(tmp_path / "data")
     common = ["--data-root", str(data), "--device", "cpu", "--classifier-epochs", "0", "--log-every", "1",
               "--vae-batch", "4", "--unet-batch", "4", "--decoder-batch", "4", "--warmup", "1"]
@@ -77,7 +78,7 @@ def _report(runs, ref_count=1000):
 
 
 def test_score_keeps_earlier_runs_it_does_not_replace():
-    ev = _script("eval_tiny_teacher")
+    ev = _script_at("eval_tiny_teacher")
     old = _report([("a.npz", 1.0), ("b.npz", 2.0)])
     new = _report([("b.npz", 3.0), ("c.npz", 4.0)])
     del new["adherence_all_images"]
@@ -88,6 +89,51 @@ def test_score_keeps_earlier_runs_it_does_not_replace():
 
 
 def test_score_refuses_to_mix_reports_of_different_references():
-    ev = _script("eval_tiny_teacher")
+    ev = _script_at("eval_tiny_teacher")
     with pytest.raises(SystemExit, match="reference of the existing eval.json differs"):
         ev.merge_reports(_report([("a.npz", 1.0)], ref_count=1000), _report([("b.npz", 2.0)], ref_count=500))
+
+
+def _fidelity_row(name, space, proxy_fid, long_fid):
+    ev = lambda fid, n: {"proxy_fid": fid, "kid": 0.01, "fid_real": 100.0, "adherence": 0.5, "eval_seconds": 10.0, "samples": n}  # noqa: E731
+    return {"candidate": name, "candidate_key": name, "space": space, "params": 1e6, "macs": 1e8, "trainable_params": 1e6,
+            "frozen_params": 0, "zero_cost": {"output_mse": proxy_fid, "latent_stat_shift": 0.1 * long_fid}, "zero_cost_seconds": 0.1,
+            "status": "ok", "curve": [{"step": s, "loss": 1.0 / s} for s in range(1, 101)],
+            "evals": {"10": {"distill_seconds": 5.0, "heldout": {"output_mse": proxy_fid, "seconds": 0.5}, "proxy": ev(proxy_fid, 8)},
+                      "100": {"distill_seconds": 50.0, "heldout": {"output_mse": long_fid, "seconds": 0.5}, "long": ev(long_fid, 32)}}}
+
+
+def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path):
+    import argparse
+
+    run = _script_at("proxy_fidelity/run")
+    # long FIDs: a and b tied within noise, c and d well apart; the proxy swaps the tied pair only
+    rows = [_fidelity_row("a", "layer-removal", 2.0, 10.0), _fidelity_row("b", "layer-removal", 1.0, 10.3),
+            _fidelity_row("c", "recombination", 3.0, 20.0), _fidelity_row("d", "recombination", 4.0, 30.0)]
+    out = run.kendall_spearman(np.array([2.0, 1.0, 3.0, 4.0]), np.array([10.0, 10.3, 20.0, 30.0]), separation=1.0)
+    assert out["separated_pairs"] == 5 and out["separated_agree"] == 5
+    assert out["kendall_tau"] == pytest.approx(4 / 6)  # 5 concordant, 1 discordant of 6 pairs
+    args = argparse.Namespace(teacher="tiny", long_steps=100, checkpoints=[10], score_checkpoints=[10], proxy_samples=8,
+                              long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
+                              guidance=4.0, notes=None)
+    meta = {"machine": "test", "sampler": "PNDMScheduler", "torch": torch.__version__, "wall_seconds": 60}
+    noise = {"seeds": [0, 1], "samples": 32, "students": {"a": {"mean": 10.0, "sd": 0.4}}, "fid_sd": 0.4, "diff_sd": 0.5,
+             "separation": 1.0}
+    run.analyse(rows, args, meta, tmp_path, noise)
+    md = (tmp_path / "proxy_fidelity.md").read_text()
+    assert "| 10 steps, 8 samples (FID) **(default)** | 0.667" in md
+    assert "same order |" in md and " 5 of 5 |" in md
+    assert "sd 0.40" in md and "differ by less than 1.00" in md
+    saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
+    assert saved["noise_floor"]["diff_sd"] == 0.5
+    run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report: no such column
+    assert "same order" not in (tmp_path / "plain" / "proxy_fidelity.md").read_text()
+
+
+def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):
+    run = _script_at("proxy_fidelity/run")
+    f = tmp_path / "noise_floor.json"
+    f.write_text(json.dumps({"teacher_fingerprint": "0" * 16, "diff_sd": 0.5}))
+    assert run.load_noise(f, "tiny") is None
+    assert "other teacher weights" in capsys.readouterr().err
+    assert run.load_noise(tmp_path / "missing.json", "tiny") is None

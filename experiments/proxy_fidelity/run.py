@@ -137,12 +137,37 @@ def warm_caches(args, pipe) -> float:
     return time.perf_counter() - t0
 
 
-def kendall_spearman(a, b) -> dict:
+def kendall_spearman(a, b, separation: float | None = None) -> dict:
+    """Kendall tau and Spearman rho of score ``a`` against the long FID ``b``; with ``separation`` (the
+    long FID difference that sampling noise alone does not explain) also how many of the pairs the
+    long run separates by more than that the score orders the same way."""
     from scipy.stats import kendalltau, spearmanr
 
     kt, sr = kendalltau(a, b), spearmanr(a, b)
-    return {"kendall_tau": float(kt.statistic), "kendall_p": float(kt.pvalue),
-            "spearman_rho": float(sr.statistic), "spearman_p": float(sr.pvalue)}
+    out = {"kendall_tau": float(kt.statistic), "kendall_p": float(kt.pvalue),
+           "spearman_rho": float(sr.statistic), "spearman_p": float(sr.pvalue)}
+    if separation is not None:
+        pairs = [(i, j) for i in range(len(b)) for j in range(i + 1, len(b)) if abs(b[i] - b[j]) > separation]
+        out["separated_pairs"] = len(pairs)
+        out["separated_agree"] = sum(int(np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])) for i, j in pairs)
+    return out
+
+
+def load_noise(path: Path, teacher: str) -> dict | None:
+    """noise_floor.py's report, if there is one for this teacher: the separation is two standard
+    deviations of the paired long-FID difference over seed sets."""
+    from hybridsd_nas.pipeline import pipeline_fingerprint
+
+    if not path.is_file():
+        return None
+    nf = json.loads(path.read_text())
+    if nf.get("teacher_fingerprint") != pipeline_fingerprint(teacher):
+        print(f"warning: {path} was measured on other teacher weights; not used", file=sys.stderr)
+        return None
+    if not nf.get("diff_sd"):
+        return None
+    nf["separation"] = 2.0 * nf["diff_sd"]
+    return nf
 
 
 def _cost_fields(cost: np.ndarray, long_cost: np.ndarray) -> dict:
@@ -151,9 +176,10 @@ def _cost_fields(cost: np.ndarray, long_cost: np.ndarray) -> dict:
             "proxy_seconds_mean": float(np.mean(cost))}
 
 
-def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
+def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok"]
+    sep = noise["separation"] if noise else None
     L = str(args.long_steps)
     long_fid = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
     long_cost = np.array([r["evals"][L]["distill_seconds"] + r["evals"][L]["long"]["eval_seconds"] for r in ok])
@@ -161,11 +187,11 @@ def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
     for n in args.checkpoints:
         fid = np.array([r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok])
         cost = np.array([r["evals"][str(n)]["distill_seconds"] + r["evals"][str(n)]["proxy"]["eval_seconds"] for r in ok])
-        settings.append({"distill_steps": n, "samples": args.proxy_samples, **kendall_spearman(fid, long_fid),
+        settings.append({"distill_steps": n, "samples": args.proxy_samples, **kendall_spearman(fid, long_fid, sep),
                          **_cost_fields(cost, long_cost)})
     for zk in ("output_mse", "latent_stat_shift"):
         z = np.array([r["zero_cost"][zk] for r in ok])
-        settings.append({"distill_steps": 0, "zero_cost": zk, **kendall_spearman(z, long_fid),
+        settings.append({"distill_steps": 0, "zero_cost": zk, **kendall_spearman(z, long_fid, sep),
                          **_cost_fields(np.array([r["zero_cost_seconds"] for r in ok]), long_cost)})
     # cheap scores that need no sampling: the held-out output MSE against the teacher after n steps,
     # and the mean training loss of the n-th step and the 4 before it (free: the run logs it anyway)
@@ -176,12 +202,12 @@ def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
         sc = np.array([e["heldout"]["output_mse"] for e in ev])
         cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
         settings.append({"what": f"held-out output MSE after {n} steps (no sampling)", "distill_steps": n,
-                         **kendall_spearman(sc, long_fid), **_cost_fields(cost, long_cost)})
+                         **kendall_spearman(sc, long_fid, sep), **_cost_fields(cost, long_cost)})
         if all(r.get("curve") for r in ok):
             tl = np.array([np.mean([c["loss"] for c in r["curve"] if n - 5 <= c["step"] < n]) for r in ok])
             cost = np.array([e["distill_seconds"] for e in ev])
             settings.append({"what": f"training loss of steps {max(n - 4, 1)}..{n} (free)", "distill_steps": n,
-                             **kendall_spearman(tl, long_fid), **_cost_fields(cost, long_cost)})
+                             **kendall_spearman(tl, long_fid, sep), **_cost_fields(cost, long_cost)})
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -229,12 +255,12 @@ def analyse(rows: list[dict], args, meta: dict, results: Path) -> None:
         for d in out_rows:
             w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()})
     (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "also_tried": extra,
-                                                             "candidates": rows}, indent=1))
-    _plot(ok, args, results / "proxy_fidelity.png", meta)
-    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md")
+                                                             "noise_floor": noise, "candidates": rows}, indent=1))
+    _plot(ok, args, results / "proxy_fidelity.png", meta, noise)
+    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise)
 
 
-def _plot(ok, args, path: Path, meta: dict) -> None:
+def _plot(ok, args, path: Path, meta: dict, noise: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,17 +271,21 @@ def _plot(ok, args, path: Path, meta: dict) -> None:
     fig, axes = plt.subplots(1, len(args.checkpoints), figsize=(4 * len(args.checkpoints), 4), squeeze=False)
     for ax, n in zip(axes[0], args.checkpoints):
         fid = [r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok]
-        ax.scatter(fid, long_fid)
+        if noise:
+            ax.errorbar(fid, long_fid, yerr=noise["fid_sd"], fmt="o", ms=4, capsize=2)
+        else:
+            ax.scatter(fid, long_fid)
         for r, x, y in zip(ok, fid, long_fid):
             ax.annotate(r["candidate"], (x, y), fontsize=7)
         ax.set_xlabel(f"proxy FID ({n} steps, {args.proxy_samples} samples)")
         ax.set_ylabel(f"long FID ({args.long_steps} steps, {args.long_samples} samples)")
-    fig.suptitle(f"proxy vs long distillation, teacher {args.teacher}; {meta['machine']}, float32, seed {args.seed}", fontsize=9)
+    bars = f"; bars: one sd of the long FID over {len(noise['seeds'])} seed sets" if noise else ""
+    fig.suptitle(f"proxy vs long distillation, teacher {args.teacher}; {meta['machine']}, float32, seed {args.seed}{bars}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _markdown(rows, settings, extra, args, meta, path: Path) -> None:
+def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None = None) -> None:
     d = args.default_steps
     lines = [
         "# Rank fidelity of the quality proxy",
@@ -277,14 +307,25 @@ def _markdown(rows, settings, extra, args, meta, path: Path) -> None:
         "",
         "## Each proxy setting against the long run",
         "",
-        "| proxy | Kendall tau (p) | Spearman rho (p) | proxy cost / long cost (mean, max) | proxy seconds (mean) |",
-        "|---|---|---|---|---|",
+        "| proxy | Kendall tau (p) | Spearman rho (p) | proxy cost / long cost (mean, max) | proxy seconds (mean) |"
+        + (" pairs the long run separates: same order |" if noise else ""),
+        "|---|---|---|---|---|" + ("---|" if noise else ""),
     ]
     for s in settings:
         what = (f"zero-cost `{s['zero_cost']}` (no training)" if s.get("zero_cost") else s["what"] if s.get("what")
                 else f"{s['distill_steps']} steps, {s['samples']} samples (FID)" + (" **(default)**" if s["distill_steps"] == d else ""))
         lines.append(f"| {what} | {s['kendall_tau']:.3f} ({s['kendall_p']:.3g}) | {s['spearman_rho']:.3f} ({s['spearman_p']:.3g}) | "
-                     f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |")
+                     f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |"
+                     + (f" {s['separated_agree']} of {s['separated_pairs']} |" if noise else ""))
+    if noise:
+        n_ok = len([r for r in rows if r["status"] == "ok"])
+        studs = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in noise["students"].items())
+        lines += ["", f"Noise of the long FID (experiments/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
+                  f"on {len(noise['seeds'])} seed sets of {noise['samples']} samples ({noise['seeds']}; mean ± sd: {studs}). One long "
+                  f"FID varies by sd {noise['fid_sd']:.2f}; the difference between two students on the same seeds by sd "
+                  f"{noise['diff_sd']:.2f}. Pairs whose long FIDs differ by less than {noise['separation']:.2f} (two of those) are "
+                  f"not ordered by the long run beyond its own noise; the last column counts the {settings[0]['separated_pairs']} of "
+                  f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
     lines += ["", "## Also tried on the same runs", "", "| proxy | Kendall tau (p) | Spearman rho (p) | cost / long cost (mean) |",
               "|---|---|---|---|"]
     for e in extra:
@@ -336,6 +377,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/proxy_fidelity", help="work directory (per-candidate runs)")
     ap.add_argument("--results", default="results", help="where proxy_fidelity.csv/.md/.json/.png go")
     ap.add_argument("--notes", default=None, help="a markdown file of reading notes appended to proxy_fidelity.md")
+    ap.add_argument("--noise", default=None, help="noise_floor.py's report (default: <out>/noise_floor.json when present)")
     args = ap.parse_args(argv)
     if max(args.checkpoints) * 10 > args.long_steps:
         ap.error(f"--long-steps {args.long_steps} must be at least 10x the longest proxy ({max(args.checkpoints)} steps)")
@@ -392,7 +434,7 @@ def main(argv=None) -> int:
     meta["wall_seconds"] = sum(r.get("wall_seconds", 0) for r in rows)
     meta["this_invocation_seconds"] = round(time.perf_counter() - t_all, 1)
     if len([r for r in rows if r["status"] == "ok"]) >= 3:
-        analyse(rows, args, meta, Path(args.results))
+        analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher))
     return 0
 
 
