@@ -98,7 +98,7 @@ def _fidelity_row(name, space, proxy_fid, long_fid):
     ev = lambda fid, n: {"proxy_fid": fid, "kid": 0.01, "fid_real": 100.0, "adherence": 0.5, "eval_seconds": 10.0, "samples": n}  # noqa: E731
     return {"candidate": name, "candidate_key": name, "space": space, "params": 1e6, "macs": 1e8, "trainable_params": 1e6,
             "frozen_params": 0, "zero_cost": {"output_mse": proxy_fid, "latent_stat_shift": 0.1 * long_fid}, "zero_cost_seconds": 0.1,
-            "status": "ok", "curve": [{"step": s, "loss": 1.0 / s} for s in range(1, 101)],
+            "status": "ok", "curve": [{"step": s, "loss": proxy_fid / s} for s in range(1, 101)],
             "evals": {"10": {"distill_seconds": 5.0, "heldout": {"output_mse": proxy_fid, "seconds": 0.5}, "proxy": ev(proxy_fid, 8)},
                       "100": {"distill_seconds": 50.0, "heldout": {"output_mse": long_fid, "seconds": 0.5}, "long": ev(long_fid, 32)}}}
 
@@ -117,15 +117,21 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
                               long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
                               guidance=4.0, notes=None)
     meta = {"machine": "test", "sampler": "PNDMScheduler", "torch": torch.__version__, "wall_seconds": 60}
-    noise = {"seeds": [0, 1], "samples": 32, "students": {"a": {"mean": 10.0, "sd": 0.4}}, "fid_sd": 0.4, "diff_sd": 0.5,
-             "separation": 1.0}
+    from hybridsd_nas.pipeline import pipeline_fingerprint
+
+    f = tmp_path / "noise_floor.json"
+    f.write_text(json.dumps({"teacher_fingerprint": pipeline_fingerprint("tiny"), "seeds": [0, 1], "samples": 32,
+                             "students": {"a": {"mean": 10.0, "sd": 0.4}}, "fid_sd": 0.4, "diff_sd": 0.3, "train_sd": 0.2,
+                             "replicates": [{"candidate": "a", "long_fid_runs": 10.0, "long_fid_replicate": 10.4}]}))
+    noise = run.load_noise(f, "tiny")
+    assert noise["comparison_sd"] == pytest.approx((0.3 ** 2 + 2 * 0.2 ** 2) ** 0.5)  # sampling + both runs' training noise
     run.analyse(rows, args, meta, tmp_path, noise)
     md = (tmp_path / "proxy_fidelity.md").read_text()
     assert "| 10 steps, 8 samples (FID) **(default)** | 0.667" in md
-    assert "same order |" in md and " 5 of 5 |" in md
-    assert "sd 0.40" in md and "differ by less than 1.00" in md
+    assert "same order |" in md and " 5 of 5 |" in md  # a-b (0.3 apart) is not separated; the proxy's swap there is not counted
+    assert "sd 0.40" in md and "differ by less than 0.82" in md and "10.00 vs 10.40" in md
     saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
-    assert saved["noise_floor"]["diff_sd"] == 0.5
+    assert saved["noise_floor"]["diff_sd"] == 0.3
     run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report: no such column
     assert "same order" not in (tmp_path / "plain" / "proxy_fidelity.md").read_text()
 

@@ -3,7 +3,8 @@
 The long evaluation of ``run.py`` samples ``--long-samples`` images on fixed prompts and seeds
 ``seed + i``. A second set of seeds gives another FID for the same weights; the spread over seed
 sets is the noise of one long FID, and the spread of the *difference* between two students on the
-same seeds is the noise of a comparison. Pairs of candidates whose long FIDs differ by less than
+same seeds is the noise of a comparison. Repeats of a whole long run (``<out>/replicates/``, same
+settings) add the run-to-run noise of the distillation itself. Pairs of candidates whose long FIDs differ by less than
 about two of those standard deviations are not ranked by the long run at all, so no proxy can be
 expected to order them; ``run.py`` reads this file (``--noise``) and reports the rank agreement on
 the pairs the long run does separate beside the plain Kendall tau.
@@ -75,6 +76,19 @@ def main(argv=None) -> int:
     for a, b in itertools.combinations(names, 2):
         dv = [fid[a][s] - fid[b][s] for s in seeds]
         diffs[f"{a} - {b}"] = {"by_seed": [round(x, 3) for x in dv], "mean": float(np.mean(dv)), "sd": float(np.std(dv, ddof=1))}
+    # training noise: repeats of a whole long run (<out>/replicates/<name>.*.json, same settings and seeds)
+    # against the run in <out>/runs; both were evaluated on the same seeds, so their difference is the
+    # run-to-run variation of the distillation itself (float32 reductions on CPU are not bit-reproducible)
+    reps = []
+    for f in sorted((out / "replicates").glob("*.json")):
+        r = json.loads(f.read_text())
+        main_f = out / "runs" / f"{r['candidate']}.json"
+        if not main_f.is_file() or r.get("status") != "ok":
+            continue
+        m = json.loads(main_f.read_text())
+        L = max(r["evals"], key=int)
+        reps.append({"candidate": r["candidate"], "replicate": f.name, "long_fid_runs": m["evals"][L]["long"]["proxy_fid"],
+                     "long_fid_replicate": r["evals"][L]["long"]["proxy_fid"]})
     report = {
         "what": "long FID (vs the teacher's samples on the same prompts and seeds) of long-distilled students, re-evaluated "
                 "on several seed sets",
@@ -85,10 +99,13 @@ def main(argv=None) -> int:
         # the noise of one long FID: the pooled standard deviation over seed sets
         "fid_sd": float(np.sqrt(np.mean([p["sd"] ** 2 for p in per.values()]))),
         "diff_sd": float(np.sqrt(np.mean([v["sd"] ** 2 for v in diffs.values()]))) if diffs else None,
+        "replicates": reps,
+        # the run-to-run sd of one long FID: half the squared replicate difference, averaged
+        "train_sd": float(np.sqrt(np.mean([(x["long_fid_runs"] - x["long_fid_replicate"]) ** 2 / 2 for x in reps]))) if reps else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "noise_floor.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("fid_sd", "diff_sd", "seconds")}))
+    print(json.dumps({k: report[k] for k in ("fid_sd", "diff_sd", "train_sd", "seconds")}))
     return 0
 
 

@@ -18,6 +18,10 @@ as A-SDM assembles from a trained compressed U-Net; their proxies use the same B
 
 Per-candidate results are written as they finish (``<out>/runs/<name>.json``); a rerun skips what
 is there, so an interrupted experiment loses at most the candidate in progress.
+
+``noise_floor.py`` then re-evaluates two exported long students on other seed sets; with its report
+in ``<out>/noise_floor.json``, ``run.py --analyse-only`` also counts how many of the candidate pairs the
+long run separates beyond its own sampling noise each score orders the same way.
 """
 
 from __future__ import annotations
@@ -155,7 +159,8 @@ def kendall_spearman(a, b, separation: float | None = None) -> dict:
 
 def load_noise(path: Path, teacher: str) -> dict | None:
     """noise_floor.py's report, if there is one for this teacher: the separation is two standard
-    deviations of the paired long-FID difference over seed sets."""
+    deviations of the long-FID difference of two candidates (sampling noise over seed sets, plus the
+    run-to-run noise of the distillation where replicates measured it)."""
     from hybridsd_nas.pipeline import pipeline_fingerprint
 
     if not path.is_file():
@@ -166,7 +171,10 @@ def load_noise(path: Path, teacher: str) -> dict | None:
         return None
     if not nf.get("diff_sd"):
         return None
-    nf["separation"] = 2.0 * nf["diff_sd"]
+    # two candidates on the same seeds differ by sampling noise (diff_sd) plus each run's own
+    # run-to-run noise (train_sd, when replicates were measured)
+    nf["comparison_sd"] = float(np.sqrt(nf["diff_sd"] ** 2 + 2 * (nf.get("train_sd") or 0.0) ** 2))
+    nf["separation"] = 2.0 * nf["comparison_sd"]
     return nf
 
 
@@ -323,7 +331,13 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         lines += ["", f"Noise of the long FID (experiments/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
                   f"on {len(noise['seeds'])} seed sets of {noise['samples']} samples ({noise['seeds']}; mean ± sd: {studs}). One long "
                   f"FID varies by sd {noise['fid_sd']:.2f}; the difference between two students on the same seeds by sd "
-                  f"{noise['diff_sd']:.2f}. Pairs whose long FIDs differ by less than {noise['separation']:.2f} (two of those) are "
+                  f"{noise['diff_sd']:.2f}."
+                  + (f" Repeating a whole long run with the same settings and seeds ({', '.join(x['candidate'] for x in noise['replicates'])}: "
+                     + ", ".join(f"{x['long_fid_runs']:.2f} vs {x['long_fid_replicate']:.2f}" for x in noise["replicates"])
+                     + f") puts the run-to-run sd of one long FID at {noise['train_sd']:.2f}; float32 training on this CPU is not "
+                     "bit-reproducible and the difference grows over the 400 steps." if noise.get("train_sd") else "")
+                  + f" A difference between two candidates thus has sd {noise['comparison_sd']:.2f}. Pairs whose long FIDs differ by "
+                  f"less than {noise['separation']:.2f} (two of those) are "
                   f"not ordered by the long run beyond its own noise; the last column counts the {settings[0]['separated_pairs']} of "
                   f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
     lines += ["", "## Also tried on the same runs", "", "| proxy | Kendall tau (p) | Spearman rho (p) | cost / long cost (mean) |",
