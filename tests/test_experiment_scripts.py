@@ -132,6 +132,12 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     assert "sd 0.40" in md and "differ by less than 0.82" in md and "10.00 vs 10.40" in md
     saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
     assert saved["noise_floor"]["diff_sd"] == 0.3
+    assert "a repeat of the whole long run would rank these 4 candidates" in md
+    rt = saved["noise_floor"]["repeat_tau"]
+    assert rt["p10"] <= rt["median"] <= rt["p90"] <= 1.0
+    # a repeat of a run whose noise is tiny against the spread of its FIDs ranks like it; one whose noise swamps it does not
+    assert run.repeat_tau(np.arange(8.0) * 10, 0.1)["median"] == pytest.approx(1.0)
+    assert run.repeat_tau(np.arange(8.0) * 0.01, 10.0)["median"] < 0.5
     run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report: no such column
     assert "same order" not in (tmp_path / "plain" / "proxy_fidelity.md").read_text()
 

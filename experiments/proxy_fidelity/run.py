@@ -1,8 +1,9 @@
 """Rank fidelity of the quality proxy: does a short distillation rank candidates the way a long one does?
 
-Every candidate (BK-SDM-Base/Small/Tiny, A-SDM's M1-M6 and two further layer-removal points) is
-distilled once for ``--long-steps`` steps. The distillation loop has a constant learning rate and
-draws all of its randomness from one seeded generator, so the student after ``n`` steps of that run
+Every candidate (BK-SDM-Base/Small/Tiny, A-SDM's M1-M6, dropping the mid block, and dropping the
+first Transformer of every attention block) is distilled once for ``--long-steps`` steps. The
+distillation loop has a constant learning rate and draws all of its randomness from one seeded
+generator, so the student after ``n`` steps of that run
 *is* the student a proxy of ``n`` steps trains (``tests/test_proxy.py`` checks this bit for bit).
 The run is therefore evaluated on the way: at every ``--checkpoints`` step with the proxy's
 evaluation (``--proxy-samples`` fixed prompts and seeds) and at the end with the long evaluation
@@ -40,6 +41,7 @@ import torch
 from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.distill import DistillConfig, distill, fashion_mnist_data
+from hybridsd_nas.errors import InvalidCandidateError
 from hybridsd_nas.pipeline import load_pipeline
 from hybridsd_nas.proxy import ProxySettings, _sampling_defaults, evaluate_student, zero_cost_scores
 
@@ -54,7 +56,9 @@ CANDIDATES: list[tuple[str, object]] = [
     ("asdm-m5", "asdm-m5"),
     ("asdm-m6", "asdm-m6"),
     ("drop-mid", {"name": "drop-mid", "drop_mid": True}),
-    ("drop-up-3rd-layers", {"name": "drop-up-3rd-layers", "drop_layers": ["up0.2", "up1.2", "up2.2", "up3.2"]}),
+    # unit removal: the first Transformer of every cross-attention block, down and up
+    ("drop-first-attentions", {"name": "drop-first-attentions",
+                               "drop_units": ["down0.0.attn", "down1.0.attn", "down2.0.attn", "up1.0.attn", "up2.0.attn", "up3.0.attn"]}),
 ]
 
 
@@ -184,6 +188,17 @@ def _cost_fields(cost: np.ndarray, long_cost: np.ndarray) -> dict:
             "proxy_seconds_mean": float(np.mean(cost))}
 
 
+def repeat_tau(long_fid: np.ndarray, train_sd: float, draws: int = 2000, seed: int = 0) -> dict:
+    """How well a repeat of the whole long run (same settings, same evaluation seeds) would rank the
+    candidates against this one: its FIDs differ from these by the difference of two runs' noise,
+    normal with sd sqrt(2) * train_sd. Kendall tau over simulated repeats (median, 10th-90th percentile)."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(seed)
+    t = [kendalltau(long_fid, long_fid + rng.normal(0.0, np.sqrt(2.0) * train_sd, len(long_fid))).statistic for _ in range(draws)]
+    return {"median": float(np.median(t)), "p10": float(np.percentile(t, 10)), "p90": float(np.percentile(t, 90)), "draws": draws}
+
+
 def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -236,6 +251,8 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                          + r["evals"][str(b)]["proxy"]["eval_seconds"] for r in ok])
         extra.append({"what": f"FID at {a} and {b} steps extrapolated (linear in log steps) to {args.long_steps}",
                       **kendall_spearman(pred, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost))})
+    if noise and noise.get("train_sd"):
+        noise["repeat_tau"] = repeat_tau(long_fid, noise["train_sd"])
     default = args.default_steps
     fields = ["candidate", "candidate_key", "space", "params", "macs", "trainable_params", "frozen_params",
               "output_mse", "latent_stat_shift", "proxy_steps", "proxy_samples", "proxy_fid", "proxy_kid", "proxy_fid_real",
@@ -340,6 +357,11 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                   f"less than {noise['separation']:.2f} (two of those) are "
                   f"not ordered by the long run beyond its own noise; the last column counts the {settings[0]['separated_pairs']} of "
                   f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
+        if noise.get("repeat_tau"):
+            rt = noise["repeat_tau"]
+            lines += ["", f"The ceiling this noise sets: a repeat of the whole long run would rank these {n_ok} candidates against "
+                      f"this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} simulated repeats, 10th-90th percentile "
+                      f"{rt['p10']:.2f}-{rt['p90']:.2f}; run-to-run sd {noise['train_sd']:.2f} per long FID)."]
     lines += ["", "## Also tried on the same runs", "", "| proxy | Kendall tau (p) | Spearman rho (p) | cost / long cost (mean) |",
               "|---|---|---|---|"]
     for e in extra:
@@ -441,7 +463,11 @@ def main(argv=None) -> int:
                 base_unet = load_unet(bf)
             print(f"{name}: distilling {args.long_steps} steps", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            row = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, out)
+            try:
+                row = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, out)
+            except InvalidCandidateError as e:  # a candidate list mistake costs that candidate, not the run
+                print(f"{name}: invalid candidate, skipped: {e}", file=sys.stderr, flush=True)
+                continue
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             f.write_text(json.dumps(row, indent=1))
             rows.append(row)
