@@ -55,6 +55,13 @@ def _sampling_defaults(teacher: str) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+def sampling_settings(teacher: str, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
+    """Sampler steps and guidance scale: the ones given, else the teacher's ``sampling.json``, else 20 and 5.0."""
+    defaults = _sampling_defaults(teacher)
+    return (steps or int(defaults.get("num_inference_steps", 20)),
+            guidance if guidance is not None else float(defaults.get("guidance_scale", 5.0)))
+
+
 def eval_prompt_set(teacher: str, n: int) -> list[dict[str, Any]]:
     """``n`` evaluation prompts (the teacher's eval_prompts.json, cycled), each with its seed offset."""
     p = Path(pipeline_path(teacher)) / "eval_prompts.json"
@@ -132,9 +139,7 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     from diffusers import DDPMScheduler
 
     s = settings or ProxySettings()
-    defaults = _sampling_defaults(teacher)
-    steps = s.sampler_steps or int(defaults.get("num_inference_steps", 20))
-    guidance = s.guidance if s.guidance is not None else float(defaults.get("guidance_scale", 5.0))
+    steps, guidance = sampling_settings(teacher, s.sampler_steps, s.guidance)
     arch = describe(teacher)
     cand = resolve_candidate(candidate, arch)
     p = plan(arch, cand)

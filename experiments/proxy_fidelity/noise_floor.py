@@ -4,9 +4,9 @@ The long evaluation of ``run.py`` samples ``--long-samples`` images on fixed pro
 ``seed + i``. A second set of seeds gives another FID for the same weights; the spread over seed
 sets is the noise of one long FID, and the spread of the *difference* between two students on the
 same seeds is the noise of a comparison. Repeats of a whole long run (``<out>/replicates/``, same
-settings) add the run-to-run noise of the distillation itself. Pairs of candidates whose long FIDs differ by less than
-about two of those standard deviations are not ranked by the long run at all, so no proxy can be
-expected to order them; ``run.py`` reads this file (``--noise``) and reports the rank agreement on
+settings) add the run-to-run noise of the distillation itself. Pairs of candidates whose long FIDs
+differ by less than about two standard deviations of that combined noise are not ranked by the long
+run at all, so no proxy can be expected to order them; ``run.py`` reads this file (``--noise``) and reports the rank agreement on
 the pairs the long run does separate beside the plain Kendall tau.
 
 The students are the ones ``run.py`` exports (``<out>/<name>-long``). Seed 0 is re-evaluated too: it
@@ -30,7 +30,17 @@ import torch
 
 from hybridsd_nas import load_unet
 from hybridsd_nas.pipeline import load_pipeline, pipeline_fingerprint
-from hybridsd_nas.proxy import ProxySettings, _sampling_defaults, evaluate_student
+from hybridsd_nas.proxy import ProxySettings, evaluate_student, sampling_settings
+
+
+def _long_fid(run: dict) -> float:
+    """The long FID of one of run.py's per-candidate records (its last, longest evaluation)."""
+    return run["evals"][max(run["evals"], key=int)]["long"]["proxy_fid"]
+
+
+def _run_record(out: Path, name: str) -> dict | None:
+    f = out / "runs" / f"{name}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def main(argv=None) -> int:
@@ -50,15 +60,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {out / (n + '-long')} is missing; run experiments/proxy_fidelity/run.py first "
                              f"(it exports {', '.join(names)})")
     pipe = load_pipeline(args.teacher, device="cpu")
-    d = _sampling_defaults(args.teacher)
-    steps, guidance = int(d.get("num_inference_steps", 20)), float(d.get("guidance_scale", 5.0))
+    steps, guidance = sampling_settings(args.teacher)
     students = {n: load_unet(out / f"{n}-long").eval() for n in names}
-    recorded = {}
-    for n in names:
-        f = out / "runs" / f"{n}.json"
-        if f.is_file():
-            r = json.loads(f.read_text())
-            recorded[n] = r["evals"][max(r["evals"], key=int)]["long"]["proxy_fid"]
+    recorded = {n: _long_fid(r) for n in names if (r := _run_record(out, n))}
     fid: dict[str, dict[int, float]] = {n: {} for n in names}
     t0 = time.perf_counter()
     for s in seeds:
@@ -82,13 +86,11 @@ def main(argv=None) -> int:
     reps = []
     for f in sorted((out / "replicates").glob("*.json")):
         r = json.loads(f.read_text())
-        main_f = out / "runs" / f"{r['candidate']}.json"
-        if not main_f.is_file() or r.get("status") != "ok":
+        m = _run_record(out, r["candidate"])
+        if m is None or r.get("status") != "ok":
             continue
-        m = json.loads(main_f.read_text())
-        L = max(r["evals"], key=int)
-        reps.append({"candidate": r["candidate"], "replicate": f.name, "long_fid_runs": m["evals"][L]["long"]["proxy_fid"],
-                     "long_fid_replicate": r["evals"][L]["long"]["proxy_fid"]})
+        reps.append({"candidate": r["candidate"], "replicate": f.name, "long_fid_runs": _long_fid(m),
+                     "long_fid_replicate": _long_fid(r)})
     report = {
         "what": "long FID (vs the teacher's samples on the same prompts and seeds) of long-distilled students, re-evaluated "
                 "on several seed sets",

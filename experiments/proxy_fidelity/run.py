@@ -22,7 +22,8 @@ is there, so an interrupted experiment loses at most the candidate in progress.
 
 ``noise_floor.py`` then re-evaluates two exported long students on other seed sets; with its report
 in ``<out>/noise_floor.json``, ``run.py --analyse-only`` also counts how many of the candidate pairs the
-long run separates beyond its own sampling noise each score orders the same way.
+long run separates beyond its own noise (sampling, and run-to-run where replicates measured it) each
+score orders the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.distill import DistillConfig, distill, fashion_mnist_data
 from hybridsd_nas.errors import InvalidCandidateError
 from hybridsd_nas.pipeline import load_pipeline
-from hybridsd_nas.proxy import ProxySettings, _sampling_defaults, evaluate_student, zero_cost_scores
+from hybridsd_nas.proxy import ProxySettings, evaluate_student, sampling_settings, zero_cost_scores
 
 CANDIDATES: list[tuple[str, object]] = [
     ("bk-sdm-base", "bk-sdm-base"),  # first: the Base the recombinations take their blocks from
@@ -147,8 +148,8 @@ def warm_caches(args, pipe) -> float:
 
 def kendall_spearman(a, b, separation: float | None = None) -> dict:
     """Kendall tau and Spearman rho of score ``a`` against the long FID ``b``; with ``separation`` (the
-    long FID difference that sampling noise alone does not explain) also how many of the pairs the
-    long run separates by more than that the score orders the same way."""
+    long FID difference that the long run's own noise does not explain) also how many of the pairs
+    the long run separates by more than that the score orders the same way."""
     from scipy.stats import kendalltau, spearmanr
 
     kt, sr = kendalltau(a, b), spearmanr(a, b)
@@ -425,9 +426,7 @@ def main(argv=None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     pipe = load_pipeline(args.teacher, device="cpu")
-    defaults = _sampling_defaults(args.teacher)
-    args.sampler_steps = args.sampler_steps or int(defaults.get("num_inference_steps", 20))
-    args.guidance = args.guidance if args.guidance is not None else float(defaults.get("guidance_scale", 5.0))
+    args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
     arch = describe(args.teacher)
     data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
     heldout = fashion_mnist_data(pipe, n=args.heldout_latents, seed=args.seed, split="test")

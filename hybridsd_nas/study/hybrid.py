@@ -95,7 +95,7 @@ class HybridProxy:
         from ..hybrid import HybridPipeline
         from ..hybrid._sweep import generate
         from ..pipeline import load_pipeline
-        from ..proxy import _sampling_defaults, evaluate_student
+        from ..proxy import evaluate_student, sampling_settings
 
         pipe = load_pipeline(self.teacher, device=self.device)
         student, out = self._student(pt.candidate, pipe, not quality, prefilter)
@@ -104,9 +104,7 @@ class HybridProxy:
             out.setdefault("status", "ok")
             return out
         s = self.settings
-        defaults = _sampling_defaults(self.teacher)
-        steps = s.sampler_steps or int(defaults.get("num_inference_steps", 20))
-        guidance = s.guidance if s.guidance is not None else float(defaults.get("guidance_scale", 5.0))
+        steps, guidance = sampling_settings(self.teacher, s.sampler_steps, s.guidance)
         sched = pt.extra["schedule"]
         if sum(sched["steps"]) != steps:
             from ..errors import HybridSDError
