@@ -221,7 +221,9 @@ def cmd_adherence(args) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     path = res / "eval.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report["adherence_all_images"] = rows
+    # rows of other sample files stay (a new row for the same file replaces its old one)
+    fresh = {r["samples"] for r in rows}
+    report["adherence_all_images"] = [r for r in report.get("adherence_all_images", []) if r["samples"] not in fresh] + rows
     path.write_text(json.dumps(report, indent=1) + "\n")
     if "runs" in report:
         write_markdown(report, res / "eval.md")

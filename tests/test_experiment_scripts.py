@@ -1,5 +1,6 @@
 """The teacher's training and evaluation scripts in experiments/ (tiny fake data, a few steps)."""
 
+import csv
 import gzip
 import importlib.util
 import json
@@ -88,6 +89,25 @@ def test_score_keeps_earlier_runs_it_does_not_replace():
     assert merged["adherence_all_images"] == [{"samples": "g2"}]
 
 
+def test_adherence_keeps_the_rows_of_other_sample_files(tmp_path):
+    import argparse
+
+    ev = _script_at("eval_tiny_teacher")
+    meta = {"pipeline": "v3", "sampler": "PNDMScheduler", "steps": 25, "guidance": 7.5, "count": 4, "seed": 0,
+            "device_name": "cpu"}
+    f = tmp_path / "samples_v3_g7.5.npz"
+    rng = np.random.default_rng(0)
+    np.savez_compressed(f, images=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), class_index=np.array([0, 1, 2, 3]),
+                        meta=json.dumps(meta))
+    old = {"samples": "samples_v2_g2.npz", **meta, "pipeline": "v2", "adherence": 0.372}
+    stale = {"samples": f.name, **meta, "adherence": 9.0}
+    (tmp_path / "eval.json").write_text(json.dumps({"adherence_all_images": [old, stale]}))
+    ev.cmd_adherence(argparse.Namespace(results=str(tmp_path), classifier=None, samples=[str(f)]))
+    rows = json.loads((tmp_path / "eval.json").read_text())["adherence_all_images"]
+    assert [r["samples"] for r in rows] == ["samples_v2_g2.npz", f.name] and rows[0] == old
+    assert 0.0 <= rows[1]["adherence"] <= 1.0  # measured again, not the stale row
+
+
 def test_score_refuses_to_mix_reports_of_different_references():
     ev = _script_at("eval_tiny_teacher")
     with pytest.raises(SystemExit, match="reference of the existing eval.json differs"):
@@ -120,26 +140,56 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     from hybridsd_nas.pipeline import pipeline_fingerprint
 
     f = tmp_path / "noise_floor.json"
+    # an earlier report's own run-to-run figures are not used: the replicates measure them
     f.write_text(json.dumps({"teacher_fingerprint": pipeline_fingerprint("tiny"), "seeds": [0, 1], "samples": 32,
-                             "students": {"a": {"mean": 10.0, "sd": 0.4}}, "fid_sd": 0.4, "diff_sd": 0.3, "train_sd": 0.2,
-                             "replicates": [{"candidate": "a", "long_fid_runs": 10.0, "long_fid_replicate": 10.4}]}))
+                             "students": {"a": {"mean": 10.0, "sd": 0.4}}, "fid_sd": 0.4, "diff_sd": 0.3, "train_sd": 9.0}))
     noise = run.load_noise(f, "tiny")
-    assert noise["comparison_sd"] == pytest.approx((0.3 ** 2 + 2 * 0.2 ** 2) ** 0.5)  # sampling + both runs' training noise
-    run.analyse(rows, args, meta, tmp_path, noise)
+    assert "train_sd" not in noise
+    # candidate a was run twice (10.0, then 10.4): run-to-run sd sqrt(0.08), reference 10.2
+    run.analyse(rows, args, meta, tmp_path, noise, {"a": [{"tag": "r2", "long_fid": 10.4}]})
     md = (tmp_path / "proxy_fidelity.md").read_text()
     assert "| 10 steps, 8 samples (FID) **(default)** | 0.667" in md
-    assert "same order |" in md and " 5 of 5 |" in md  # a-b (0.3 apart) is not separated; the proxy's swap there is not counted
-    assert "sd 0.40" in md and "differ by less than 0.82" in md and "10.00 vs 10.40" in md
+    assert "same order |" in md and " 5 of 5 |" in md  # a-b (0.1 apart) is not separated; the proxy's swap there is not counted
+    # two one-run candidates differ by sd sqrt(0.3^2 + 2 * 0.08) = 0.5
+    assert "sd 0.40" in md and "differ by less than 1.00" in md and "a 10.00, 10.40" in md and "is 0.28" in md
+    assert "| a | layer-removal | 1.00 | 2.00 | 10.00 | 10.20 (2) |" in md
     saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
     assert saved["noise_floor"]["diff_sd"] == 0.3
-    assert "a repeat of the whole long run would rank these 4 candidates" in md
-    rt = saved["noise_floor"]["repeat_tau"]
+    assert saved["noise_floor"]["train_sd"] == pytest.approx(0.08 ** 0.5)
+    assert "a repeat of the whole reference (the same number of long runs, averaged) would rank these 4 candidates" in md
+    rows_csv = list(csv.DictReader((tmp_path / "proxy_fidelity.csv").open()))
+    assert [(r["candidate"], r["long_runs"], r["long_fid_mean"]) for r in rows_csv][0] == ("a", "2", "10.2")
+    rt = saved["run_to_run"]["repeat_tau"]
     assert rt["p10"] <= rt["median"] <= rt["p90"] <= 1.0
     # a repeat of a run whose noise is tiny against the spread of its FIDs ranks like it; one whose noise swamps it does not
     assert run.repeat_tau(np.arange(8.0) * 10, 0.1)["median"] == pytest.approx(1.0)
     assert run.repeat_tau(np.arange(8.0) * 0.01, 10.0)["median"] < 0.5
-    run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report: no such column
-    assert "same order" not in (tmp_path / "plain" / "proxy_fidelity.md").read_text()
+    run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report or repeats: no such columns
+    plain = (tmp_path / "plain" / "proxy_fidelity.md").read_text()
+    assert "same order" not in plain and "first long run alone" not in plain
+
+
+def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_separation(tmp_path, capsys):
+    run = _script_at("proxy_fidelity/run")
+    rr = run.run_to_run({"a": [1.0, 3.0], "b": [10.0, 11.0, 12.0], "c": [5.0]})
+    # pooled: (2 + 2) / (1 + 2) degrees of freedom
+    assert rr["train_sd"] == pytest.approx((4.0 / 3.0) ** 0.5) and rr["df"] == 3 and rr["candidates_repeated"] == 2
+    assert run.run_to_run({"a": [1.0], "b": [2.0]}) is None
+    sep = run.pair_separation(0.0, 1.0, np.array([1, 2, 4]))
+    assert sep[0, 1] == pytest.approx(2 * 1.5 ** 0.5) and sep[1, 2] == pytest.approx(2 * 0.75 ** 0.5)
+    # averaging more runs makes a repeat of the reference agree better
+    fid = np.arange(8.0)
+    assert run.repeat_tau(fid, 2.0, runs=8)["median"] > run.repeat_tau(fid, 2.0, runs=1)["median"]
+    # repeats are read by candidate and tag; one of another length is left out with a warning
+    rd = tmp_path / "replicates"
+    rd.mkdir()
+    long = lambda fid, steps: {"status": "ok", "evals": {str(steps): {"long": {"proxy_fid": fid}}}}  # noqa: E731
+    (rd / "bk-sdm-base.rep2.json").write_text(json.dumps({"candidate": "bk-sdm-base", **long(50.0, 400)}))
+    (rd / "bk-sdm-base.first-run.json").write_text(json.dumps({"candidate": "bk-sdm-base", **long(52.0, 400)}))
+    (rd / "asdm-m1.short.json").write_text(json.dumps({"candidate": "asdm-m1", **long(40.0, 100)}))
+    reps = run.load_replicates(tmp_path, 400)
+    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0}, {"tag": "rep2", "long_fid": 50.0}]}
+    assert "asdm-m1.short.json holds no ok 400-step long run" in capsys.readouterr().err
 
 
 def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):

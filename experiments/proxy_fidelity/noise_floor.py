@@ -3,11 +3,12 @@
 The long evaluation of ``run.py`` samples ``--long-samples`` images on fixed prompts and seeds
 ``seed + i``. A second set of seeds gives another FID for the same weights; the spread over seed
 sets is the noise of one long FID, and the spread of the *difference* between two students on the
-same seeds is the noise of a comparison. Repeats of a whole long run (``<out>/replicates/``, same
-settings) add the run-to-run noise of the distillation itself. Pairs of candidates whose long FIDs
-differ by less than about two standard deviations of that combined noise are not ranked by the long
-run at all, so no proxy can be expected to order them; ``run.py`` reads this file (``--noise``) and reports the rank agreement on
-the pairs the long run does separate beside the plain Kendall tau.
+same seeds is the noise of a comparison. ``run.py`` reads this file (``--noise``) and adds the
+run-to-run noise of the distillation itself, which it measures from repeats of whole long runs
+(``run.py --replicate TAG``, in ``<out>/replicates/``). Pairs of candidates whose long FIDs differ by
+less than about two standard deviations of that combined noise are not ranked by the long run at
+all, so no proxy can be expected to order them; ``run.py`` reports the rank agreement on the pairs
+the long run does separate beside the plain Kendall tau.
 
 The students are the ones ``run.py`` exports (``<out>/<name>-long``). Seed 0 is re-evaluated too: it
 must give the long FID ``run.py`` recorded for the same weights, which checks the export.
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2,3")
     ap.add_argument("--samples", type=int, default=128, help="images per evaluation (run.py's --long-samples)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--sampler-steps", type=int, default=None, help="as run.py was given (default: the teacher's sampling.json)")
+    ap.add_argument("--guidance", type=float, default=None, help="as run.py was given (default: the teacher's sampling.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     names = [n for n in args.students.split(",") if n]
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {out / (n + '-long')} is missing; run experiments/proxy_fidelity/run.py first "
                              f"(it exports {', '.join(names)})")
     pipe = load_pipeline(args.teacher, device="cpu")
-    steps, guidance = sampling_settings(args.teacher)
+    steps, guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
     students = {n: load_unet(out / f"{n}-long").eval() for n in names}
     recorded = {n: _long_fid(r) for n in names if (r := _run_record(out, n))}
     fid: dict[str, dict[int, float]] = {n: {} for n in names}
@@ -80,17 +83,6 @@ def main(argv=None) -> int:
     for a, b in itertools.combinations(names, 2):
         dv = [fid[a][s] - fid[b][s] for s in seeds]
         diffs[f"{a} - {b}"] = {"by_seed": [round(x, 3) for x in dv], "mean": float(np.mean(dv)), "sd": float(np.std(dv, ddof=1))}
-    # training noise: repeats of a whole long run (<out>/replicates/<name>.*.json, same settings and seeds)
-    # against the run in <out>/runs; both were evaluated on the same seeds, so their difference is the
-    # run-to-run variation of the distillation itself (float32 reductions on CPU are not bit-reproducible)
-    reps = []
-    for f in sorted((out / "replicates").glob("*.json")):
-        r = json.loads(f.read_text())
-        m = _run_record(out, r["candidate"])
-        if m is None or r.get("status") != "ok":
-            continue
-        reps.append({"candidate": r["candidate"], "replicate": f.name, "long_fid_runs": _long_fid(m),
-                     "long_fid_replicate": _long_fid(r)})
     report = {
         "what": "long FID (vs the teacher's samples on the same prompts and seeds) of long-distilled students, re-evaluated "
                 "on several seed sets",
@@ -101,13 +93,10 @@ def main(argv=None) -> int:
         # the noise of one long FID: the pooled standard deviation over seed sets
         "fid_sd": float(np.sqrt(np.mean([p["sd"] ** 2 for p in per.values()]))),
         "diff_sd": float(np.sqrt(np.mean([v["sd"] ** 2 for v in diffs.values()]))) if diffs else None,
-        "replicates": reps,
-        # the run-to-run sd of one long FID: half the squared replicate difference, averaged
-        "train_sd": float(np.sqrt(np.mean([(x["long_fid_runs"] - x["long_fid_replicate"]) ** 2 / 2 for x in reps]))) if reps else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "noise_floor.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("fid_sd", "diff_sd", "train_sd", "seconds")}))
+    print(json.dumps({k: report[k] for k in ("fid_sd", "diff_sd", "seconds")}))
     return 0
 
 

@@ -89,8 +89,12 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     spent = {"eval": 0.0}
     t_start = time.perf_counter()
 
+    # a replicate repeats only the long run and its evaluation
+    proxies = [] if args.replicate else args.checkpoints
+    scores = [] if args.replicate else args.score_checkpoints
+
     def on_step(n: int, st) -> None:
-        if n not in args.checkpoints and n not in args.score_checkpoints and n != args.long_steps:
+        if n not in proxies and n not in scores and n != args.long_steps:
             return
         e0 = time.perf_counter()
         distill_s = e0 - t_start - spent["eval"]
@@ -100,9 +104,10 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
             # the cheap score: output error against the teacher on fixed held-out noisy latents
             # (the zero-cost score's measure after n steps; its own generator, so the run is unchanged)
             h0 = time.perf_counter()
-            rec["heldout"] = zero_cost_scores(st, pipe.unet, heldout, sched, n=args.heldout_latents, seed=args.seed + 1)
-            rec["heldout"]["seconds"] = round(time.perf_counter() - h0, 3)
-            if n in args.checkpoints:
+            if not args.replicate:
+                rec["heldout"] = zero_cost_scores(st, pipe.unet, heldout, sched, n=args.heldout_latents, seed=args.seed + 1)
+                rec["heldout"]["seconds"] = round(time.perf_counter() - h0, 3)
+            if n in proxies:
                 rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance)
             if n == args.long_steps:
                 rec["long"] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance)
@@ -112,7 +117,8 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
         spent["eval"] += time.perf_counter() - e0
         print(f"  {name} step {n}: " + ", ".join(f"{k} FID {v['proxy_fid']:.2f} ({v['eval_seconds']:.0f} s eval)"
                                                  for k, v in rec.items() if isinstance(v, dict) and "proxy_fid" in v)
-              + f", held-out output MSE {rec['heldout']['output_mse']:.4f}, {distill_s:.0f} s distill",
+              + (f", held-out output MSE {rec['heldout']['output_mse']:.4f}" if "heldout" in rec else "")
+              + f", {distill_s:.0f} s distill",
               file=sys.stderr, flush=True)
 
     # log_every=1 only records every step's loss (a free score); training is the same
@@ -146,26 +152,28 @@ def warm_caches(args, pipe) -> float:
     return time.perf_counter() - t0
 
 
-def kendall_spearman(a, b, separation: float | None = None) -> dict:
+def kendall_spearman(a, b, separation: float | np.ndarray | None = None) -> dict:
     """Kendall tau and Spearman rho of score ``a`` against the long FID ``b``; with ``separation`` (the
-    long FID difference that the long run's own noise does not explain) also how many of the pairs
-    the long run separates by more than that the score orders the same way."""
+    long FID difference that the long run's own noise does not explain: one number, or one per pair
+    as a matrix) also how many of the pairs the long run separates by more than that the score orders
+    the same way."""
     from scipy.stats import kendalltau, spearmanr
 
     kt, sr = kendalltau(a, b), spearmanr(a, b)
     out = {"kendall_tau": float(kt.statistic), "kendall_p": float(kt.pvalue),
            "spearman_rho": float(sr.statistic), "spearman_p": float(sr.pvalue)}
     if separation is not None:
-        pairs = [(i, j) for i in range(len(b)) for j in range(i + 1, len(b)) if abs(b[i] - b[j]) > separation]
+        sep = np.broadcast_to(np.asarray(separation, dtype=float), (len(b), len(b)))
+        pairs = [(i, j) for i in range(len(b)) for j in range(i + 1, len(b)) if abs(b[i] - b[j]) > sep[i, j]]
         out["separated_pairs"] = len(pairs)
         out["separated_agree"] = sum(int(np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])) for i, j in pairs)
     return out
 
 
 def load_noise(path: Path, teacher: str) -> dict | None:
-    """noise_floor.py's report, if there is one for this teacher: the separation is two standard
-    deviations of the long-FID difference of two candidates (sampling noise over seed sets, plus the
-    run-to-run noise of the distillation where replicates measured it)."""
+    """noise_floor.py's report, if there is one for this teacher: the sampling noise of one long FID
+    (``fid_sd``, over seed sets) and of the difference of two candidates on the same seeds (``diff_sd``).
+    The run-to-run noise of the distillation comes from the replicates (``run_to_run``), not from it."""
     from hybridsd_nas.pipeline import pipeline_fingerprint
 
     if not path.is_file():
@@ -176,11 +184,42 @@ def load_noise(path: Path, teacher: str) -> dict | None:
         return None
     if not nf.get("diff_sd"):
         return None
-    # two candidates on the same seeds differ by sampling noise (diff_sd) plus each run's own
-    # run-to-run noise (train_sd, when replicates were measured)
-    nf["comparison_sd"] = float(np.sqrt(nf["diff_sd"] ** 2 + 2 * (nf.get("train_sd") or 0.0) ** 2))
-    nf["separation"] = 2.0 * nf["comparison_sd"]
+    for k in ("train_sd", "replicates"):  # reports of an earlier noise_floor.py carried these; run_to_run measures them
+        nf.pop(k, None)
     return nf
+
+
+def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
+    """Repeats of whole long runs (``<out>/replicates/<name>.<tag>.json``, ``--replicate``), by
+    candidate: ``[{"tag", "long_fid"}]``. A repeat of another length is left out with a warning."""
+    reps: dict[str, list[dict]] = {}
+    for f in sorted((out / "replicates").glob("*.json")):
+        r = json.loads(f.read_text())
+        ev = r.get("evals", {}).get(str(long_steps), {}).get("long")
+        if r.get("status") != "ok" or ev is None:
+            print(f"warning: {f} holds no ok {long_steps}-step long run; not used", file=sys.stderr)
+            continue
+        reps.setdefault(r["candidate"], []).append({"tag": f.name[len(r["candidate"]) + 1:-len(".json")], "long_fid": ev["proxy_fid"]})
+    return reps
+
+
+def run_to_run(long_fids: dict[str, list[float]]) -> dict | None:
+    """The run-to-run noise of one long FID from candidates run more than once (same settings and
+    seeds): the pooled within-candidate standard deviation. None when no candidate was repeated."""
+    groups = [np.asarray(v, dtype=float) for v in long_fids.values() if len(v) > 1]
+    if not groups:
+        return None
+    ss = sum(float(((g - g.mean()) ** 2).sum()) for g in groups)
+    df = sum(len(g) - 1 for g in groups)
+    return {"train_sd": float(np.sqrt(ss / df)), "df": df, "candidates_repeated": len(groups)}
+
+
+def pair_separation(diff_sd: float, train_sd: float, runs: np.ndarray) -> np.ndarray:
+    """Per pair of candidates, two standard deviations of the difference of their reference long FIDs:
+    sampling noise on the same seeds (``diff_sd``) plus the run-to-run noise of each one's mean over
+    its ``runs`` long runs."""
+    k = np.asarray(runs, dtype=float)
+    return 2.0 * np.sqrt(diff_sd ** 2 + train_sd ** 2 * (1.0 / k[:, None] + 1.0 / k[None, :]))
 
 
 def _cost_fields(cost: np.ndarray, long_cost: np.ndarray) -> dict:
@@ -189,33 +228,61 @@ def _cost_fields(cost: np.ndarray, long_cost: np.ndarray) -> dict:
             "proxy_seconds_mean": float(np.mean(cost))}
 
 
-def repeat_tau(long_fid: np.ndarray, train_sd: float, draws: int = 2000, seed: int = 0) -> dict:
-    """How well a repeat of the whole long run (same settings, same evaluation seeds) would rank the
-    candidates against this one: its FIDs differ from these by the difference of two runs' noise,
-    normal with sd sqrt(2) * train_sd. Kendall tau over simulated repeats (median, 10th-90th percentile)."""
+def repeat_tau(long_fid: np.ndarray, train_sd: float, draws: int = 2000, seed: int = 0, runs=1) -> dict:
+    """How well a repeat of the whole reference (``runs`` long runs per candidate, averaged; same
+    settings, same evaluation seeds) would rank the candidates against this one: its FIDs differ from
+    these by the difference of two such means, normal with sd sqrt(2 / runs) * train_sd. Kendall tau
+    over simulated repeats (median, 10th-90th percentile)."""
     from scipy.stats import kendalltau
 
     rng = np.random.default_rng(seed)
-    t = [kendalltau(long_fid, long_fid + rng.normal(0.0, np.sqrt(2.0) * train_sd, len(long_fid))).statistic for _ in range(draws)]
+    sd = np.sqrt(2.0 / np.broadcast_to(np.asarray(runs, dtype=float), long_fid.shape)) * train_sd
+    t = [kendalltau(long_fid, long_fid + rng.normal(0.0, 1.0, len(long_fid)) * sd).statistic for _ in range(draws)]
     return {"median": float(np.median(t)), "p10": float(np.percentile(t, 10)), "p90": float(np.percentile(t, 90)), "draws": draws}
 
 
-def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | None = None) -> None:
+def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | None = None,
+            replicates: dict[str, list[dict]] | None = None) -> None:
+    """Tabulate every score against the reference long FID: the long run's, or, where candidates were
+    repeated (``replicates``, from ``load_replicates``), the mean over all of a candidate's long runs.
+    Costs are against one long run: the repeats only measure the reference more steadily."""
     results.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok"]
-    sep = noise["separation"] if noise else None
     L = str(args.long_steps)
-    long_fid = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
+    long_first = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
+    replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok}}
+    runs_fid = {r["candidate"]: [float(f)] + [x["long_fid"] for x in replicates.get(r["candidate"], [])] for r, f in zip(ok, long_first)}
+    runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
+    long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
+    averaged = bool(replicates)
+    rr = run_to_run(runs_fid)
+    if noise:
+        noise = {**noise, **(rr or {})}
+        train_sd = noise.get("train_sd") or 0.0
+        sep = pair_separation(noise["diff_sd"], train_sd, runs)
+        typical = int(np.median(runs))  # the separation quoted in the text: two candidates of the typical run count
+        noise["comparison_sd"] = float(pair_separation(noise["diff_sd"], train_sd, np.array([typical, typical]))[0, 1] / 2)
+        noise["separation"] = 2 * noise["comparison_sd"]
+        noise["separation_runs"] = typical
+    else:
+        sep = None
+
+    def ks(score: np.ndarray) -> dict:
+        d = kendall_spearman(score, long_fid, sep)
+        if averaged:
+            d["kendall_tau_first_run"] = kendall_spearman(score, long_first)["kendall_tau"]
+        return d
+
     long_cost = np.array([r["evals"][L]["distill_seconds"] + r["evals"][L]["long"]["eval_seconds"] for r in ok])
     settings = []
     for n in args.checkpoints:
         fid = np.array([r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok])
         cost = np.array([r["evals"][str(n)]["distill_seconds"] + r["evals"][str(n)]["proxy"]["eval_seconds"] for r in ok])
-        settings.append({"distill_steps": n, "samples": args.proxy_samples, **kendall_spearman(fid, long_fid, sep),
+        settings.append({"distill_steps": n, "samples": args.proxy_samples, **ks(fid),
                          **_cost_fields(cost, long_cost)})
     for zk in ("output_mse", "latent_stat_shift"):
         z = np.array([r["zero_cost"][zk] for r in ok])
-        settings.append({"distill_steps": 0, "zero_cost": zk, **kendall_spearman(z, long_fid, sep),
+        settings.append({"distill_steps": 0, "zero_cost": zk, **ks(z),
                          **_cost_fields(np.array([r["zero_cost_seconds"] for r in ok]), long_cost)})
     # cheap scores that need no sampling: the held-out output MSE against the teacher after n steps,
     # and the mean training loss of the n-th step and the 4 before it (free: the run logs it anyway)
@@ -226,12 +293,12 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         sc = np.array([e["heldout"]["output_mse"] for e in ev])
         cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
         settings.append({"what": f"held-out output MSE after {n} steps (no sampling)", "distill_steps": n,
-                         **kendall_spearman(sc, long_fid, sep), **_cost_fields(cost, long_cost)})
+                         **ks(sc), **_cost_fields(cost, long_cost)})
         if all(r.get("curve") for r in ok):
             tl = np.array([np.mean([c["loss"] for c in r["curve"] if n - 5 <= c["step"] < n]) for r in ok])
             cost = np.array([e["distill_seconds"] for e in ev])
             settings.append({"what": f"training loss of steps {max(n - 4, 1)}..{n} (free)", "distill_steps": n,
-                             **kendall_spearman(tl, long_fid, sep), **_cost_fields(cost, long_cost)})
+                             **ks(tl), **_cost_fields(cost, long_cost)})
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -252,13 +319,15 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                          + r["evals"][str(b)]["proxy"]["eval_seconds"] for r in ok])
         extra.append({"what": f"FID at {a} and {b} steps extrapolated (linear in log steps) to {args.long_steps}",
                       **kendall_spearman(pred, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost))})
-    if noise and noise.get("train_sd"):
-        noise["repeat_tau"] = repeat_tau(long_fid, noise["train_sd"])
+    if rr:
+        rr["repeat_tau"] = repeat_tau(long_fid, rr["train_sd"], runs=runs)
+        rr["long_fid_runs"] = runs_fid
+        rr["replicates"] = replicates
     default = args.default_steps
     fields = ["candidate", "candidate_key", "space", "params", "macs", "trainable_params", "frozen_params",
               "output_mse", "latent_stat_shift", "proxy_steps", "proxy_samples", "proxy_fid", "proxy_kid", "proxy_fid_real",
               "proxy_adherence", "proxy_distill_seconds", "proxy_eval_seconds", "proxy_seconds",
-              "long_steps", "long_samples", "long_fid", "long_kid", "long_fid_real", "long_adherence",
+              "long_steps", "long_samples", "long_fid", "long_runs", "long_fid_mean", "long_kid", "long_fid_real", "long_adherence",
               "long_distill_seconds", "long_eval_seconds", "long_seconds", "status"]
     out_rows = []
     for r in rows:
@@ -271,6 +340,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                       "proxy_distill_seconds": pe["distill_seconds"], "proxy_eval_seconds": pe["proxy"]["eval_seconds"],
                       "proxy_seconds": round(pe["distill_seconds"] + pe["proxy"]["eval_seconds"], 2),
                       "long_steps": args.long_steps, "long_samples": args.long_samples, "long_fid": le["long"]["proxy_fid"],
+                      "long_runs": len(runs_fid[r["candidate"]]), "long_fid_mean": float(np.mean(runs_fid[r["candidate"]])),
                       "long_kid": le["long"]["kid"], "long_fid_real": le["long"]["fid_real"], "long_adherence": le["long"]["adherence"],
                       "long_distill_seconds": le["distill_seconds"], "long_eval_seconds": le["long"]["eval_seconds"],
                       "long_seconds": round(le["distill_seconds"] + le["long"]["eval_seconds"], 2)})
@@ -281,38 +351,48 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         for d in out_rows:
             w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()})
     (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "also_tried": extra,
-                                                             "noise_floor": noise, "candidates": rows}, indent=1))
-    _plot(ok, args, results / "proxy_fidelity.png", meta, noise)
-    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise)
+                                                             "noise_floor": noise, "run_to_run": rr, "candidates": rows}, indent=1))
+    _plot(ok, long_fid, runs, args, results / "proxy_fidelity.png", meta, noise)
+    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise, rr)
 
 
-def _plot(ok, args, path: Path, meta: dict, noise: dict | None = None) -> None:
+def _plot(ok, long_fid, runs, args, path: Path, meta: dict, noise: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    L = str(args.long_steps)
-    long_fid = [r["evals"][L]["long"]["proxy_fid"] for r in ok]
     fig, axes = plt.subplots(1, len(args.checkpoints), figsize=(4 * len(args.checkpoints), 4), squeeze=False)
     for ax, n in zip(axes[0], args.checkpoints):
         fid = [r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok]
-        if noise:
-            ax.errorbar(fid, long_fid, yerr=noise["fid_sd"], fmt="o", ms=4, capsize=2)
+        if noise:  # one sd of the reference: sampling noise, and run-to-run noise of a mean of that many runs
+            yerr = np.sqrt(noise["fid_sd"] ** 2 + (noise.get("train_sd") or 0.0) ** 2 / np.asarray(runs, dtype=float))
+            ax.errorbar(fid, long_fid, yerr=yerr, fmt="o", ms=4, capsize=2)
         else:
             ax.scatter(fid, long_fid)
         for r, x, y in zip(ok, fid, long_fid):
             ax.annotate(r["candidate"], (x, y), fontsize=7)
         ax.set_xlabel(f"proxy FID ({n} steps, {args.proxy_samples} samples)")
-        ax.set_ylabel(f"long FID ({args.long_steps} steps, {args.long_samples} samples)")
-    bars = f"; bars: one sd of the long FID over {len(noise['seeds'])} seed sets" if noise else ""
+        ax.set_ylabel(f"long FID ({args.long_steps} steps, {args.long_samples} samples"
+                      + (f"; mean of {min(runs)}-{max(runs)} runs)" if max(runs) > 1 else ")"))
+    bars = ("; bars: one sd of the reference (sampling over seed sets"
+            + (", run-to-run over repeats" if noise and noise.get("train_sd") else "") + ")") if noise else ""
     fig.suptitle(f"proxy vs long distillation, teacher {args.teacher}; {meta['machine']}, float32, seed {args.seed}{bars}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None = None) -> None:
+def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None = None, rr: dict | None = None) -> None:
     d = args.default_steps
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    averaged = any(r["long_runs"] > 1 for r in ok_rows)
+    repeats = ""
+    if averaged:
+        ks = sorted({r["long_runs"] for r in ok_rows})
+        repeats = (f" The long run was then repeated with the same settings and seeds (`--replicate`: the long run and its "
+                   f"evaluation only), {'-'.join(map(str, (ks[0], ks[-1]))) if len(ks) > 1 else ks[0]} long runs per candidate "
+                   "in all, each set with its own Base for the recombinations; the **reference** is the mean long FID over a "
+                   "candidate's runs, and costs are against one long run.")
     lines = [
         "# Rank fidelity of the quality proxy",
         "",
@@ -324,56 +404,66 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         f"steps {', '.join(map(str, args.checkpoints))} with the proxy evaluation ({args.proxy_samples} prompts, fixed seeds) and at "
         f"step {args.long_steps} with the long evaluation ({args.long_samples} prompts). FID is against the teacher's samples on the "
         f"same prompts and seeds ({meta['sampler']}, {args.sampler_steps} steps, guidance {args.guidance}, 32x32 px), Inception-2015-12-05 "
-        "pool features. Recombinations take their Base blocks from this run's long-distilled BK-SDM-Base.",
+        "pool features. Recombinations take their Base blocks from this run's long-distilled BK-SDM-Base." + repeats,
         "",
         f"Measured on {meta['machine']}, float32, torch {meta['torch']}; wall seconds (distillation seconds exclude the "
         "evaluations done on the way). Teacher samples and reference features were computed once before the candidates "
         "(as a study computes them once) and are in no candidate's cost. Total wall time over the candidates: "
         f"{meta.get('wall_seconds', 0) / 60:.0f} min.",
         "",
-        "## Each proxy setting against the long run",
+        "## Each proxy setting against the long run" + (" (reference: mean over the long runs)" if averaged else ""),
         "",
-        "| proxy | Kendall tau (p) | Spearman rho (p) | proxy cost / long cost (mean, max) | proxy seconds (mean) |"
+        "| proxy | Kendall tau (p) | Spearman rho (p) |" + (" Kendall tau vs the first long run alone |" if averaged else "")
+        + " proxy cost / long cost (mean, max) | proxy seconds (mean) |"
         + (" pairs the long run separates: same order |" if noise else ""),
-        "|---|---|---|---|---|" + ("---|" if noise else ""),
+        "|---|---|---|" + ("---|" if averaged else "") + "---|---|" + ("---|" if noise else ""),
     ]
     for s in settings:
         what = (f"zero-cost `{s['zero_cost']}` (no training)" if s.get("zero_cost") else s["what"] if s.get("what")
                 else f"{s['distill_steps']} steps, {s['samples']} samples (FID)" + (" **(default)**" if s["distill_steps"] == d else ""))
         lines.append(f"| {what} | {s['kendall_tau']:.3f} ({s['kendall_p']:.3g}) | {s['spearman_rho']:.3f} ({s['spearman_p']:.3g}) | "
-                     f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |"
+                     + (f"{s['kendall_tau_first_run']:.3f} | " if averaged else "")
+                     + f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |"
                      + (f" {s['separated_agree']} of {s['separated_pairs']} |" if noise else ""))
+    n_ok = len(ok_rows)
+    if rr:
+        reps = [(r["candidate"], rr["long_fid_runs"][r["candidate"]]) for r in ok_rows if r["long_runs"] > 1]
+        lines += ["", "Repeats of whole long runs with the same settings and seeds (first run, then the repeats): "
+                  + "; ".join(f"{c} " + ", ".join(f"{x:.2f}" for x in v) for c, v in reps)
+                  + f". Float32 training on this CPU is not bit-reproducible and the difference grows over the {args.long_steps} "
+                  f"steps: the run-to-run sd of one long FID (pooled over {rr['candidates_repeated']} candidates, {rr['df']} degrees of "
+                  f"freedom) is {rr['train_sd']:.2f}."]
     if noise:
-        n_ok = len([r for r in rows if r["status"] == "ok"])
         studs = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in noise["students"].items())
         lines += ["", f"Noise of the long FID (experiments/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
                   f"on {len(noise['seeds'])} seed sets of {noise['samples']} samples ({noise['seeds']}; mean ± sd: {studs}). One long "
                   f"FID varies by sd {noise['fid_sd']:.2f}; the difference between two students on the same seeds by sd "
                   f"{noise['diff_sd']:.2f}."
-                  + (f" Repeating a whole long run with the same settings and seeds ({', '.join(x['candidate'] for x in noise['replicates'])}: "
-                     + ", ".join(f"{x['long_fid_runs']:.2f} vs {x['long_fid_replicate']:.2f}" for x in noise["replicates"])
-                     + f") puts the run-to-run sd of one long FID at {noise['train_sd']:.2f}; float32 training on this CPU is not "
-                     "bit-reproducible and the difference grows over the 400 steps." if noise.get("train_sd") else "")
-                  + f" A difference between two candidates thus has sd {noise['comparison_sd']:.2f}. Pairs whose long FIDs differ by "
-                  f"less than {noise['separation']:.2f} (two of those) are "
+                  + (f" With the run-to-run noise, the reference FIDs of two candidates of {noise['separation_runs']} "
+                     f"long run{'s' if noise['separation_runs'] > 1 else ''} each differ by sd {noise['comparison_sd']:.2f}"
+                     if noise.get("train_sd") else f" A difference between two candidates thus has sd {noise['comparison_sd']:.2f}")
+                  + f". Pairs whose reference FIDs differ by less than {noise['separation']:.2f} (two of those"
+                  + ("; per pair, by the runs each has" if averaged else "") + ") are "
                   f"not ordered by the long run beyond its own noise; the last column counts the {settings[0]['separated_pairs']} of "
                   f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
-        if noise.get("repeat_tau"):
-            rt = noise["repeat_tau"]
-            lines += ["", f"The ceiling this noise sets: a repeat of the whole long run would rank these {n_ok} candidates against "
-                      f"this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} simulated repeats, 10th-90th percentile "
-                      f"{rt['p10']:.2f}-{rt['p90']:.2f}; run-to-run sd {noise['train_sd']:.2f} per long FID)."]
+    if rr:
+        rt = rr["repeat_tau"]
+        lines += ["", f"The ceiling this noise sets: a repeat of the whole reference ({'the same number of long runs, averaged' if averaged else 'one long run'}) "
+                  f"would rank these {n_ok} candidates against this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} "
+                  f"simulated repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f}; run-to-run sd {rr['train_sd']:.2f} per long FID)."]
     lines += ["", "## Also tried on the same runs", "", "| proxy | Kendall tau (p) | Spearman rho (p) | cost / long cost (mean) |",
               "|---|---|---|---|"]
     for e in extra:
         cf = f"{100 * e['cost_fraction_mean']:.1f}%" if "cost_fraction_mean" in e else "as above"
         lines.append(f"| {e['what']} | {e['kendall_tau']:.3f} ({e['kendall_p']:.3g}) | {e['spearman_rho']:.3f} ({e['spearman_p']:.3g}) | {cf} |")
     lines += ["", f"## Per candidate (default proxy: {d} steps, {args.proxy_samples} samples)", "",
-              "| candidate | space | params (M) | proxy FID | long FID | long FID vs real | long adherence | proxy s | long s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted([r for r in rows if r["status"] == "ok"], key=lambda r: r["long_fid"]):
+              "| candidate | space | params (M) | proxy FID | long FID |" + (" long FID, mean (runs) |" if averaged else "")
+              + " long FID vs real | long adherence | proxy s | long s |",
+              "|---|---|---|---|---|" + ("---|" if averaged else "") + "---|---|---|---|"]
+    for r in sorted(ok_rows, key=lambda r: r["long_fid_mean"]):
         lines.append(f"| {r['candidate']} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
-                     f"{r['long_fid_real']:.1f} | {100 * r['long_adherence']:.0f}% | {r['proxy_seconds']:.0f} | {r['long_seconds']:.0f} |")
+                     + (f"{r['long_fid_mean']:.2f} ({r['long_runs']}) | " if averaged else "")
+                     + f"{r['long_fid_real']:.1f} | {100 * r['long_adherence']:.0f}% | {r['proxy_seconds']:.0f} | {r['long_seconds']:.0f} |")
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"\n{r['candidate']}: {r['status']}")
@@ -415,6 +505,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="results", help="where proxy_fidelity.csv/.md/.json/.png go")
     ap.add_argument("--notes", default=None, help="a markdown file of reading notes appended to proxy_fidelity.md")
     ap.add_argument("--noise", default=None, help="noise_floor.py's report (default: <out>/noise_floor.json when present)")
+    ap.add_argument("--replicate", default=None, metavar="TAG",
+                    help="repeat the long runs only (same settings and seeds, no proxy evaluations) into "
+                         "<out>/replicates/<name>.<TAG>.json; recombinations take the Base of the same replicate "
+                         "(<out>/replicates/<TAG>/bk-sdm-base-long). The analysis averages the long FID over all runs of a candidate")
     args = ap.parse_args(argv)
     if max(args.checkpoints) * 10 > args.long_steps:
         ap.error(f"--long-steps {args.long_steps} must be at least 10x the longest proxy ({max(args.checkpoints)} steps)")
@@ -423,7 +517,12 @@ def main(argv=None) -> int:
         ap.error(f"--default-steps {args.default_steps} is not one of --checkpoints {args.checkpoints}")
     torch.set_num_threads(torch.get_num_threads())
     out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if args.replicate and not args.replicate.replace("-", "").replace("_", "").isalnum():
+        ap.error(f"--replicate {args.replicate!r}: use letters, digits, '-' and '_' only")
+    # where this invocation writes: the runs, or one replicate set of them
+    run_dir = out / "replicates" if args.replicate else out / "runs"
+    export_dir = out / "replicates" / args.replicate if args.replicate else out
+    run_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     pipe = load_pipeline(args.teacher, device="cpu")
     args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
@@ -446,7 +545,7 @@ def main(argv=None) -> int:
     for name, spec in CANDIDATES:
         if only and name not in only:
             continue
-        f = out / "runs" / f"{name}.json"
+        f = run_dir / (f"{name}.{args.replicate}.json" if args.replicate else f"{name}.json")
         if f.is_file():
             rows.append(json.loads(f.read_text()))
             print(f"{name}: done before, kept", file=sys.stderr)
@@ -454,7 +553,7 @@ def main(argv=None) -> int:
             continue
         else:
             if name.startswith("asdm-") and base_unet is None:
-                bf = out / "bk-sdm-base-long"
+                bf = export_dir / "bk-sdm-base-long"
                 if not (bf / "hybridsd_nas.json").is_file():
                     raise SystemExit(f"error: {bf} is missing; run bk-sdm-base first (the recombinations' Base)")
                 from hybridsd_nas import load_unet
@@ -463,7 +562,7 @@ def main(argv=None) -> int:
             print(f"{name}: distilling {args.long_steps} steps", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:
-                row = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, out)
+                row = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, export_dir)
             except InvalidCandidateError as e:  # a candidate list mistake costs that candidate, not the run
                 print(f"{name}: invalid candidate, skipped: {e}", file=sys.stderr, flush=True)
                 continue
@@ -472,8 +571,11 @@ def main(argv=None) -> int:
             rows.append(row)
     meta["wall_seconds"] = sum(r.get("wall_seconds", 0) for r in rows)
     meta["this_invocation_seconds"] = round(time.perf_counter() - t_all, 1)
-    if len([r for r in rows if r["status"] == "ok"]) >= 3:
-        analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher))
+    if args.replicate:
+        print(f"replicate {args.replicate}: {len(rows)} runs in {run_dir}; tabulate with --analyse-only", file=sys.stderr)
+    elif len([r for r in rows if r["status"] == "ok"]) >= 3:
+        analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher),
+                load_replicates(out, args.long_steps))
     return 0
 
 
