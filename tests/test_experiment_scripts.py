@@ -188,7 +188,8 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     (rd / "bk-sdm-base.first-run.json").write_text(json.dumps({"candidate": "bk-sdm-base", **long(52.0, 400)}))
     (rd / "asdm-m1.short.json").write_text(json.dumps({"candidate": "asdm-m1", **long(40.0, 100)}))
     reps = run.load_replicates(tmp_path, 400)
-    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0}, {"tag": "rep2", "long_fid": 50.0}]}
+    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0},
+                                    {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0}]}
     assert "asdm-m1.short.json holds no ok 400-step long run" in capsys.readouterr().err
 
 

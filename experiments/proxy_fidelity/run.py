@@ -199,7 +199,8 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
         if r.get("status") != "ok" or ev is None:
             print(f"warning: {f} holds no ok {long_steps}-step long run; not used", file=sys.stderr)
             continue
-        reps.setdefault(r["candidate"], []).append({"tag": f.name[len(r["candidate"]) + 1:-len(".json")], "long_fid": ev["proxy_fid"]})
+        reps.setdefault(r["candidate"], []).append({"tag": f.name[len(r["candidate"]) + 1:-len(".json")], "long_fid": ev["proxy_fid"],
+                                                    "wall_seconds": r.get("wall_seconds", 0.0)})
     return reps
 
 
@@ -392,7 +393,8 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         repeats = (f" The long run was then repeated with the same settings and seeds (`--replicate`: the long run and its "
                    f"evaluation only), {'-'.join(map(str, (ks[0], ks[-1]))) if len(ks) > 1 else ks[0]} long runs per candidate "
                    "in all, each set with its own Base for the recombinations; the **reference** is the mean long FID over a "
-                   "candidate's runs, and costs are against one long run.")
+                   "candidate's runs, and costs are against one long run. The repeats took "
+                   f"{sum(x.get('wall_seconds', 0.0) for v in (rr or {}).get('replicates', {}).values() for x in v) / 60:.0f} min.")
     lines = [
         "# Rank fidelity of the quality proxy",
         "",
