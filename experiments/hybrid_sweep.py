@@ -12,6 +12,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -127,6 +128,7 @@ def main() -> None:
     tdir = Path(pipeline_path(a.teacher))
     cache: dict = {}
     results = []
+    load = os.getloadavg()[0]  # other jobs on the machine slow the sweep's wall time; say how busy it was
     t0 = time.time()
     for small in a.smalls:
         st = SweepSettings(steps=a.steps, step_every=a.step_every, samples=a.samples, seed=a.seed, guidance=a.guidance,
@@ -146,7 +148,7 @@ def main() -> None:
         "",
         f"- teacher: `{a.teacher}` ({tdir}, U-Net weights sha1 {teacher_fingerprint(tdir)}), {r0['scheduler']}, "
         f"{r0['resolution']}x{r0['resolution']} px",
-        f"- device: {device_label(torch.device('cpu'))} (shared with other jobs), dtype {r0['dtype']}, torch {torch.__version__}, "
+        f"- device: {device_label(torch.device('cpu'))} (load average {load:.1f} at the start), dtype {r0['dtype']}, torch {torch.__version__}, "
         f"{platform.python_version()}",
         f"- {a.steps} steps, guidance {a.guidance}, {a.samples} samples (the teacher's eval prompts, cycled), image i "
         f"seeded {a.seed}+i; switch steps every {a.step_every} plus 10 and 15 (A-SDM table 3)",
