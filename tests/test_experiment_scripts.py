@@ -157,6 +157,7 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     assert saved["noise_floor"]["diff_sd"] == 0.3
     assert saved["noise_floor"]["train_sd"] == pytest.approx(0.08 ** 0.5)
     assert "a repeat of the whole reference (the same number of long runs, averaged) would rank these 4 candidates" in md
+    assert "run_vs_repeat" not in saved["run_to_run"]  # one candidate run twice: too few for a rank correlation
     rows_csv = list(csv.DictReader((tmp_path / "proxy_fidelity.csv").open()))
     assert [(r["candidate"], r["long_runs"], r["long_fid_mean"]) for r in rows_csv][0] == ("a", "2", "10.2")
     rt = saved["run_to_run"]["repeat_tau"]
@@ -164,6 +165,12 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     # a repeat of a run whose noise is tiny against the spread of its FIDs ranks like it; one whose noise swamps it does not
     assert run.repeat_tau(np.arange(8.0) * 10, 0.1)["median"] == pytest.approx(1.0)
     assert run.repeat_tau(np.arange(8.0) * 0.01, 10.0)["median"] < 0.5
+    # three candidates repeated: the repeat swaps c and d against the first runs -> tau 1/3 of the 3 pairs
+    more = {"a": [{"tag": "r2", "long_fid": 10.4}], "c": [{"tag": "r2", "long_fid": 31.0}], "d": [{"tag": "r2", "long_fid": 29.0}]}
+    run.analyse(rows, args, meta, tmp_path / "rep", noise, more)
+    rvr = json.loads((tmp_path / "rep" / "proxy_fidelity.json").read_text())["run_to_run"]["run_vs_repeat"]
+    assert rvr["candidates"] == 3 and rvr["kendall_tau"] == pytest.approx(1 / 3)
+    assert rvr["tag"] == "r2" and "repeat set `r2`, the first long runs and the repeats agree with Kendall tau 0.333" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()
     run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report or repeats: no such columns
     plain = (tmp_path / "plain" / "proxy_fidelity.md").read_text()
     assert "same order" not in plain and "first long run alone" not in plain
