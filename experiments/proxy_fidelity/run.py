@@ -256,15 +256,15 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     runs_fid = {r["candidate"]: [float(f)] + [x["long_fid"] for x in replicates.get(r["candidate"], [])] for r, f in zip(ok, long_first)}
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
-    averaged = bool(replicates)
     rr = run_to_run(runs_fid)
+    averaged = rr is not None  # some candidate has more than one long run
     if noise:
         noise = {**noise, **(rr or {})}
         train_sd = noise.get("train_sd") or 0.0
         sep = pair_separation(noise["diff_sd"], train_sd, runs)
         typical = int(np.median(runs))  # the separation quoted in the text: two candidates of the typical run count
-        noise["comparison_sd"] = float(pair_separation(noise["diff_sd"], train_sd, np.array([typical, typical]))[0, 1] / 2)
-        noise["separation"] = 2 * noise["comparison_sd"]
+        noise["separation"] = float(pair_separation(noise["diff_sd"], train_sd, np.array([typical, typical]))[0, 1])
+        noise["comparison_sd"] = noise["separation"] / 2
         noise["separation_runs"] = typical
     else:
         sep = None
@@ -321,7 +321,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                          + r["evals"][str(b)]["proxy"]["eval_seconds"] for r in ok])
         extra.append({"what": f"FID at {a} and {b} steps extrapolated (linear in log steps) to {args.long_steps}",
                       **kendall_spearman(pred, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost))})
-    if rr:
+    if averaged:
         rr["repeat_tau"] = repeat_tau(long_fid, rr["train_sd"], runs=runs)
         # measured rather than simulated: the first runs against the repeat set that covers most candidates
         tags = [x["tag"] for v in replicates.values() for x in v]
