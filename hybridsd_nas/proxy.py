@@ -113,7 +113,13 @@ def teacher_samples(teacher: str, pipe, prompts: list[str], seed: int, steps: in
 @torch.no_grad()
 def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int = 0) -> dict[str, float]:
     """Before any training: output MSE against the teacher on fixed noisy latents, and the
-    latent-statistics score |d mean| + |d std| of the predicted noise (LD-Pruner's criterion)."""
+    latent-statistics score |d mean| + |d std| of the predicted noise (LD-Pruner's criterion).
+
+    The same comparison also gives the error where it is made: ``output_mse_low`` and
+    ``output_mse_high`` over the least and the most noisy third of the timesteps, and ``x0_mse``, the
+    error of the clean latents the two predictions imply (the noise error scaled by
+    sqrt((1 - alpha_bar) / alpha_bar), so dominated by the noisiest timesteps, where the layout of a
+    sample is decided)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(data), (n,), generator=g)
     lat, emb = data.batch(idx)
@@ -122,8 +128,36 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
     noisy = scheduler.add_noise(lat, noise, t)
     es = student(noisy, t, emb, return_dict=False)[0].float()
     et = teacher(noisy, t, emb, return_dict=False)[0].float()
-    return {"output_mse": float(((es - et) ** 2).mean()),
-            "latent_stat_shift": float((es.mean() - et.mean()).abs() + (es.std() - et.std()).abs())}
+    err = ((es - et) ** 2).flatten(1).mean(1)  # per latent
+    T = scheduler.config.num_train_timesteps
+    ab = scheduler.alphas_cumprod[t].double()
+    out = {"output_mse": float(err.mean()),
+           "latent_stat_shift": float((es.mean() - et.mean()).abs() + (es.std() - et.std()).abs()),
+           "x0_mse": float((err.double() * (1 - ab) / ab).mean())}
+    for k, band in (("output_mse_low", t < T / 3), ("output_mse_high", t >= 2 * T / 3)):
+        if band.any():  # with fewer than 3 latents a third may hold none
+            out[k] = float(err[band].mean())
+    return out
+
+
+def paired_mse(images, reference) -> float:
+    """Mean squared difference of paired uint8 images (same prompt, same seed), in [0, 1] units."""
+    a, b = np.asarray(images, dtype=np.float64) / 255.0, np.asarray(reference, dtype=np.float64) / 255.0
+    if a.shape != b.shape:
+        raise HybridSDError(f"paired images differ in shape: {a.shape} vs {b.shape}")
+    return float(((a - b) ** 2).mean())
+
+
+def paired_sample_score(teacher: str, pipe, student, samples: int, seed: int, steps: int, guidance: float) -> dict[str, float]:
+    """The student's samples on the first ``samples`` fixed evaluation prompts and seeds against the
+    teacher's (cached) on the same ones: mean squared pixel difference, no feature network. A cheap
+    score of how far sampling with the student drifts from the teacher's samples, which is what the
+    FID against the teacher's samples measures as a distribution."""
+    t0 = time.perf_counter()
+    prompts = [r["prompt"] for r in eval_prompt_set(teacher, samples)]
+    t_imgs = teacher_samples(teacher, pipe, prompts, seed, steps, guidance)
+    s_imgs = generate(pipe, student, prompts, seed, steps, guidance)
+    return {"paired_mse": paired_mse(s_imgs, t_imgs), "samples": samples, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
@@ -224,6 +258,7 @@ def evaluate_student(teacher: str, pipe, student, s: ProxySettings, steps: int, 
         "kid_real": vs_real["kid_mean"],
         "adherence": prompt_adherence(clf, s_imgs, np.array([r["class_index"] for r in rows])),
         "adherence_teacher": prompt_adherence(clf, t_imgs, np.array([r["class_index"] for r in rows])),
+        "paired_mse": paired_mse(s_imgs, t_imgs),
         "eval_seconds": round(time.perf_counter() - t0, 2),
         "samples": len(s_imgs),
     }

@@ -207,3 +207,56 @@ def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):
     assert run.load_noise(f, "tiny") is None
     assert "other teacher weights" in capsys.readouterr().err
     assert run.load_noise(tmp_path / "missing.json", "tiny") is None
+
+
+def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_ones(tmp_path):
+    import argparse
+
+    run = _script_at("proxy_fidelity/run")
+
+    def with_scores(row, paired, high, fresh=False):
+        ext = {"distill_seconds": 5.0, "heldout": {"output_mse": 1.0, "output_mse_high": high, "output_mse_low": 1.0,
+                                                    "x0_mse": high, "seconds": 0.5},
+               "paired": {"paired_mse": paired, "samples": 8, "seconds": 0.5}}
+        row["zero_cost"]["latent_stat_shift"] = high  # not a perfect ranker here
+        if fresh:  # a fresh run carries the scores itself; a first run got them from a rescore
+            row["set"] = "fresh"
+            row["evals"]["10"].update(ext)
+        else:
+            row["evals"]["10"]["rescore"] = ext
+        return row
+
+    # long FIDs 10..50; the paired score ranks the first five perfectly, the FID proxy and the high-noise MSE do not
+    first = [with_scores(_fidelity_row(n, "layer-removal", p, f), paired=f / 100, high=h)
+             for n, p, f, h in [("a", 5.0, 10.0, 3.0), ("b", 1.0, 20.0, 1.0), ("c", 3.0, 30.0, 2.0),
+                                ("d", 2.0, 40.0, 5.0), ("e", 4.0, 50.0, 4.0)]]
+    # fresh: f and g fall between the first ones; the paired score swaps f and g
+    fresh = [with_scores(_fidelity_row("f", "channel-pruning", 1.0, 32.0), paired=0.36, high=1.0, fresh=True),
+             with_scores(_fidelity_row("g", "channel-pruning", 2.0, 35.0), paired=0.34, high=1.0, fresh=True),
+             with_scores(_fidelity_row("h", "channel-pruning", 3.0, 60.0), paired=0.60, high=1.0, fresh=True)]
+    args = argparse.Namespace(teacher="tiny", long_steps=100, checkpoints=[10], score_checkpoints=[10], proxy_samples=8,
+                              long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
+                              guidance=4.0, notes=None)
+    names = [s["what"] for s in run.score_vectors(first, args)]
+    assert "paired sample MSE (8 samples, no feature network), after 10 steps" in names
+    assert "held-out output MSE, noisiest third of timesteps, after 10 steps (no sampling)" in names
+    # the first runs' own held-out record is not the rescore's
+    assert run.score_vectors(first, args)[names.index("held-out output MSE after 10 steps (no sampling)")]["score"].tolist() == [5, 1, 3, 2, 4]
+    # the rule: highest tau within the cost; a tie goes to the cheaper
+    pick = run.choose([{"what": "x", "kendall_tau": 0.9, "cost_fraction_mean": 0.2}, {"what": "y", "kendall_tau": 0.7, "cost_fraction_mean": 0.05},
+                       {"what": "z", "kendall_tau": 0.7, "cost_fraction_mean": 0.01}])
+    assert pick["what"] == "z" and run.choose([{"what": "x", "kendall_tau": 0.9, "cost_fraction_mean": 0.2}]) is None
+    meta = {"machine": "test", "sampler": "PNDMScheduler", "torch": torch.__version__, "wall_seconds": 60}
+    run.analyse(first + fresh, args, meta, tmp_path)
+    saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
+    assert saved["chosen"]["what"].startswith("paired sample MSE") and saved["chosen"]["kendall_tau"] == pytest.approx(1.0)
+    check = {c["what"]: c for c in saved["fresh_check"]}
+    paired = check[saved["chosen"]["what"]]
+    # 3 fresh pairs + 3 x 5 fresh-first pairs = 18; the only one out of order is f-g
+    assert paired["pairs_with_fresh"] == 18 and paired["pairs_with_fresh_agree"] == 17
+    assert paired["kendall_tau_fresh"] == pytest.approx(1 / 3)
+    assert set(check) == {saved["chosen"]["what"], "10 steps, 8 samples (FID)"}  # the default is checked beside it
+    md = (tmp_path / "proxy_fidelity.md").read_text()
+    assert "checked on fresh ones" in md and "f (channel-pruning)" in md and "| 0.333 (3) | 17 of 18 |" in md
+    assert "5 candidates from the" in md and "| f (fresh) | channel-pruning |" in md
+    assert [r["set"] for r in csv.DictReader((tmp_path / "proxy_fidelity.csv").open())][-1] == "fresh"

@@ -45,7 +45,7 @@ from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.distill import DistillConfig, distill, fashion_mnist_data
 from hybridsd_nas.errors import InvalidCandidateError
 from hybridsd_nas.pipeline import load_pipeline
-from hybridsd_nas.proxy import ProxySettings, evaluate_student, sampling_settings, zero_cost_scores
+from hybridsd_nas.proxy import ProxySettings, evaluate_student, paired_sample_score, sampling_settings, zero_cost_scores
 
 CANDIDATES: list[tuple[str, object]] = [
     ("bk-sdm-base", "bk-sdm-base"),  # first: the Base the recombinations take their blocks from
@@ -64,6 +64,28 @@ CANDIDATES: list[tuple[str, object]] = [
 ]
 
 
+# Fresh candidates, run after the scores were chosen on the candidates above (``--fresh``): they check a
+# choice made on those on candidates it was not made on. Channel pruning is a space of its own here.
+def _inner_from_base(arch):
+    from hybridsd_nas.arch.candidate import recombine
+
+    inner = (arch.down[-2].name, arch.down[-1].name, arch.up[0].name, arch.up[1].name, "mid")
+    return recombine(arch, [b for b in inner if b in arch.block_names], frozen_original=True, name="inner-from-base")
+
+
+FRESH: list[tuple[str, object]] = [
+    ("drop-innermost-stage", {"name": "drop-innermost-stage", "drop_stages": 1}),
+    # BK-SDM-Base's layer drops in the two outer stages only (down0/up3, down1/up2)
+    ("bk-base-outer-stages", {"name": "bk-base-outer-stages", "drop_layers": ["down0.1", "down1.1", "up2.1", "up3.1"]}),
+    # unit removal in the decoder: the last Transformer of every cross-attention up block
+    ("drop-last-up-attentions", {"name": "drop-last-up-attentions", "drop_units": ["up1.2.attn", "up2.2.attn", "up3.2.attn"]}),
+    ("prune-ff-half", {"name": "prune-ff-half", "prune": {"all": {"ff": 0.5}}}),
+    ("prune-resnet-half", {"name": "prune-resnet-half", "prune": {"all": {"resnet": 0.5}}}),
+    ("prune-heads-half", {"name": "prune-heads-half", "prune": {"all": {"heads": 0.5}}}),
+    ("inner-from-base", _inner_from_base),  # A-SDM-style recombination, the inner stages and mid from the Base
+]
+
+
 EXPORTED = ("bk-sdm-base", "bk-sdm-tiny")  # the recombinations' Base; the hybrid sweep's distilled small U-Nets
 
 
@@ -72,13 +94,14 @@ def _ints(s: str) -> list[int]:
 
 
 def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_unet, out_dir: Path) -> dict:
-    cand = resolve_candidate(spec, arch)
+    cand = spec(arch) if callable(spec) else resolve_candidate(spec, arch)
     p = plan(arch, cand)
     uses_base = bool(p.candidate.base_blocks)
     student = build_student(p, teacher=pipe.unet, device="cpu", base_unet=base_unet if uses_base else None)
     cost = estimate_cost(args.teacher, cand, arch=arch)
-    row: dict = {"candidate": name, "candidate_key": cand.key, "space": "recombination" if uses_base else "layer-removal",
-                 "params": cost["params"], "macs": cost["macs"]}
+    space = "recombination" if uses_base else "channel-pruning" if cand.prune else "layer-removal"
+    row: dict = {"candidate": name, "candidate_key": cand.key, "space": space, "params": cost["params"], "macs": cost["macs"],
+                 "set": "fresh" if args.fresh else "first"}
     t0 = time.perf_counter()
     row["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=args.seed)
     row["zero_cost_seconds"] = round(time.perf_counter() - t0, 3)
@@ -90,12 +113,13 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     spent = {"eval": 0.0}
     t_start = time.perf_counter()
 
-    # a replicate repeats only the long run and its evaluation
-    proxies = [] if args.replicate else args.checkpoints
+    # a replicate repeats only the long run and its evaluation; a rescore only the cheap scores of the first steps
+    proxies = [] if args.replicate or args.rescore else args.checkpoints
     scores = [] if args.replicate else args.score_checkpoints
+    last = max(args.score_checkpoints) if args.rescore else args.long_steps
 
     def on_step(n: int, st) -> None:
-        if n not in proxies and n not in scores and n != args.long_steps:
+        if n not in proxies and n not in scores and n != last:
             return
         e0 = time.perf_counter()
         distill_s = e0 - t_start - spent["eval"]
@@ -108,9 +132,11 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
             if not args.replicate:
                 rec["heldout"] = zero_cost_scores(st, pipe.unet, heldout, sched, n=args.heldout_latents, seed=args.seed + 1)
                 rec["heldout"]["seconds"] = round(time.perf_counter() - h0, 3)
+            if n in scores and n in args.paired_checkpoints:
+                rec["paired"] = paired_sample_score(args.teacher, pipe, st, args.paired_samples, args.seed, steps, args.guidance)
             if n in proxies:
                 rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance)
-            if n == args.long_steps:
+            if n == args.long_steps and not args.rescore:
                 rec["long"] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance)
         finally:
             st.train()
@@ -119,17 +145,18 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
         print(f"  {name} step {n}: " + ", ".join(f"{k} FID {v['proxy_fid']:.2f} ({v['eval_seconds']:.0f} s eval)"
                                                  for k, v in rec.items() if isinstance(v, dict) and "proxy_fid" in v)
               + (f", held-out output MSE {rec['heldout']['output_mse']:.4f}" if "heldout" in rec else "")
+              + (f", paired sample MSE {rec['paired']['paired_mse']:.5f}" if "paired" in rec else "")
               + f", {distill_s:.0f} s distill",
               file=sys.stderr, flush=True)
 
     # log_every=1 only records every step's loss (a free score); training is the same
-    cfg = DistillConfig(steps=args.long_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=1)
+    cfg = DistillConfig(steps=last, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=1)
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, on_step=on_step)
     row.update({"status": res.status, "reason": res.reason, "trainable_params": res.trainable_params,
                 "frozen_params": res.frozen_params, "evals": {str(k): v for k, v in sorted(evals.items())},
                 "final_loss": res.curve[-1]["loss"] if res.curve else None,
                 "curve": [{k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()} for c in res.curve]})
-    if name in EXPORTED and res.status == "ok":
+    if name in EXPORTED and res.status == "ok" and not args.rescore:
         from hybridsd_nas.export import export_unet
 
         export_unet(student, p, out_dir / f"{name}-long", teacher_id=args.teacher, cost=cost, overwrite=True,
@@ -243,17 +270,126 @@ def repeat_tau(long_fid: np.ndarray, train_sd: float, draws: int = 2000, seed: i
     return {"median": float(np.median(t)), "p10": float(np.percentile(t, 10)), "p90": float(np.percentile(t, 90)), "draws": draws}
 
 
+def _long_cost(rows: list[dict], L: str) -> np.ndarray:
+    return np.array([r["evals"][L]["distill_seconds"] + r["evals"][L]["long"]["eval_seconds"] for r in rows])
+
+
+def _ext(r: dict, n) -> dict:
+    """Step ``n``'s record of the cheap scores: the rescore's where the run was rescored, else the run's own."""
+    e = r["evals"].get(str(n), {})
+    return e.get("rescore", e)
+
+
+def score_vectors(ok: list[dict], args) -> list[dict]:
+    """Every score this experiment takes, as one value per candidate of ``ok`` (lower = better
+    predicted) and its cost in seconds per candidate; a score that some candidate lacks (runs of an
+    earlier version of this script) is left out. Keys: what, distill_steps, score, cost, and
+    samples (FID proxies) or zero_cost (zero-cost scores)."""
+    out = []
+
+    def have(n, pred) -> bool:
+        return all(pred(r, str(n)) for r in ok)
+
+    for n in args.checkpoints:
+        if not have(n, lambda r, k: "proxy" in r["evals"].get(k, {})):
+            continue
+        ev = [r["evals"][str(n)] for r in ok]
+        out.append({"what": f"{n} steps, {args.proxy_samples} samples (FID)", "distill_steps": n, "samples": args.proxy_samples,
+                    "score": np.array([e["proxy"]["proxy_fid"] for e in ev]),
+                    "cost": np.array([e["distill_seconds"] + e["proxy"]["eval_seconds"] for e in ev])})
+    for zk in ("output_mse", "latent_stat_shift"):
+        out.append({"what": f"zero-cost `{zk}` (no training)", "distill_steps": 0, "zero_cost": zk,
+                    "score": np.array([r["zero_cost"][zk] for r in ok]), "cost": np.array([r["zero_cost_seconds"] for r in ok])})
+    steps = sorted({int(n) for r in ok for n in r["evals"]})
+    # cheap scores that need no sampling: the held-out output MSE against the teacher after n steps,
+    # and the mean training loss of the n-th step and the 4 before it (free: the run logs it anyway)
+    for n in steps:
+        if not have(n, lambda r, k: "heldout" in r["evals"].get(k, {})) or n == args.long_steps:
+            continue
+        ev = [r["evals"][str(n)] for r in ok]
+        out.append({"what": f"held-out output MSE after {n} steps (no sampling)", "distill_steps": n,
+                    "score": np.array([e["heldout"]["output_mse"] for e in ev]),
+                    "cost": np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])})
+        if all(r.get("curve") for r in ok):
+            out.append({"what": f"training loss of steps {max(n - 4, 1)}..{n} (free)", "distill_steps": n,
+                        "score": np.array([np.mean([c["loss"] for c in r["curve"] if n - 5 <= c["step"] < n]) for r in ok]),
+                        "cost": np.array([e["distill_seconds"] for e in ev])})
+    # where the error is made (rescored runs, or runs of this version): the noisiest third of the
+    # timesteps, the implied clean latents, and the student's own samples against the teacher's
+    for n in steps:
+        if n == args.long_steps:
+            continue
+        if have(n, lambda r, k: "output_mse_high" in _ext(r, k).get("heldout", {})):
+            ev = [_ext(r, n) for r in ok]
+            cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
+            for key, label in (("output_mse_high", "held-out output MSE, noisiest third of timesteps"),
+                               ("x0_mse", "held-out clean-latent (x0) MSE")):
+                out.append({"what": f"{label}, after {n} steps (no sampling)", "distill_steps": n,
+                            "score": np.array([e["heldout"][key] for e in ev]), "cost": cost})
+        if have(n, lambda r, k: "paired" in _ext(r, k)):
+            ev = [_ext(r, n) for r in ok]
+            k = ev[0]["paired"]["samples"]
+            out.append({"what": f"paired sample MSE ({k} samples, no feature network), after {n} steps", "distill_steps": n,
+                        "score": np.array([e["paired"]["paired_mse"] for e in ev]),
+                        "cost": np.array([e["distill_seconds"] + e["paired"]["seconds"] for e in ev])})
+    return out
+
+
+def choose(settings: list[dict], max_cost: float = 0.10) -> dict | None:
+    """The rule that picks a proxy from the first candidates' table, fixed before the fresh
+    candidates were run: the highest Kendall tau among the scores costing at most ``max_cost`` of a
+    long run on average; a tie goes to the cheaper. A score constant over the candidates (no tau) is
+    not a candidate for the choice."""
+    within = [s for s in settings if s["cost_fraction_mean"] <= max_cost and np.isfinite(s["kendall_tau"])]
+    return max(within, key=lambda s: (round(s["kendall_tau"], 9), -s["cost_fraction_mean"])) if within else None
+
+
+def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep: dict | None, args, whats: list[str]) -> list[dict]:
+    """The scores named in ``whats`` on the fresh candidates, against the reference long FID ``ref``
+    (by candidate): Kendall tau over the fresh ones alone and over all, and how many of the pairs
+    that hold a fresh candidate each orders as the reference does (all of them, and those the
+    reference separates beyond its noise: ``sep`` = {"diff_sd", "train_sd", "runs": by candidate})."""
+    both = first + fresh
+    vec = {s["what"]: s for s in score_vectors(both, args)}
+    y = np.array([ref[r["candidate"]] for r in both])
+    nf = len(first)
+    pairs = [(i, j) for i in range(len(both)) for j in range(i + 1, len(both)) if j >= nf]
+    if sep:
+        m = pair_separation(sep["diff_sd"], sep["train_sd"], np.array([sep["runs"][r["candidate"]] for r in both]))
+    out = []
+    for w in whats:
+        if w not in vec:
+            continue
+        x = vec[w]["score"]
+        agree = [int(np.sign(x[i] - x[j]) == np.sign(y[i] - y[j])) for i, j in pairs]
+        d = {"what": w, "fresh": len(fresh), "all": len(both),
+             "kendall_tau_fresh": kendall_spearman(x[nf:], y[nf:])["kendall_tau"],
+             "kendall_tau_all": kendall_spearman(x, y)["kendall_tau"],
+             "pairs_with_fresh": len(pairs), "pairs_with_fresh_agree": sum(agree),
+             "cost_fraction_mean_fresh": float(np.mean(vec[w]["cost"][nf:] / _long_cost(fresh, str(args.long_steps))))}
+        if sep:
+            sp = [(p, a) for p, a in zip(pairs, agree) if abs(y[p[0]] - y[p[1]]) > m[p]]
+            d.update({"separated_pairs_with_fresh": len(sp), "separated_pairs_with_fresh_agree": sum(a for _, a in sp)})
+        out.append(d)
+    return out
+
+
 def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | None = None,
             replicates: dict[str, list[dict]] | None = None) -> None:
     """Tabulate every score against the reference long FID: the long run's, or, where candidates were
     repeated (``replicates``, from ``load_replicates``), the mean over all of a candidate's long runs.
-    Costs are against one long run: the repeats only measure the reference more steadily."""
+    Costs are against one long run: the repeats only measure the reference more steadily.
+
+    The tables are over the first candidates; the fresh ones (``--fresh``, run after the rule that
+    picks a proxy from those tables was fixed) only check the picked proxy and the default."""
     results.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("set") != "fresh"]
+    fresh = [r for r in rows if r["status"] == "ok" and r.get("set") == "fresh"]
     L = str(args.long_steps)
     long_first = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
-    replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok}}
-    runs_fid = {r["candidate"]: [float(f)] + [x["long_fid"] for x in replicates.get(r["candidate"], [])] for r, f in zip(ok, long_first)}
+    replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok + fresh}}
+    runs_fid = {r["candidate"]: [float(r["evals"][L]["long"]["proxy_fid"])] + [x["long_fid"] for x in replicates.get(r["candidate"], [])]
+                for r in ok + fresh}
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
     rr = run_to_run(runs_fid)
@@ -275,32 +411,17 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
             d["kendall_tau_first_run"] = kendall_spearman(score, long_first)["kendall_tau"]
         return d
 
-    long_cost = np.array([r["evals"][L]["distill_seconds"] + r["evals"][L]["long"]["eval_seconds"] for r in ok])
-    settings = []
-    for n in args.checkpoints:
-        fid = np.array([r["evals"][str(n)]["proxy"]["proxy_fid"] for r in ok])
-        cost = np.array([r["evals"][str(n)]["distill_seconds"] + r["evals"][str(n)]["proxy"]["eval_seconds"] for r in ok])
-        settings.append({"distill_steps": n, "samples": args.proxy_samples, **ks(fid),
-                         **_cost_fields(cost, long_cost)})
-    for zk in ("output_mse", "latent_stat_shift"):
-        z = np.array([r["zero_cost"][zk] for r in ok])
-        settings.append({"distill_steps": 0, "zero_cost": zk, **ks(z),
-                         **_cost_fields(np.array([r["zero_cost_seconds"] for r in ok]), long_cost)})
-    # cheap scores that need no sampling: the held-out output MSE against the teacher after n steps,
-    # and the mean training loss of the n-th step and the 4 before it (free: the run logs it anyway)
-    for n in args.score_checkpoints:
-        if not all("heldout" in r["evals"].get(str(n), {}) for r in ok):
-            continue  # runs of an earlier version of this script
-        ev = [r["evals"][str(n)] for r in ok]
-        sc = np.array([e["heldout"]["output_mse"] for e in ev])
-        cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
-        settings.append({"what": f"held-out output MSE after {n} steps (no sampling)", "distill_steps": n,
-                         **ks(sc), **_cost_fields(cost, long_cost)})
-        if all(r.get("curve") for r in ok):
-            tl = np.array([np.mean([c["loss"] for c in r["curve"] if n - 5 <= c["step"] < n]) for r in ok])
-            cost = np.array([e["distill_seconds"] for e in ev])
-            settings.append({"what": f"training loss of steps {max(n - 4, 1)}..{n} (free)", "distill_steps": n,
-                             **ks(tl), **_cost_fields(cost, long_cost)})
+    long_cost = _long_cost(ok, L)
+    settings = [{k: v for k, v in sc.items() if k not in ("score", "cost")} | ks(sc["score"]) | _cost_fields(sc["cost"], long_cost)
+                for sc in score_vectors(ok, args)]
+    chosen = choose(settings)
+    check = []
+    if chosen and len(fresh) >= 3:
+        default_what = next(x["what"] for x in settings if x.get("samples") and x["distill_steps"] == args.default_steps)
+        check = fresh_check(ok, fresh, {k: float(np.mean(v)) for k, v in runs_fid.items()},
+                            {"diff_sd": noise["diff_sd"], "train_sd": noise.get("train_sd") or 0.0,
+                             "runs": {k: len(v) for k, v in runs_fid.items()}} if noise else None,
+                            args, list(dict.fromkeys([chosen["what"], default_what])))
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -333,7 +454,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         rr["long_fid_runs"] = runs_fid
         rr["replicates"] = replicates
     default = args.default_steps
-    fields = ["candidate", "candidate_key", "space", "params", "macs", "trainable_params", "frozen_params",
+    fields = ["candidate", "candidate_key", "space", "set", "params", "macs", "trainable_params", "frozen_params",
               "output_mse", "latent_stat_shift", "proxy_steps", "proxy_samples", "proxy_fid", "proxy_kid", "proxy_fid_real",
               "proxy_adherence", "proxy_distill_seconds", "proxy_eval_seconds", "proxy_seconds",
               "long_steps", "long_samples", "long_fid", "long_runs", "long_fid_mean", "long_kid", "long_fid_real", "long_adherence",
@@ -359,10 +480,10 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         w.writeheader()
         for d in out_rows:
             w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()})
-    (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "also_tried": extra,
+    (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "chosen": chosen, "fresh_check": check, "also_tried": extra,
                                                              "noise_floor": noise, "run_to_run": rr, "candidates": rows}, indent=1))
     _plot(ok, long_fid, runs, args, results / "proxy_fidelity.png", meta, noise)
-    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise, rr)
+    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise, rr, chosen, check)
 
 
 def _plot(ok, long_fid, runs, args, path: Path, meta: dict, noise: dict | None = None) -> None:
@@ -392,9 +513,12 @@ def _plot(ok, long_fid, runs, args, path: Path, meta: dict, noise: dict | None =
     fig.savefig(path, dpi=110)
 
 
-def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None = None, rr: dict | None = None) -> None:
+def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None = None, rr: dict | None = None,
+              chosen: dict | None = None, check: list[dict] | None = None) -> None:
     d = args.default_steps
-    ok_rows = [r for r in rows if r["status"] == "ok"]
+    all_ok = [r for r in rows if r["status"] == "ok"]
+    ok_rows = [r for r in all_ok if r.get("set") != "fresh"]
+    fresh_rows = [r for r in all_ok if r.get("set") == "fresh"]
     averaged = any(r["long_runs"] > 1 for r in ok_rows)
     repeats = ""
     if averaged:
@@ -407,8 +531,8 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     lines = [
         "# Rank fidelity of the quality proxy",
         "",
-        f"Teacher `{args.teacher}` (the embedded tiny SD pipeline). {len([r for r in rows if r['status'] == 'ok'])} candidates from the "
-        f"layer-removal and recombination spaces ({', '.join(r['candidate'] for r in rows)}), each "
+        f"Teacher `{args.teacher}` (the embedded tiny SD pipeline). {len(ok_rows)} candidates from the "
+        f"layer-removal and recombination spaces ({', '.join(r['candidate'] for r in rows if r.get('set') != 'fresh')}), each "
         f"distilled once for {args.long_steps} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}; task + output KD + "
         "feature KD, weights 1/1/1). The loop's learning rate is constant and its randomness comes from one seeded generator, so "
         "the student at step n of that run is exactly the student of an n-step proxy (checked by a test); it was evaluated at "
@@ -430,8 +554,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         "|---|---|---|" + ("---|" if averaged else "") + "---|---|" + ("---|" if noise else ""),
     ]
     for s in settings:
-        what = (f"zero-cost `{s['zero_cost']}` (no training)" if s.get("zero_cost") else s["what"] if s.get("what")
-                else f"{s['distill_steps']} steps, {s['samples']} samples (FID)" + (" **(default)**" if s["distill_steps"] == d else ""))
+        what = s["what"] + (" **(default)**" if s.get("samples") and s["distill_steps"] == d else "")
         lines.append(f"| {what} | {s['kendall_tau']:.3f} ({s['kendall_p']:.3g}) | {s['spearman_rho']:.3f} ({s['spearman_p']:.3g}) | "
                      + (f"{s['kendall_tau_first_run']:.3f} | " if averaged else "")
                      + f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |"
@@ -474,8 +597,8 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
               "| candidate | space | params (M) | proxy FID | long FID |" + (" long FID, mean (runs) |" if averaged else "")
               + " long FID vs real | long adherence | proxy s | long s |",
               "|---|---|---|---|---|" + ("---|" if averaged else "") + "---|---|---|---|"]
-    for r in sorted(ok_rows, key=lambda r: r["long_fid_mean"]):
-        lines.append(f"| {r['candidate']} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
+    for r in sorted(all_ok, key=lambda r: r["long_fid_mean"]):
+        lines.append(f"| {r['candidate']}{' (fresh)' if r.get('set') == 'fresh' else ''} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
                      + (f"{r['long_fid_mean']:.2f} ({r['long_runs']}) | " if averaged else "")
                      + f"{r['long_fid_real']:.1f} | {100 * r['long_adherence']:.0f}% | {r['proxy_seconds']:.0f} | {r['long_seconds']:.0f} |")
     for r in rows:
@@ -484,7 +607,27 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     trained = [s for s in settings if not s.get("zero_cost")]
     best = max(trained, key=lambda s: s["kendall_tau"])
     target = [s for s in trained if s["kendall_tau"] >= 0.8 and s["cost_fraction_mean"] <= 0.10]
-    name = lambda s: s.get("what") or f"{s['distill_steps']} steps, {s['samples']} samples (FID)"  # noqa: E731
+    name = lambda s: s["what"]  # noqa: E731
+    if chosen:
+        lines += ["", "## Chosen on these candidates, checked on fresh ones", "",
+                  f"The rule, fixed before the fresh candidates were run: of the scores above that cost at most 10% of a long run, "
+                  f"the one with the highest Kendall tau (a tie goes to the cheaper). It picks **{chosen['what']}** (tau "
+                  f"{chosen['kendall_tau']:.3f} at {100 * chosen['cost_fraction_mean']:.1f}%); on these same candidates that "
+                  "figure is optimistic: it is the best of the scores tried."]
+        if check:
+            named = ", ".join(f"{r['candidate']} ({r['space']})" for r in fresh_rows)
+            lines += ["", f"Fresh candidates ({named}), one "
+                      f"{args.long_steps}-step run each unless repeated, with the Base of the long runs they were scored with:", "",
+                      "| score | Kendall tau, fresh alone | pairs with a fresh candidate: same order |"
+                      + (" of those the reference separates |" if noise else "") + " Kendall tau, all candidates | cost / long cost (fresh, mean) |",
+                      "|---|---|---|" + ("---|" if noise else "") + "---|---|"]
+            for c in check:
+                lines.append(f"| {c['what']} | {c['kendall_tau_fresh']:.3f} ({c['fresh']}) | {c['pairs_with_fresh_agree']} of "
+                             f"{c['pairs_with_fresh']} | "
+                             + (f"{c['separated_pairs_with_fresh_agree']} of {c['separated_pairs_with_fresh']} | " if noise else "")
+                             + f"{c['kendall_tau_all']:.3f} ({c['all']}) | {100 * c['cost_fraction_mean_fresh']:.1f}% |")
+        elif fresh_rows:
+            lines += ["", f"{len(fresh_rows)} fresh candidates ran; at least 3 are needed for the check."]
     lines += ["", "## Reading", "",
               (f"Target (Kendall tau >= 0.8 at <= 10% of the long run's cost): met by {'; '.join(name(s) for s in target)}."
                if target else
@@ -495,6 +638,21 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     if args.notes:
         lines += [Path(args.notes).read_text().strip(), ""]
     path.write_text("\n".join(lines))
+
+
+def _base_for(name, spec, arch, args, export_dir: Path, base_unet):
+    """The Base U-Net a recombination takes its blocks from (loaded once); ``base_unet`` unchanged
+    for a candidate that needs none."""
+    cand = spec(arch) if callable(spec) else resolve_candidate(spec, arch)
+    if not cand.base_blocks or base_unet is not None:
+        return base_unet
+    bf = Path(args.base) if args.base else export_dir / "bk-sdm-base-long"
+    if not (bf / "hybridsd_nas.json").is_file():
+        raise SystemExit(f"error: {bf} is missing; run bk-sdm-base first (the recombinations' Base) or give --base")
+    from hybridsd_nas import load_unet
+
+    args.base_used = bf
+    return load_unet(bf)
 
 
 def main(argv=None) -> int:
@@ -523,7 +681,19 @@ def main(argv=None) -> int:
                     help="repeat the long runs only (same settings and seeds, no proxy evaluations) into "
                          "<out>/replicates/<name>.<TAG>.json; recombinations take the Base of the same replicate "
                          "(<out>/replicates/<TAG>/bk-sdm-base-long). The analysis averages the long FID over all runs of a candidate")
+    ap.add_argument("--fresh", action="store_true",
+                    help="run the fresh candidates (FRESH), which check on new candidates a score chosen on the first ones")
+    ap.add_argument("--rescore", action="store_true",
+                    help="for candidates already run: repeat only the first max(--score-checkpoints) steps and add the "
+                         "cheap scores (held-out profile, paired samples) to their record, under evals[n]['rescore']")
+    ap.add_argument("--base", default=None,
+                    help="the exported long-distilled BK-SDM-Base the recombinations take their blocks from "
+                         "(default: <out>/bk-sdm-base-long, or the replicate's own)")
+    ap.add_argument("--paired-samples", type=int, default=8, help="samples of the paired sample score (no feature network)")
+    ap.add_argument("--paired-checkpoints", type=_ints, default=_ints("10,20,30,40"),
+                    help="steps (among --score-checkpoints) at which the paired sample score is taken")
     args = ap.parse_args(argv)
+    args.base_used = None
     # a crash inside a native kernel (seen once per long series on this CPU, not reproduced by rerunning
     # the candidate) then leaves the Python stack of where it happened in the log
     faulthandler.enable()
@@ -559,23 +729,39 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else None
     rows = []
     base_unet = None
-    for name, spec in CANDIDATES:
+    for name, spec in FRESH if args.fresh else CANDIDATES:
         if only and name not in only:
             continue
         f = run_dir / (f"{name}.{args.replicate}.json" if args.replicate else f"{name}.json")
+        if args.rescore:
+            if not f.is_file():
+                print(f"{name}: no run to rescore, skipped", file=sys.stderr)
+                continue
+            row = json.loads(f.read_text())
+            if not row.get("rescore") and row["status"] == "ok":
+                base_unet = _base_for(name, spec, arch, args, export_dir, base_unet)
+                print(f"{name}: rescoring the first {max(args.score_checkpoints)} steps", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                new = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, export_dir)
+                for n, rec in new["evals"].items():
+                    row["evals"].setdefault(n, {})["rescore"] = rec
+                    old = row["evals"][n].get("heldout", {}).get("output_mse")
+                    if old is not None:  # the same student as the first run's (up to float32 nondeterminism)?
+                        print(f"  {name} step {n}: held-out output MSE {rec['heldout']['output_mse']:.5f} (first run {old:.5f})",
+                              file=sys.stderr)
+                row["rescore"] = {"steps": max(args.score_checkpoints), "status": new["status"], "reason": new["reason"],
+                                  "base": str(args.base_used) if new["space"] == "recombination" else None,
+                                  "wall_seconds": round(time.perf_counter() - t0, 1)}
+                f.write_text(json.dumps(row, indent=1))
+            rows.append(row)
+            continue
         if f.is_file():
             rows.append(json.loads(f.read_text()))
             print(f"{name}: done before, kept", file=sys.stderr)
         elif args.analyse_only:
             continue
         else:
-            if name.startswith("asdm-") and base_unet is None:
-                bf = export_dir / "bk-sdm-base-long"
-                if not (bf / "hybridsd_nas.json").is_file():
-                    raise SystemExit(f"error: {bf} is missing; run bk-sdm-base first (the recombinations' Base)")
-                from hybridsd_nas import load_unet
-
-                base_unet = load_unet(bf)
+            base_unet = _base_for(name, spec, arch, args, export_dir, base_unet)
             print(f"{name}: distilling {args.long_steps} steps", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:
@@ -590,7 +776,12 @@ def main(argv=None) -> int:
     meta["this_invocation_seconds"] = round(time.perf_counter() - t_all, 1)
     if args.replicate:
         print(f"replicate {args.replicate}: {len(rows)} runs in {run_dir}; tabulate with --analyse-only", file=sys.stderr)
-    elif len([r for r in rows if r["status"] == "ok"]) >= 3:
+    else:
+        # the analysis reads every candidate run so far, first and fresh, whichever this invocation ran
+        names = [n for n, _ in CANDIDATES + FRESH]
+        rows = [json.loads((run_dir / f"{n}.json").read_text()) for n in names if (run_dir / f"{n}.json").is_file()]
+        if len([r for r in rows if r["status"] == "ok" and r.get("set") != "fresh"]) < 3:
+            return 0
         analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher),
                 load_replicates(out, args.long_steps))
     return 0
