@@ -182,6 +182,9 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     # pooled: (2 + 2) / (1 + 2) degrees of freedom
     assert rr["train_sd"] == pytest.approx((4.0 / 3.0) ** 0.5) and rr["df"] == 3 and rr["candidates_repeated"] == 2
     assert run.run_to_run({"a": [1.0], "b": [2.0]}) is None
+    # a run repeated to the last bit is one run made twice, not a second draw of the noise
+    assert run.distinct_runs("a", [47.9892578125, 52.68, 47.9892578125]) == [47.9892578125, 52.68]
+    assert "repeats another run's to the last bit" in capsys.readouterr().err
     sep = run.pair_separation(0.0, 1.0, np.array([1, 2, 4]))
     assert sep[0, 1] == pytest.approx(2 * 1.5 ** 0.5) and sep[1, 2] == pytest.approx(2 * 0.75 ** 0.5)
     # averaging more runs makes a repeat of the reference agree better
@@ -242,6 +245,12 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     assert "held-out output MSE, noisiest third of timesteps, after 10 steps (no sampling)" in names
     # the first runs' own held-out record is not the rescore's
     assert run.score_vectors(first, args)[names.index("held-out output MSE after 10 steps (no sampling)")]["score"].tolist() == [5, 1, 3, 2, 4]
+    # a rescore that ran at half the speed of the first run has its costs halved back onto the first run's scale
+    slow = json.loads(json.dumps(first[0]))
+    slow["evals"]["10"]["rescore"]["distill_seconds"] = 10.0
+    assert run._rescore_speed(slow) == 0.5 and run._rescore_speed(fresh[0]) == 1.0
+    cost = {s["what"]: s["cost"][0] for s in run.score_vectors([slow], args)}
+    assert cost["paired sample MSE (8 samples, no feature network), after 10 steps"] == pytest.approx(0.5 * (10.0 + 0.5))
     # the rule: highest tau within the cost; a tie goes to the cheaper
     pick = run.choose([{"what": "x", "kendall_tau": 0.9, "cost_fraction_mean": 0.2}, {"what": "y", "kendall_tau": 0.7, "cost_fraction_mean": 0.05},
                        {"what": "z", "kendall_tau": 0.7, "cost_fraction_mean": 0.01}])
@@ -255,7 +264,13 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     # 3 fresh pairs + 3 x 5 fresh-first pairs = 18; the only one out of order is f-g
     assert paired["pairs_with_fresh"] == 18 and paired["pairs_with_fresh_agree"] == 17
     assert paired["kendall_tau_fresh"] == pytest.approx(1 / 3)
-    assert set(check) == {saved["chosen"]["what"], "10 steps, 8 samples (FID)"}  # the default is checked beside it
+    # the default is checked beside it, and so are the baselines (the cost read as quality), which the rule never picks
+    assert set(check) == {saved["chosen"]["what"], "10 steps, 8 samples (FID)", "MACs alone (baseline: the cost, no training)",
+                          "parameter count alone (baseline: the cost, no training)"}
+    assert run.choose([{"what": "macs", "kendall_tau": 1.0, "cost_fraction_mean": 0.0, "baseline": True}]) is None
+    # partial tau: a cost unrelated to both leaves the tau as it is; one that ranks the reference perfectly leaves nothing
+    assert run.partial_tau([1, 2, 3, 4], [1, 2, 3, 4], [2, 4, 1, 3]) == pytest.approx(1.0)
+    assert np.isnan(run.partial_tau([1, 2, 3, 4], [1, 2, 4, 3], [1, 2, 4, 3]))
     md = (tmp_path / "proxy_fidelity.md").read_text()
     assert "checked on fresh ones" in md and "f (channel-pruning)" in md and "| 0.333 (3) | 17 of 18 |" in md
     assert "5 candidates from the" in md and "| f (fresh) | channel-pruning |" in md

@@ -18,9 +18,9 @@ def _cache(tmp_path, monkeypatch):
 def test_proxy_scores_a_candidate_on_the_embedded_teacher():
     r = run_proxy("tiny", "bk-sdm-small", TINY)
     assert r["status"] == "ok", r.get("reason")
-    for k in ("proxy_fid", "fid_real", "kid", "adherence", "distill_seconds", "eval_seconds"):
+    for k in ("proxy_fid", "fid_real", "kid", "paired_mse", "adherence", "distill_seconds", "eval_seconds"):
         assert isinstance(r[k], float), k
-    assert r["proxy_fid"] >= 0 and 0 <= r["adherence"] <= 1 and r["samples"] == 8
+    assert r["proxy_fid"] >= 0 and 0 <= r["adherence"] <= 1 and r["samples"] == 8 and 0 < r["paired_mse"] < 1
     assert r["zero_cost"]["output_mse"] > 0  # BK-SDM-Small differs from the teacher before training
     again = run_proxy("tiny", "identity", TINY)
     assert again["zero_cost"]["output_mse"] == 0.0  # the no-op candidate is the teacher

@@ -232,6 +232,19 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
     return reps
 
 
+def distinct_runs(name: str, fids: list[float]) -> list[float]:
+    """A candidate's long FIDs without exact repeats: two runs that agree to the last bit are one run
+    made twice (the same process history gives the same float32 arithmetic), not two draws of the
+    run-to-run noise; counting both would understate it."""
+    out: list[float] = []
+    for f in fids:
+        if f in out:
+            print(f"warning: {name}: a long run's FID {f!r} repeats another run's to the last bit; counted once", file=sys.stderr)
+        else:
+            out.append(f)
+    return out
+
+
 def run_to_run(long_fids: dict[str, list[float]]) -> dict | None:
     """The run-to-run noise of one long FID from candidates run more than once (same settings and
     seeds): the pooled within-candidate standard deviation. None when no candidate was repeated."""
@@ -280,6 +293,18 @@ def _ext(r: dict, n) -> dict:
     return e.get("rescore", e)
 
 
+def _rescore_speed(r: dict) -> float:
+    """Seconds on the machine of the run per second of its rescore: the distillation seconds of both
+    to the last step they share (the same training), so that a rescore's costs are put on the scale
+    of the long run they are a fraction of, even when the rescore ran on a slower or faster machine.
+    1 for a run without a rescore."""
+    common = [n for n, e in r["evals"].items() if "rescore" in e and "distill_seconds" in e and n != "0"]
+    if not common:
+        return 1.0
+    n = max(common, key=int)
+    return r["evals"][n]["distill_seconds"] / max(r["evals"][n]["rescore"]["distill_seconds"], 1e-9)
+
+
 def score_vectors(ok: list[dict], args) -> list[dict]:
     """Every score this experiment takes, as one value per candidate of ``ok`` (lower = better
     predicted) and its cost in seconds per candidate; a score that some candidate lacks (runs of an
@@ -297,6 +322,10 @@ def score_vectors(ok: list[dict], args) -> list[dict]:
         out.append({"what": f"{n} steps, {args.proxy_samples} samples (FID)", "distill_steps": n, "samples": args.proxy_samples,
                     "score": np.array([e["proxy"]["proxy_fid"] for e in ev]),
                     "cost": np.array([e["distill_seconds"] + e["proxy"]["eval_seconds"] for e in ev])})
+    # baselines, not proxies: the cost itself, read as a quality prediction (more compute, better)
+    for key, label in (("macs", "MACs"), ("params", "parameter count")):
+        out.append({"what": f"{label} alone (baseline: the cost, no training)", "distill_steps": 0, "baseline": True,
+                    "score": -np.array([float(r[key]) for r in ok]), "cost": np.zeros(len(ok))})
     for zk in ("output_mse", "latent_stat_shift"):
         out.append({"what": f"zero-cost `{zk}` (no training)", "distill_steps": 0, "zero_cost": zk,
                     "score": np.array([r["zero_cost"][zk] for r in ok]), "cost": np.array([r["zero_cost_seconds"] for r in ok])})
@@ -319,9 +348,10 @@ def score_vectors(ok: list[dict], args) -> list[dict]:
     for n in steps:
         if n == args.long_steps:
             continue
+        speed = np.array([_rescore_speed(r) for r in ok])
         if have(n, lambda r, k: "output_mse_high" in _ext(r, k).get("heldout", {})):
             ev = [_ext(r, n) for r in ok]
-            cost = np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
+            cost = speed * np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
             for key, label in (("output_mse_high", "held-out output MSE, noisiest third of timesteps"),
                                ("x0_mse", "held-out clean-latent (x0) MSE")):
                 out.append({"what": f"{label}, after {n} steps (no sampling)", "distill_steps": n,
@@ -331,8 +361,19 @@ def score_vectors(ok: list[dict], args) -> list[dict]:
             k = ev[0]["paired"]["samples"]
             out.append({"what": f"paired sample MSE ({k} samples, no feature network), after {n} steps", "distill_steps": n,
                         "score": np.array([e["paired"]["paired_mse"] for e in ev]),
-                        "cost": np.array([e["distill_seconds"] + e["paired"]["seconds"] for e in ev])})
+                        "cost": speed * np.array([e["distill_seconds"] + e["paired"]["seconds"] for e in ev])})
     return out
+
+
+def partial_tau(x, y, z) -> float:
+    """Kendall's partial tau of ``x`` and ``y`` given ``z``: how well ``x`` ranks ``y`` beyond what
+    ``z`` already ranks. With z = the cost, what a quality score tells a search that the cost does
+    not. NaN where z ranks x or y perfectly."""
+    from scipy.stats import kendalltau
+
+    txy, txz, tyz = (float(kendalltau(a, b).statistic) for a, b in ((x, y), (x, z), (y, z)))
+    den = np.sqrt((1 - txz ** 2) * (1 - tyz ** 2))
+    return float((txy - txz * tyz) / den) if den > 1e-12 else float("nan")
 
 
 def choose(settings: list[dict], max_cost: float = 0.10) -> dict | None:
@@ -340,7 +381,7 @@ def choose(settings: list[dict], max_cost: float = 0.10) -> dict | None:
     candidates were run: the highest Kendall tau among the scores costing at most ``max_cost`` of a
     long run on average; a tie goes to the cheaper. A score constant over the candidates (no tau) is
     not a candidate for the choice."""
-    within = [s for s in settings if s["cost_fraction_mean"] <= max_cost and np.isfinite(s["kendall_tau"])]
+    within = [s for s in settings if s["cost_fraction_mean"] <= max_cost and np.isfinite(s["kendall_tau"]) and not s.get("baseline")]
     return max(within, key=lambda s: (round(s["kendall_tau"], 9), -s["cost_fraction_mean"])) if within else None
 
 
@@ -365,6 +406,7 @@ def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep
         d = {"what": w, "fresh": len(fresh), "all": len(both),
              "kendall_tau_fresh": kendall_spearman(x[nf:], y[nf:])["kendall_tau"],
              "kendall_tau_all": kendall_spearman(x, y)["kendall_tau"],
+             "partial_tau_given_macs_all": partial_tau(x, y, -np.array([float(r["macs"]) for r in both])),
              "pairs_with_fresh": len(pairs), "pairs_with_fresh_agree": sum(agree),
              "cost_fraction_mean_fresh": float(np.mean(vec[w]["cost"][nf:] / _long_cost(fresh, str(args.long_steps))))}
         if sep:
@@ -388,7 +430,8 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     L = str(args.long_steps)
     long_first = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
     replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok + fresh}}
-    runs_fid = {r["candidate"]: [float(r["evals"][L]["long"]["proxy_fid"])] + [x["long_fid"] for x in replicates.get(r["candidate"], [])]
+    runs_fid = {r["candidate"]: distinct_runs(r["candidate"], [float(r["evals"][L]["long"]["proxy_fid"])]
+                                              + [x["long_fid"] for x in replicates.get(r["candidate"], [])])
                 for r in ok + fresh}
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
@@ -405,8 +448,11 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     else:
         sep = None
 
+    macs = np.array([float(r["macs"]) for r in ok])
+
     def ks(score: np.ndarray) -> dict:
         d = kendall_spearman(score, long_fid, sep)
+        d["partial_tau_given_macs"] = partial_tau(score, long_fid, -macs)
         if averaged:
             d["kendall_tau_first_run"] = kendall_spearman(score, long_first)["kendall_tau"]
         return d
@@ -421,7 +467,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         check = fresh_check(ok, fresh, {k: float(np.mean(v)) for k, v in runs_fid.items()},
                             {"diff_sd": noise["diff_sd"], "train_sd": noise.get("train_sd") or 0.0,
                              "runs": {k: len(v) for k, v in runs_fid.items()}} if noise else None,
-                            args, list(dict.fromkeys([chosen["what"], default_what])))
+                            args, list(dict.fromkeys([chosen["what"], default_what] + [x["what"] for x in settings if x.get("baseline")])))
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -549,14 +595,15 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         "## Each proxy setting against the long run" + (" (reference: mean over the long runs)" if averaged else ""),
         "",
         "| proxy | Kendall tau (p) | Spearman rho (p) |" + (" Kendall tau vs the first long run alone |" if averaged else "")
-        + " proxy cost / long cost (mean, max) | proxy seconds (mean) |"
+        + " partial tau given MACs | proxy cost / long cost (mean, max) | proxy seconds (mean) |"
         + (" pairs the long run separates: same order |" if noise else ""),
-        "|---|---|---|" + ("---|" if averaged else "") + "---|---|" + ("---|" if noise else ""),
+        "|---|---|---|" + ("---|" if averaged else "") + "---|---|---|" + ("---|" if noise else ""),
     ]
     for s in settings:
         what = s["what"] + (" **(default)**" if s.get("samples") and s["distill_steps"] == d else "")
         lines.append(f"| {what} | {s['kendall_tau']:.3f} ({s['kendall_p']:.3g}) | {s['spearman_rho']:.3f} ({s['spearman_p']:.3g}) | "
                      + (f"{s['kendall_tau_first_run']:.3f} | " if averaged else "")
+                     + (f"{s['partial_tau_given_macs']:.3f} | " if np.isfinite(s["partial_tau_given_macs"]) else "- | ")
                      + f"{100 * s['cost_fraction_mean']:.1f}%, {100 * s['cost_fraction_max']:.1f}% | {s['proxy_seconds_mean']:.0f} |"
                      + (f" {s['separated_agree']} of {s['separated_pairs']} |" if noise else ""))
     n_ok = len(ok_rows)
@@ -604,7 +651,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"\n{r['candidate']}: {r['status']}")
-    trained = [s for s in settings if not s.get("zero_cost")]
+    trained = [s for s in settings if not s.get("zero_cost") and not s.get("baseline")]
     best = max(trained, key=lambda s: s["kendall_tau"])
     target = [s for s in trained if s["kendall_tau"] >= 0.8 and s["cost_fraction_mean"] <= 0.10]
     name = lambda s: s["what"]  # noqa: E731
@@ -617,15 +664,18 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         if check:
             named = ", ".join(f"{r['candidate']} ({r['space']})" for r in fresh_rows)
             lines += ["", f"Fresh candidates ({named}), one "
-                      f"{args.long_steps}-step run each unless repeated, with the Base of the long runs they were scored with:", "",
+                      f"{args.long_steps}-step run each unless repeated, run after the rule was fixed:", "",
                       "| score | Kendall tau, fresh alone | pairs with a fresh candidate: same order |"
-                      + (" of those the reference separates |" if noise else "") + " Kendall tau, all candidates | cost / long cost (fresh, mean) |",
-                      "|---|---|---|" + ("---|" if noise else "") + "---|---|"]
+                      + (" of those the reference separates |" if noise else "")
+                      + " Kendall tau, all candidates | partial tau given MACs, all | cost / long cost (fresh, mean) |",
+                      "|---|---|---|" + ("---|" if noise else "") + "---|---|---|"]
             for c in check:
                 lines.append(f"| {c['what']} | {c['kendall_tau_fresh']:.3f} ({c['fresh']}) | {c['pairs_with_fresh_agree']} of "
                              f"{c['pairs_with_fresh']} | "
                              + (f"{c['separated_pairs_with_fresh_agree']} of {c['separated_pairs_with_fresh']} | " if noise else "")
-                             + f"{c['kendall_tau_all']:.3f} ({c['all']}) | {100 * c['cost_fraction_mean_fresh']:.1f}% |")
+                             + f"{c['kendall_tau_all']:.3f} ({c['all']}) | "
+                             + (f"{c['partial_tau_given_macs_all']:.3f} | " if np.isfinite(c["partial_tau_given_macs_all"]) else "- | ")
+                             + f"{100 * c['cost_fraction_mean_fresh']:.1f}% |")
         elif fresh_rows:
             lines += ["", f"{len(fresh_rows)} fresh candidates ran; at least 3 are needed for the check."]
     lines += ["", "## Reading", "",

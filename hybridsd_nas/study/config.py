@@ -23,6 +23,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "proxy_fid": ("quality", "minimize", "FID of the distilled student's samples against the teacher's samples"),
     "kid": ("quality", "minimize", "KID against the teacher's samples"),
     "fid_real": ("quality", "minimize", "FID against real images"),
+    "paired_mse": ("quality", "minimize", "mean squared pixel difference of the student's samples from the teacher's, same prompts and seeds"),
     "adherence": ("quality", "maximize", "share of samples the evaluation classifier assigns to the prompted class"),
 }
 SAMPLERS = ("nsga2", "tpe", "gp", "bruteforce", "random")

@@ -374,7 +374,7 @@ class Objective:
             if res["status"] != "ok":
                 self._finish(trial, "failed", f"proxy {res['status']}: {res.get('reason')}", figures, timings, t_start)
                 raise TrialFailed(str(res.get("reason")))
-            for k in ("proxy_fid", "kid", "fid_real", "adherence", "kid_std", "adherence_teacher", "distill_final_loss"):
+            for k in ("proxy_fid", "kid", "fid_real", "paired_mse", "adherence", "kid_std", "adherence_teacher", "distill_final_loss"):
                 if res.get(k) is not None:
                     figures[k] = float(res[k])
             if "images" in res and self.store is not None:
