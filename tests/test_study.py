@@ -248,7 +248,10 @@ def _spawn(cfg_path: Path, storage: str, cwd: Path, n_trials: int | None = None)
     argv = [sys.executable, "-m", "hybridsd_nas", "search", str(cfg_path), "--storage", storage, "--quiet", "--json"]
     if n_trials:
         argv += ["--n-trials", str(n_trials)]
-    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a worker started from a background job (no job control) would inherit SIGINT ignored, and Python
+    # then installs no Ctrl-C handler: give it the default disposition, as a terminal would
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_running(name: str, storage: str, pid: int, timeout: float = 180) -> int:
