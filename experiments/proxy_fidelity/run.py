@@ -94,7 +94,7 @@ def _ints(s: str) -> list[int]:
 
 
 def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_unet, out_dir: Path) -> dict:
-    cand = spec(arch) if callable(spec) else resolve_candidate(spec, arch)
+    cand = _resolve(spec, arch)
     p = plan(arch, cand)
     uses_base = bool(p.candidate.base_blocks)
     student = build_student(p, teacher=pipe.unet, device="cpu", base_unet=base_unet if uses_base else None)
@@ -345,10 +345,10 @@ def score_vectors(ok: list[dict], args) -> list[dict]:
                         "cost": np.array([e["distill_seconds"] for e in ev])})
     # where the error is made (rescored runs, or runs of this version): the noisiest third of the
     # timesteps, the implied clean latents, and the student's own samples against the teacher's
+    speed = np.array([_rescore_speed(r) for r in ok])
     for n in steps:
         if n == args.long_steps:
             continue
-        speed = np.array([_rescore_speed(r) for r in ok])
         if have(n, lambda r, k: "output_mse_high" in _ext(r, k).get("heldout", {})):
             ev = [_ext(r, n) for r in ok]
             cost = speed * np.array([e["distill_seconds"] + e["heldout"]["seconds"] for e in ev])
@@ -690,10 +690,15 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     path.write_text("\n".join(lines))
 
 
+def _resolve(spec, arch):
+    """A candidate list entry as a Candidate: a preset name or dict, or a function of the architecture."""
+    return spec(arch) if callable(spec) else resolve_candidate(spec, arch)
+
+
 def _base_for(name, spec, arch, args, export_dir: Path, base_unet):
     """The Base U-Net a recombination takes its blocks from (loaded once); ``base_unet`` unchanged
     for a candidate that needs none."""
-    cand = spec(arch) if callable(spec) else resolve_candidate(spec, arch)
+    cand = _resolve(spec, arch)
     if not cand.base_blocks or base_unet is not None:
         return base_unet
     bf = Path(args.base) if args.base else export_dir / "bk-sdm-base-long"
