@@ -237,6 +237,8 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     fresh = [with_scores(_fidelity_row("f", "channel-pruning", 1.0, 32.0), paired=0.36, high=1.0, fresh=True),
              with_scores(_fidelity_row("g", "channel-pruning", 2.0, 35.0), paired=0.34, high=1.0, fresh=True),
              with_scores(_fidelity_row("h", "channel-pruning", 3.0, 60.0), paired=0.60, high=1.0, fresh=True)]
+    for r, m in zip(first + fresh, [3e8, 2e8, 5e8, 1e8, 4e8, 2e8, 6e8, 1e8]):
+        r["macs"] = m
     args = argparse.Namespace(teacher="tiny", long_steps=100, checkpoints=[10], score_checkpoints=[10], proxy_samples=8,
                               long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
                               guidance=4.0, notes=None)
@@ -265,13 +267,64 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     assert paired["pairs_with_fresh"] == 18 and paired["pairs_with_fresh_agree"] == 17
     assert paired["kendall_tau_fresh"] == pytest.approx(1 / 3)
     # the default is checked beside it, and so are the baselines (the cost read as quality), which the rule never picks
+    combo = "10 steps, 8 samples + MACs alone (rank sum; formed after the fresh results were seen)"
     assert set(check) == {saved["chosen"]["what"], "10 steps, 8 samples (FID)", "MACs alone (baseline: the cost, no training)",
-                          "parameter count alone (baseline: the cost, no training)"}
+                          "parameter count alone (baseline: the cost, no training)", combo}
+    assert paired["kendall_tau_first"] == pytest.approx(1.0) and not paired["post_hoc"] and check[combo]["post_hoc"]
+    # the rank sum is taken over all 8 candidates (tied values share a rank): the proxy's ranks plus the MACs'
+    proxy = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 1.0, 2.0, 3.0])
+    from scipy.stats import kendalltau, rankdata
+
+    macs = -np.array([float(r["macs"]) for r in first + fresh])
+    y = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 32.0, 35.0, 60.0])
+    assert check[combo]["kendall_tau_all"] == pytest.approx(kendalltau(rankdata(proxy) + rankdata(macs), y).statistic)
     assert run.choose([{"what": "macs", "kendall_tau": 1.0, "cost_fraction_mean": 0.0, "baseline": True}]) is None
     # partial tau: a cost unrelated to both leaves the tau as it is; one that ranks the reference perfectly leaves nothing
     assert run.partial_tau([1, 2, 3, 4], [1, 2, 3, 4], [2, 4, 1, 3]) == pytest.approx(1.0)
     assert np.isnan(run.partial_tau([1, 2, 3, 4], [1, 2, 4, 3], [1, 2, 4, 3]))
+    # a score given itself (with ties, where float rounding leaves its tau a hair under 1) has no partial tau
+    ties = np.array([2e8, 2e8, 3e8])
+    assert np.isnan(run.partial_tau(ties, np.arange(3.0), ties))
     md = (tmp_path / "proxy_fidelity.md").read_text()
     assert "checked on fresh ones" in md and "f (channel-pruning)" in md and "| 0.333 (3) | 17 of 18 |" in md
     assert "5 candidates from the" in md and "| f (fresh) | channel-pruning |" in md
     assert [r["set"] for r in csv.DictReader((tmp_path / "proxy_fidelity.csv").open())][-1] == "fresh"
+
+
+def test_fidelity_sweep_scales_costs_ranks_failures_last_and_picks_by_the_same_rule(tmp_path, monkeypatch):
+    import argparse
+
+    sweep = _script_at("proxy_fidelity/sweep")
+    monkeypatch.setattr(sweep, "SETTINGS", [("s1", 4, 1e-3, (10, 20)), ("s2", 16, 2e-3, (10,)), ("s3", 8, 1e-3, (10,))])
+    longs = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 50.0, "f": 15.0, "g": 35.0, "h": 45.0}
+    records = [_fidelity_row(n, "layer-removal", 1.0, f) for n, f in longs.items()]
+    for r in records[5:]:
+        r["set"] = "fresh"
+
+    def ev(steps_scores, seconds_per_step=0.25):
+        return {"evals": {str(n): {"distill_seconds": seconds_per_step * n, "heldout": {"output_mse": s, "seconds": 0.5}}
+                          for n, s in steps_scores}}
+
+    runs = {"calibration": {n: ev([(10, 0.1)], 1.0) for n in longs},  # twice as slow as the long runs' machine (5 s at step 10)
+            # s1: reversed at step 10, the reference's order at 20, except that e diverged after step 10 (no step 20)
+            "s1": {n: ev([(10, -f), (20, f)] if n != "e" else [(10, -f)]) for n, f in longs.items()},
+            "s2": {n: ev([(10, [3, 1, 2, 5, 4, 1, 2, 3][i])]) for i, n in enumerate(longs)},
+            "s3": {n: ev([(10, 1.0)]) for n in list(longs)[:-1]}}  # h was never run with s3: the setting is left out
+    table = {s["what"]: s for s in sweep.sweep_scores(records, runs)}
+    s1_20 = "s1: held-out output MSE after 20 steps (batch 4, lr 0.001)"
+    assert set(table) == {"s1: held-out output MSE after 10 steps (batch 4, lr 0.001)", s1_20,
+                          "s2: held-out output MSE after 10 steps (batch 16, lr 0.002)"}
+    assert np.isinf(table[s1_20]["score"][4]) and table[s1_20]["score"][0] == 10.0
+    # this machine's seconds halved onto the long run's; the failed run costs what it ran (10 steps, no score)
+    assert table[s1_20]["cost"][0] == pytest.approx(0.5 * 5.5) and table[s1_20]["cost"][4] == pytest.approx(0.5 * 2.5)
+    args = argparse.Namespace(teacher="tiny", long_steps=100, heldout_latents=64, seed=0, notes=None, batch_size=16, lr=5e-4)
+    ref = {n: [f] for n, f in longs.items()}
+    report = sweep.analyse(records, runs, ref, None, args, {"machine": "test", "torch": torch.__version__}, tmp_path)
+    # the long run costs 50 + 10 s: step 20 costs 2.75 of it (the failed run 1.25)
+    assert report["chosen"]["what"] == s1_20 and report["chosen"]["kendall_tau"] == pytest.approx(1.0)
+    assert report["chosen"]["cost_fraction_mean"] == pytest.approx((4 * 2.75 + 1.25) / 5 / 60)
+    assert report["chosen"]["failed_first"] == 1 and report["chosen"]["kendall_tau_all"] == pytest.approx(1.0)
+    md = (tmp_path / "proxy_fidelity_sweep.md").read_text()
+    assert "| s1 **(picked)** | 20 | 1.000 (1 failed) |" in md and "| s1 | 10 | -1.000 |" in md
+    assert "ran the long runs' settings 0.50x as fast" in md and "(batch 16, lr 0.0005; 32 samples" in md
+    assert (tmp_path / "proxy_fidelity_sweep.png").stat().st_size > 1000

@@ -245,6 +245,14 @@ def distinct_runs(name: str, fids: list[float]) -> list[float]:
     return out
 
 
+def reference_runs(rows: list[dict], replicates: dict[str, list[dict]], long_steps: int) -> dict[str, list[float]]:
+    """Every distinct long FID of each candidate of ``rows``: its own run's, then its repeats'
+    (``load_replicates``); the reference is their mean."""
+    L = str(long_steps)
+    return {r["candidate"]: distinct_runs(r["candidate"], [float(r["evals"][L]["long"]["proxy_fid"])]
+                                          + [x["long_fid"] for x in replicates.get(r["candidate"], [])]) for r in rows}
+
+
 def run_to_run(long_fids: dict[str, list[float]]) -> dict | None:
     """The run-to-run noise of one long FID from candidates run more than once (same settings and
     seeds): the pooled within-candidate standard deviation. None when no candidate was repeated."""
@@ -372,8 +380,9 @@ def partial_tau(x, y, z) -> float:
     from scipy.stats import kendalltau
 
     txy, txz, tyz = (float(kendalltau(a, b).statistic) for a, b in ((x, y), (x, z), (y, z)))
-    den = np.sqrt((1 - txz ** 2) * (1 - tyz ** 2))
-    return float((txy - txz * tyz) / den) if den > 1e-12 else float("nan")
+    if max(abs(txz), abs(tyz)) > 1 - 1e-9:  # float rounding leaves 1 - tau^2 at ~1e-16, not 0
+        return float("nan")
+    return float((txy - txz * tyz) / np.sqrt((1 - txz ** 2) * (1 - tyz ** 2)))
 
 
 def choose(settings: list[dict], max_cost: float = 0.10) -> dict | None:
@@ -385,33 +394,46 @@ def choose(settings: list[dict], max_cost: float = 0.10) -> dict | None:
     return max(within, key=lambda s: (round(s["kendall_tau"], 9), -s["cost_fraction_mean"])) if within else None
 
 
-def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep: dict | None, args, whats: list[str]) -> list[dict]:
+def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep: dict | None, args, whats: list) -> list[dict]:
     """The scores named in ``whats`` on the fresh candidates, against the reference long FID ``ref``
-    (by candidate): Kendall tau over the fresh ones alone and over all, and how many of the pairs
-    that hold a fresh candidate each orders as the reference does (all of them, and those the
-    reference separates beyond its noise: ``sep`` = {"diff_sd", "train_sd", "runs": by candidate})."""
+    (by candidate): Kendall tau over the first candidates alone, the fresh ones alone and all, and how
+    many of the pairs that hold a fresh candidate each orders as the reference does (all of them, and
+    those the reference separates beyond its noise: ``sep`` = {"diff_sd", "train_sd", "runs": by
+    candidate}; then also the separated pairs among all candidates). An entry of ``whats`` that is a
+    pair of names is the sum of the two scores' ranks over all candidates (``post_hoc``: a combination
+    formed after the fresh results were seen, so its fresh figure is no blind check)."""
+    from scipy.stats import rankdata
+
     both = first + fresh
     vec = {s["what"]: s for s in score_vectors(both, args)}
+    for w in whats:
+        if isinstance(w, tuple) and all(x in vec for x in w):
+            vec[w] = {"what": " + ".join(x.split(" (")[0] for x in w) + " (rank sum; formed after the fresh results were seen)", "post_hoc": True,
+                      "score": sum(rankdata(vec[x]["score"]) for x in w), "cost": sum(vec[x]["cost"] for x in w)}
     y = np.array([ref[r["candidate"]] for r in both])
     nf = len(first)
     pairs = [(i, j) for i in range(len(both)) for j in range(i + 1, len(both)) if j >= nf]
     if sep:
         m = pair_separation(sep["diff_sd"], sep["train_sd"], np.array([sep["runs"][r["candidate"]] for r in both]))
+    macs = -np.array([float(r["macs"]) for r in both])
     out = []
     for w in whats:
         if w not in vec:
             continue
         x = vec[w]["score"]
         agree = [int(np.sign(x[i] - x[j]) == np.sign(y[i] - y[j])) for i, j in pairs]
-        d = {"what": w, "fresh": len(fresh), "all": len(both),
+        d = {"what": vec[w]["what"], "post_hoc": bool(vec[w].get("post_hoc")), "first": nf, "fresh": len(fresh), "all": len(both),
+             "kendall_tau_first": kendall_spearman(x[:nf], y[:nf])["kendall_tau"],
              "kendall_tau_fresh": kendall_spearman(x[nf:], y[nf:])["kendall_tau"],
              "kendall_tau_all": kendall_spearman(x, y)["kendall_tau"],
-             "partial_tau_given_macs_all": partial_tau(x, y, -np.array([float(r["macs"]) for r in both])),
+             "partial_tau_given_macs_all": partial_tau(x, y, macs),
              "pairs_with_fresh": len(pairs), "pairs_with_fresh_agree": sum(agree),
              "cost_fraction_mean_fresh": float(np.mean(vec[w]["cost"][nf:] / _long_cost(fresh, str(args.long_steps))))}
         if sep:
             sp = [(p, a) for p, a in zip(pairs, agree) if abs(y[p[0]] - y[p[1]]) > m[p]]
-            d.update({"separated_pairs_with_fresh": len(sp), "separated_pairs_with_fresh_agree": sum(a for _, a in sp)})
+            every = kendall_spearman(x, y, m)
+            d.update({"separated_pairs_with_fresh": len(sp), "separated_pairs_with_fresh_agree": sum(a for _, a in sp),
+                      "separated_pairs_all": every["separated_pairs"], "separated_agree_all": every["separated_agree"]})
         out.append(d)
     return out
 
@@ -430,9 +452,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     L = str(args.long_steps)
     long_first = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
     replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok + fresh}}
-    runs_fid = {r["candidate"]: distinct_runs(r["candidate"], [float(r["evals"][L]["long"]["proxy_fid"])]
-                                              + [x["long_fid"] for x in replicates.get(r["candidate"], [])])
-                for r in ok + fresh}
+    runs_fid = reference_runs(ok + fresh, replicates, args.long_steps)
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
     rr = run_to_run(runs_fid)
@@ -467,7 +487,8 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         check = fresh_check(ok, fresh, {k: float(np.mean(v)) for k, v in runs_fid.items()},
                             {"diff_sd": noise["diff_sd"], "train_sd": noise.get("train_sd") or 0.0,
                              "runs": {k: len(v) for k, v in runs_fid.items()}} if noise else None,
-                            args, list(dict.fromkeys([chosen["what"], default_what] + [x["what"] for x in settings if x.get("baseline")])))
+                            args, list(dict.fromkeys([chosen["what"], default_what] + [x["what"] for x in settings if x.get("baseline")]))
+                            + [(default_what, next(x["what"] for x in settings if x.get("baseline") and x["what"].startswith("MACs")))])
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -497,6 +518,10 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         if len(pairs) >= 3:
             rr["run_vs_repeat"] = {"tag": tag, "candidates": len(pairs),
                                    **kendall_spearman(np.array([b for _, b in pairs]), np.array([a for a, _ in pairs]))}
+        if fresh:  # the same ceiling over every candidate, fresh ones included (some with fewer runs)
+            allc = ok + fresh
+            rr["repeat_tau_all"] = repeat_tau(np.array([np.mean(runs_fid[r["candidate"]]) for r in allc]), rr["train_sd"],
+                                              runs=np.array([len(runs_fid[r["candidate"]]) for r in allc]))
         rr["long_fid_runs"] = runs_fid
         rr["replicates"] = replicates
     default = args.default_steps
@@ -665,17 +690,26 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
             named = ", ".join(f"{r['candidate']} ({r['space']})" for r in fresh_rows)
             lines += ["", f"Fresh candidates ({named}), one "
                       f"{args.long_steps}-step run each unless repeated, run after the rule was fixed:", "",
-                      "| score | Kendall tau, fresh alone | pairs with a fresh candidate: same order |"
+                      "| score | Kendall tau, first alone | Kendall tau, fresh alone | pairs with a fresh candidate: same order |"
                       + (" of those the reference separates |" if noise else "")
-                      + " Kendall tau, all candidates | partial tau given MACs, all | cost / long cost (fresh, mean) |",
-                      "|---|---|---|" + ("---|" if noise else "") + "---|---|---|"]
+                      + " Kendall tau, all candidates |" + (" pairs the reference separates, all candidates: same order |" if noise else "")
+                      + " partial tau given MACs, all | cost / long cost (fresh, mean) |",
+                      "|---|---|---|---|" + ("---|---|" if noise else "") + "---|---|---|"]
             for c in check:
-                lines.append(f"| {c['what']} | {c['kendall_tau_fresh']:.3f} ({c['fresh']}) | {c['pairs_with_fresh_agree']} of "
-                             f"{c['pairs_with_fresh']} | "
+                lines.append(f"| {c['what']} | {c['kendall_tau_first']:.3f} ({c['first']}) | {c['kendall_tau_fresh']:.3f} ({c['fresh']}) | "
+                             f"{c['pairs_with_fresh_agree']} of {c['pairs_with_fresh']} | "
                              + (f"{c['separated_pairs_with_fresh_agree']} of {c['separated_pairs_with_fresh']} | " if noise else "")
                              + f"{c['kendall_tau_all']:.3f} ({c['all']}) | "
+                             + (f"{c['separated_agree_all']} of {c['separated_pairs_all']} | " if noise else "")
                              + (f"{c['partial_tau_given_macs_all']:.3f} | " if np.isfinite(c["partial_tau_given_macs_all"]) else "- | ")
                              + f"{100 * c['cost_fraction_mean_fresh']:.1f}% |")
+            if rr and rr.get("repeat_tau_all"):
+                rt = rr["repeat_tau_all"]
+                lines += ["", f"The ceiling over all {len(all_ok)} candidates (the fresh ones with "
+                          f"{'-'.join(str(k) for k in sorted({min(r['long_runs'] for r in fresh_rows), max(r['long_runs'] for r in fresh_rows)}))} "
+                          f"long run{'s' if max(r['long_runs'] for r in fresh_rows) > 1 else ''} each): a repeat of the whole reference "
+                          f"would rank them against this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} simulated "
+                          f"repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f})."]
         elif fresh_rows:
             lines += ["", f"{len(fresh_rows)} fresh candidates ran; at least 3 are needed for the check."]
     lines += ["", "## Reading", "",
@@ -708,6 +742,19 @@ def _base_for(name, spec, arch, args, export_dir: Path, base_unet):
 
     args.base_used = bf
     return load_unet(bf)
+
+
+def setup(args):
+    """What every candidate run shares: the teacher pipeline, its architecture, the training latents,
+    the held-out latents of the cheap score and the training noise schedule; fills in the sampler
+    settings of ``args`` from the teacher's where not given."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(args.teacher, device="cpu")
+    args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
+    data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
+    heldout = fashion_mnist_data(pipe, n=args.heldout_latents, seed=args.seed, split="test")
+    return pipe, describe(args.teacher), data, heldout, DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def main(argv=None) -> int:
@@ -766,14 +813,7 @@ def main(argv=None) -> int:
     export_dir = out / "replicates" / args.replicate if args.replicate else out
     run_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    pipe = load_pipeline(args.teacher, device="cpu")
-    args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
-    arch = describe(args.teacher)
-    data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
-    heldout = fashion_mnist_data(pipe, n=args.heldout_latents, seed=args.seed, split="test")
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe, arch, data, heldout, sched = setup(args)
     from hybridsd_nas.cost.latency import device_label
 
     meta = {"machine": f"{device_label(torch.device('cpu'))} ({platform.machine()}, {torch.get_num_threads()} threads)",
