@@ -272,7 +272,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
               + (f" ({r['reason']})" if r.get("reason") else ""))
         print(f"  zero-cost: output MSE {zc['output_mse']:.4g}, latent-stat shift {zc['latent_stat_shift']:.4g}")
         if r["status"] == "ok":
-            print(f"  proxy FID {r['proxy_fid']:.2f} (vs teacher samples), paired MSE {r['paired_mse']:.5f}, FID real {r['fid_real']:.2f}, KID {r['kid']:.4f}, "
+            print(f"  proxy FID {r['proxy_fid']:.2f} (vs teacher samples), paired MSE {r['paired_mse']:.5f}, held-out output MSE "
+                  f"{r['heldout_mse']:.5f}, FID real {r['fid_real']:.2f}, KID {r['kid']:.4f}, "
                   f"adherence {100 * r['adherence']:.1f}% (teacher {100 * r['adherence_teacher']:.1f}%)")
             print(f"  distill {r['distill_seconds']:.1f} s, eval {r['eval_seconds']:.1f} s; {r['samples']} samples, "
                   f"{r['settings']['sampler_steps']} {r['settings']['sampler']} steps, guidance {r['settings']['guidance']}, "

@@ -44,6 +44,7 @@ class ProxySettings:
     seed: int = 0
     kid_subset: int = 50
     reference_images: int = 1000  # the first N Fashion-MNIST test images (shared cache with the teacher evaluation)
+    heldout_latents: int = 64  # fixed held-out noisy latents of ``heldout_mse`` (test-split images, no sampling)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,6 +141,25 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
     return out
 
 
+def heldout_score(student, pipe, scheduler, s: ProxySettings, device: str = "cpu") -> dict[str, float]:
+    """The distilled student's output MSE against the teacher on ``s.heldout_latents`` fixed noisy
+    latents of held-out (test-split) images, timesteps spread over the schedule: no sampling, under a
+    second. ``heldout_mse`` is the mean, ``heldout_mse_high`` over the noisiest third of the timesteps.
+    The same figure as ``experiments/proxy_fidelity``'s held-out score (same latents, same noise)."""
+    t0 = time.perf_counter()
+    held = fashion_mnist_data(pipe, n=s.heldout_latents, seed=s.seed, split="test")
+    was = student.training
+    student.eval()
+    try:
+        sc = zero_cost_scores(student, pipe.unet, held, scheduler, n=s.heldout_latents, seed=s.seed + 1)
+    finally:
+        student.train(was)
+    out = {"heldout_mse": sc["output_mse"], "heldout_seconds": round(time.perf_counter() - t0, 3)}
+    if "output_mse_high" in sc:
+        out["heldout_mse_high"] = sc["output_mse_high"]
+    return out
+
+
 def paired_mse(images, reference) -> float:
     """Mean squared difference of paired uint8 images (same prompt, same seed), in [0, 1] units."""
     a, b = np.asarray(images, dtype=np.float64) / 255.0, np.asarray(reference, dtype=np.float64) / 255.0
@@ -208,7 +228,10 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=progress, perceptual=perc, decode=dec)
     out.update({"status": res.status, "reason": res.reason, "distill_seconds": round(res.seconds, 2),
                 "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule})
-    if res.status != "ok" or not evaluate:
+    if res.status != "ok":
+        return out
+    out.update(heldout_score(student, pipe, sched, s, device=device))
+    if not evaluate:
         return out
     out.update(evaluate_student(teacher, pipe, student, s, steps, guidance, device=device, return_images=return_images))
     return out

@@ -190,6 +190,11 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     # averaging more runs makes a repeat of the reference agree better
     fid = np.arange(8.0)
     assert run.repeat_tau(fid, 2.0, runs=8)["median"] > run.repeat_tau(fid, 2.0, runs=1)["median"]
+    # a noise-free score faces the reference's noise alone, a repeat faces it twice: the score can show more
+    rt = run.repeat_tau(fid, 2.0, runs=2)
+    assert rt["predictor_median"] > rt["median"] and rt["predictor_p10"] <= rt["predictor_median"] <= rt["predictor_p90"]
+    # and it is the repeat's figure at twice the runs (the same noise, sd sqrt(1 / runs) = sqrt(2 / (2 runs)))
+    assert rt["predictor_median"] == pytest.approx(run.repeat_tau(fid, 2.0, runs=4)["median"], abs=0.05)
     # repeats are read by candidate and tag; one of another length is left out with a warning
     rd = tmp_path / "replicates"
     rd.mkdir()

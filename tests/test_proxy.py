@@ -16,14 +16,28 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_proxy_scores_a_candidate_on_the_embedded_teacher():
-    r = run_proxy("tiny", "bk-sdm-small", TINY)
+    r = run_proxy("tiny", "bk-sdm-small", TINY, return_student=True)
     assert r["status"] == "ok", r.get("reason")
-    for k in ("proxy_fid", "fid_real", "kid", "paired_mse", "adherence", "distill_seconds", "eval_seconds"):
+    for k in ("proxy_fid", "fid_real", "kid", "paired_mse", "heldout_mse", "adherence", "distill_seconds", "eval_seconds"):
         assert isinstance(r[k], float), k
     assert r["proxy_fid"] >= 0 and 0 <= r["adherence"] <= 1 and r["samples"] == 8 and 0 < r["paired_mse"] < 1
     assert r["zero_cost"]["output_mse"] > 0  # BK-SDM-Small differs from the teacher before training
+    # the held-out score is the rank-fidelity experiment's: test-split latents, noise seeded seed + 1
+    from diffusers import DDPMScheduler
+
+    from hybridsd_nas.distill import fashion_mnist_data
+    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.proxy import zero_cost_scores
+
+    pipe = load_pipeline("tiny")
+    held = fashion_mnist_data(pipe, n=TINY.heldout_latents, seed=TINY.seed, split="test")
+    ref = zero_cost_scores(r["student"].eval(), pipe.unet, held, DDPMScheduler.from_config(pipe.scheduler.config),
+                           n=TINY.heldout_latents, seed=TINY.seed + 1)
+    assert r["heldout_mse"] == pytest.approx(ref["output_mse"], rel=1e-5)
     again = run_proxy("tiny", "identity", TINY)
     assert again["zero_cost"]["output_mse"] == 0.0  # the no-op candidate is the teacher
+    # two steps of training move the teacher's own copy a little, not as far as BK-SDM-Small is
+    assert 0 <= again["heldout_mse"] < r["heldout_mse"]
 
 
 def test_proxy_cli_json(capsys):

@@ -176,11 +176,11 @@ def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     real = runner.Evaluator.proxy
     calls = []
 
-    def flaky(self, candidate, prefilter, quality, point=None):
+    def flaky(self, candidate, prefilter, quality, point=None, **kw):
         calls.append(candidate.key)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, candidate, prefilter, quality, point=point)
+        return real(self, candidate, prefilter, quality, point=point, **kw)
 
     monkeypatch.setattr(runner.Evaluator, "proxy", flaky)
     res = run_study(_cfg(tmp_path, "flaky", trials=4), storage=_sqlite(tmp_path), progress=False)
@@ -190,6 +190,24 @@ def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     assert len(failed) == 1 and failed[0].number == 1
     assert failed[0].user_attrs["status"] == "failed"
     assert failed[0].user_attrs["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+@pytest.mark.slow
+def test_a_study_ranked_by_the_held_out_score_distils_but_never_samples(tmp_path, monkeypatch):
+    from hybridsd_nas import proxy
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the study sampled the student")
+
+    monkeypatch.setattr(proxy, "evaluate_student", no_sampling)
+    cfg = _cfg(tmp_path, "heldout", objectives=[{"metric": "macs"}, {"metric": "heldout_mse"}], proxy=SHORT_PROXY, trials=2)
+    assert not cfg.needs_sampling() and _cfg(tmp_path, "fid", objectives=["macs", "proxy_fid"]).needs_sampling()
+    res = run_study(cfg, storage=_sqlite(tmp_path), progress=False)
+    assert res["evaluated"] == 2
+    done = [t for t in optuna.load_study(study_name="heldout", storage=_sqlite(tmp_path)).trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2
+    for t in done:
+        assert t.user_attrs["heldout_mse"] > 0 and t.values[1] == t.user_attrs["heldout_mse"] and "proxy_fid" not in t.user_attrs
 
 
 @pytest.mark.slow

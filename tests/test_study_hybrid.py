@@ -39,6 +39,8 @@ def test_hybrid_metrics_need_a_hybrid_space(tmp_path):
         Evaluator(bad)
     with pytest.raises(ConfigError, match="hybrid-schedule space \\(leave enqueue out\\)"):
         Evaluator(_cfg(tmp_path, enqueue=["bk-sdm-tiny"]))
+    with pytest.raises(ConfigError, match="heldout_mse is a figure of one distilled U-Net; a hybrid-schedule space is ranked"):
+        Evaluator(_cfg(tmp_path, objectives=[{"metric": "heldout_mse"}, {"metric": "cloud_share"}]))
 
 
 def _expected_share(large_steps: int, total: int) -> float:

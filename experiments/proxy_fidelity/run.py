@@ -282,13 +282,18 @@ def repeat_tau(long_fid: np.ndarray, train_sd: float, draws: int = 2000, seed: i
     """How well a repeat of the whole reference (``runs`` long runs per candidate, averaged; same
     settings, same evaluation seeds) would rank the candidates against this one: its FIDs differ from
     these by the difference of two such means, normal with sd sqrt(2 / runs) * train_sd. Kendall tau
-    over simulated repeats (median, 10th-90th percentile)."""
+    over simulated repeats (median, 10th-90th percentile). ``predictor_*``: the same for a score
+    without noise that knows each candidate's expected long FID, against this reference, which is
+    off it by sd sqrt(1 / runs) * train_sd: the most any proxy can show here."""
     from scipy.stats import kendalltau
 
     rng = np.random.default_rng(seed)
-    sd = np.sqrt(2.0 / np.broadcast_to(np.asarray(runs, dtype=float), long_fid.shape)) * train_sd
-    t = [kendalltau(long_fid, long_fid + rng.normal(0.0, 1.0, len(long_fid)) * sd).statistic for _ in range(draws)]
-    return {"median": float(np.median(t)), "p10": float(np.percentile(t, 10)), "p90": float(np.percentile(t, 90)), "draws": draws}
+    k = np.broadcast_to(np.asarray(runs, dtype=float), long_fid.shape)
+    out = {"draws": draws}
+    for key, sd in (("", np.sqrt(2.0 / k) * train_sd), ("predictor_", np.sqrt(1.0 / k) * train_sd)):
+        t = [kendalltau(long_fid, long_fid + rng.normal(0.0, 1.0, len(long_fid)) * sd).statistic for _ in range(draws)]
+        out.update({f"{key}median": float(np.median(t)), f"{key}p10": float(np.percentile(t, 10)), f"{key}p90": float(np.percentile(t, 90))})
+    return out
 
 
 def _long_cost(rows: list[dict], L: str) -> np.ndarray:
@@ -656,7 +661,9 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         rt = rr["repeat_tau"]
         lines += ["", f"The ceiling this noise sets: a repeat of the whole reference ({'the same number of long runs, averaged' if averaged else 'one long run'}) "
                   f"would rank these {n_ok} candidates against this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} "
-                  f"simulated repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f}; run-to-run sd {rr['train_sd']:.2f} per long FID)."
+                  f"simulated repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f}; run-to-run sd {rr['train_sd']:.2f} per long FID); "
+                  f"a score that knew each candidate's expected long FID without noise would reach {rt['predictor_median']:.2f} "
+                  f"({rt['predictor_p10']:.2f}-{rt['predictor_p90']:.2f}) against it: the most any proxy can show here."
                   + (f" Measured: over the {rr['run_vs_repeat']['candidates']} candidates of the repeat set "
                      f"`{rr['run_vs_repeat']['tag']}`, the first long runs and the repeats agree with Kendall tau {rr['run_vs_repeat']['kendall_tau']:.3f} (Spearman "
                      f"{rr['run_vs_repeat']['spearman_rho']:.3f})." if rr.get("run_vs_repeat") else "")]
@@ -709,7 +716,9 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                           f"{'-'.join(str(k) for k in sorted({min(r['long_runs'] for r in fresh_rows), max(r['long_runs'] for r in fresh_rows)}))} "
                           f"long run{'s' if max(r['long_runs'] for r in fresh_rows) > 1 else ''} each): a repeat of the whole reference "
                           f"would rank them against this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} simulated "
-                          f"repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f})."]
+                          f"repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f}); a score that knew each candidate's "
+                          f"expected long FID without noise would reach {rt['predictor_median']:.2f} ({rt['predictor_p10']:.2f}-"
+                          f"{rt['predictor_p90']:.2f})."]
         elif fresh_rows:
             lines += ["", f"{len(fresh_rows)} fresh candidates ran; at least 3 are needed for the check."]
     lines += ["", "## Reading", "",
@@ -849,6 +858,9 @@ def main(argv=None) -> int:
                                   "wall_seconds": round(time.perf_counter() - t0, 1)}
                 f.write_text(json.dumps(row, indent=1))
             rows.append(row)
+            continue
+        if args.replicate and not (out / "runs" / f"{name}.json").is_file():
+            print(f"{name}: no first run to repeat, skipped", file=sys.stderr)
             continue
         if f.is_file():
             rows.append(json.loads(f.read_text()))

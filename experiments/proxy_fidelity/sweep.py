@@ -119,41 +119,48 @@ def analyse(records: list[dict], sweep: dict[str, dict[str, dict]], ref: dict[st
                       "separated_pairs_all": every.get("separated_pairs"), "separated_agree_all": every.get("separated_agree")})
         table.append(d)
     chosen = run.choose(table)
+    ceiling = None
+    if noise and noise.get("train_sd") and len(fresh) >= 3:  # what the reference's own noise lets any score show over all
+        ceiling = run.repeat_tau(y, noise["train_sd"], runs=np.array([len(ref[r["candidate"]]) for r in both]))
     report = {"meta": meta, "settings": [dict(zip(("name", "batch_size", "lr", "steps"), s)) for s in SETTINGS],
               "reference_runs": {r["candidate"]: len(ref[r["candidate"]]) for r in both}, "first": nf, "fresh": len(fresh),
               "long_samples": both[0]["evals"][str(args.long_steps)]["long"].get("samples"),
-              "table": table, "chosen": chosen,
+              "table": table, "chosen": chosen, "ceiling_all": ceiling,
               "calibration": {r["candidate"]: {"speed": speed(r, sweep["calibration"][r["candidate"]]),
                                                "heldout_mse": sweep["calibration"][r["candidate"]]["evals"][str(CALIBRATION_STEP)]["heldout"]["output_mse"],
                                                "heldout_mse_long_run": r["evals"][str(CALIBRATION_STEP)]["heldout"]["output_mse"]}
                               for r in both if r["candidate"] in sweep.get("calibration", {})}}
     results.mkdir(parents=True, exist_ok=True)
     (results / "proxy_fidelity_sweep.json").write_text(json.dumps(report, indent=1))
-    _plot(table, results / "proxy_fidelity_sweep.png", nf, len(fresh),
+    _plot(table, results / "proxy_fidelity_sweep.png", nf, len(fresh), ceiling,
           f"held-out output MSE on {args.heldout_latents} latents against the mean long FID; {meta['machine']}, float32, seed {args.seed}")
     _markdown(report, args, results / "proxy_fidelity_sweep.md")
     return report
 
 
-def _plot(table: list[dict], path: Path, nf: int, n_fresh: int, how: str) -> None:
+def _plot(table: list[dict], path: Path, nf: int, n_fresh: int, ceiling: dict | None, how: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if n_fresh >= 3 else 1, figsize=(11 if n_fresh >= 3 else 6, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if n_fresh >= 3 else 1, figsize=(13.5 if n_fresh >= 3 else 8, 4.2), squeeze=False)
     for ax, key, title in zip(axes[0], ("kendall_tau", "kendall_tau_all"),
                               (f"first {nf} candidates (the rule picks here)", f"all {nf + n_fresh} candidates")):
         for sname, *_ in SETTINGS:
             pts = [(100 * t["cost_fraction_mean"], t[key]) for t in table if t["setting"] == sname and key in t]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=sname)
-        ax.axhline(0.8, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.8, color="grey", lw=0.8, ls="--", label="target 0.8")
+        if ceiling and key == "kendall_tau_all":
+            ax.axhspan(ceiling["predictor_p10"], ceiling["predictor_p90"], color="grey", alpha=0.15,
+                       label="a noise-free score (10th-90th pct.)")
+            ax.axhline(ceiling["median"], color="black", lw=0.8, ls="-.", label="a repeat of the reference (median)")
         ax.axvline(10, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("cost, % of one long run (mean over the first candidates)")
         ax.set_ylabel("Kendall tau against the long FID")
         ax.set_title(title, fontsize=10)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(how, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,6 +204,12 @@ def _markdown(report: dict, args, path: Path) -> None:
                                                                   f"{chosen['kendall_tau_all']:.3f}." if fresh else ".")
                  if chosen else "No setting is within the cost."),
               "", "![proxy settings](proxy_fidelity_sweep.png)", ""]
+    c = report.get("ceiling_all")
+    if c:
+        lines += [f"What the reference's own noise lets a score show over all {report['first'] + report['fresh']} candidates: a "
+                  f"repeat of the whole reference would rank them against it with Kendall tau {c['median']:.2f} (median; "
+                  f"{c['p10']:.2f}-{c['p90']:.2f}), a score that knew each expected long FID without noise {c['predictor_median']:.2f} "
+                  f"({c['predictor_p10']:.2f}-{c['predictor_p90']:.2f}); `proxy_fidelity.md` says how.", ""]
     cal = report["calibration"]
     if cal:
         dev = [abs(c["heldout_mse"] / c["heldout_mse_long_run"] - 1) for c in cal.values()]

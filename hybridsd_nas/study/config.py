@@ -23,9 +23,12 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "proxy_fid": ("quality", "minimize", "FID of the distilled student's samples against the teacher's samples"),
     "kid": ("quality", "minimize", "KID against the teacher's samples"),
     "fid_real": ("quality", "minimize", "FID against real images"),
+    "heldout_mse": ("quality", "minimize", "the distilled student's output MSE against the teacher on fixed held-out noisy latents (no sampling)"),
     "paired_mse": ("quality", "minimize", "mean squared pixel difference of the student's samples from the teacher's, same prompts and seeds"),
     "adherence": ("quality", "maximize", "share of samples the evaluation classifier assigns to the prompted class"),
 }
+# quality figures that need no sampling: a study that asks for none other skips the proxy's sampling
+UNSAMPLED = ("heldout_mse",)
 SAMPLERS = ("nsga2", "tpe", "gp", "bruteforce", "random")
 LATENCY_MODES = ("off", "lut", "measure")
 WANDB_MODES = ("off", "offline", "online")
@@ -116,6 +119,10 @@ class StudyConfig:
 
     def needs(self, group: str) -> bool:
         return any(METRICS[m][0] == group for m in self.metrics)
+
+    def needs_sampling(self) -> bool:
+        """Whether a quality figure of this study comes from the student's samples (all but UNSAMPLED)."""
+        return any(METRICS[m][0] == "quality" and m not in UNSAMPLED for m in self.metrics)
 
     @property
     def results_dir(self) -> Path:

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 from ..errors import ConfigError, HybridSDError
-from .config import METRICS, StudyConfig
+from .config import METRICS, UNSAMPLED, StudyConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CHEAP_STREAK = 200  # rejected or already-seen candidates in a row before a worker gives up
@@ -151,6 +151,10 @@ class Evaluator:
             if c.metric in HYBRID_METRICS and c.of == "teacher":
                 raise ConfigError(f"{cfg.source}: constraints: {c.metric} takes no 'of: teacher' "
                                   "(cloud_share is already a share of the all-cloud run; give edge_macs in MACs)")
+        if self.hybrid and any(m in UNSAMPLED for m in used):
+            m = next(m for m in used if m in UNSAMPLED)
+            raise ConfigError(f"{cfg.source}: {m} is a figure of one distilled U-Net; a hybrid-schedule space is ranked by "
+                              "the figures of its samples (proxy_fid, kid, fid_real, paired_mse, adherence)")
         if self.hybrid and cfg.enqueue:
             raise ConfigError(f"{cfg.source}: enqueue: names candidates of layer-removal or recombination spaces; "
                               f"space {self.space.name!r} is a hybrid-schedule space (leave enqueue out)")
@@ -221,7 +225,9 @@ class Evaluator:
                              device=c.latency_device, dtype=c.latency_dtype, lut=lut, arch=self.arch)
 
     def proxy(self, candidate, prefilter: Callable[[dict[str, float]], str | None] | None, quality: bool,
-              point=None) -> dict[str, Any]:
+              point=None, sample: bool = True) -> dict[str, Any]:
+        """The proxy's figures of one candidate; ``sample=False`` stops after the distillation and its
+        held-out score (no student samples, no FID: a quarter of the proxy's seconds or less)."""
         from ..proxy import run_proxy
 
         if self.hybrid:
@@ -231,7 +237,7 @@ class Evaluator:
                 self._hybrid_proxy = HybridProxy(self.cfg.teacher, self.settings, self.device, self.cfg.base)
             return self._hybrid_proxy(point, prefilter, quality)
         return run_proxy(self.cfg.teacher, candidate, self.settings, base=self.cfg.base, device=self.device,
-                         return_images=quality, zero_cost_only=not quality, prefilter=prefilter)
+                         return_images=quality and sample, zero_cost_only=not quality, prefilter=prefilter, evaluate=sample)
 
 
 def _cost_figures(cost: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +285,7 @@ class Objective:
         self.on_trial = on_trial
         self.current: optuna.trial.Trial | None = None
         self.quality = cfg.needs("quality")
+        self.sample = cfg.needs_sampling()
         self.zero_cost = cfg.needs("zero_cost")
 
     def _surplus(self, trial: optuna.trial.Trial) -> bool:
@@ -354,7 +361,7 @@ class Objective:
             pre = list(self.cfg.prefilter) + self.ev.constraints("zero_cost")
             t0 = time.perf_counter()
             try:
-                res = self.ev.proxy(cand, (lambda z: _check(pre, z)) if pre else None, self.quality, point=pt)
+                res = self.ev.proxy(cand, (lambda z: _check(pre, z)) if pre else None, self.quality, point=pt, sample=self.sample)
                 timings["proxy_seconds"] = time.perf_counter() - t0
             except HybridSDError as e:
                 self._finish(trial, "failed", f"{type(e).__name__}: {e}", figures, timings, t_start)
@@ -363,7 +370,7 @@ class Objective:
                 self._finish(trial, "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", figures, timings, t_start)
                 raise TrialFailed(str(e)) from None
             figures.update(res.get("zero_cost", {}))
-            for k in ("zero_cost_seconds", "distill_seconds", "eval_seconds"):  # parts of proxy_seconds
+            for k in ("zero_cost_seconds", "distill_seconds", "heldout_seconds", "eval_seconds"):  # parts of proxy_seconds
                 if res.get(k) is not None:
                     timings[k] = float(res[k])
             if res["status"] == "interrupted":
@@ -374,7 +381,8 @@ class Objective:
             if res["status"] != "ok":
                 self._finish(trial, "failed", f"proxy {res['status']}: {res.get('reason')}", figures, timings, t_start)
                 raise TrialFailed(str(res.get("reason")))
-            for k in ("proxy_fid", "kid", "fid_real", "paired_mse", "adherence", "kid_std", "adherence_teacher", "distill_final_loss"):
+            for k in ("proxy_fid", "kid", "fid_real", "paired_mse", "heldout_mse", "adherence", "kid_std", "adherence_teacher",
+                      "distill_final_loss"):
                 if res.get(k) is not None:
                     figures[k] = float(res[k])
             if "images" in res and self.store is not None:
