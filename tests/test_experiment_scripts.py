@@ -274,7 +274,8 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     # the default is checked beside it, and so are the baselines (the cost read as quality), which the rule never picks
     combo = "10 steps, 8 samples + MACs alone (rank sum; formed after the fresh results were seen)"
     assert set(check) == {saved["chosen"]["what"], "10 steps, 8 samples (FID)", "MACs alone (baseline: the cost, no training)",
-                          "parameter count alone (baseline: the cost, no training)", combo}
+                          "parameter count alone (baseline: the cost, no training)", combo,
+                          "held-out output MSE after 10 steps (no sampling)"}
     assert paired["kendall_tau_first"] == pytest.approx(1.0) and not paired["post_hoc"] and check[combo]["post_hoc"]
     # the rank sum is taken over all 8 candidates (tied values share a rank): the proxy's ranks plus the MACs'
     proxy = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 1.0, 2.0, 3.0])

@@ -492,7 +492,9 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         check = fresh_check(ok, fresh, {k: float(np.mean(v)) for k, v in runs_fid.items()},
                             {"diff_sd": noise["diff_sd"], "train_sd": noise.get("train_sd") or 0.0,
                              "runs": {k: len(v) for k, v in runs_fid.items()}} if noise else None,
-                            args, list(dict.fromkeys([chosen["what"], default_what] + [x["what"] for x in settings if x.get("baseline")]))
+                            # the proxy's held-out score at the default length (heldout_mse in every proxy result) beside them
+                            args, list(dict.fromkeys([chosen["what"], default_what, f"held-out output MSE after {args.default_steps} steps (no sampling)"]
+                                                     + [x["what"] for x in settings if x.get("baseline")]))
                             + [(default_what, next(x["what"] for x in settings if x.get("baseline") and x["what"].startswith("MACs")))])
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
