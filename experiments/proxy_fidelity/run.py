@@ -296,6 +296,19 @@ def repeat_tau(long_fid: np.ndarray, train_sd: float, draws: int = 2000, seed: i
     return out
 
 
+def ceiling_words(rt: dict) -> tuple[str, str]:
+    """``repeat_tau``'s result in words: what a repeat of the reference would read, and what a
+    noise-free score would."""
+    return (f"Kendall tau {rt['median']:.2f} (median of {rt['draws']} simulated repeats, 10th-90th percentile "
+            f"{rt['p10']:.2f}-{rt['p90']:.2f})", f"{rt['predictor_median']:.2f} ({rt['predictor_p10']:.2f}-{rt['predictor_p90']:.2f})")
+
+
+def span(values) -> str:
+    """The range of some counts in words: '2-3', or '2' when they are all the same."""
+    lo, hi = min(values), max(values)
+    return f"{lo}-{hi}" if lo != hi else f"{lo}"
+
+
 def _long_cost(rows: list[dict], L: str) -> np.ndarray:
     return np.array([r["evals"][L]["distill_seconds"] + r["evals"][L]["long"]["eval_seconds"] for r in rows])
 
@@ -600,9 +613,8 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     averaged = any(r["long_runs"] > 1 for r in ok_rows)
     repeats = ""
     if averaged:
-        ks = sorted({r["long_runs"] for r in ok_rows})
         repeats = (f" The long run was then repeated with the same settings and seeds (`--replicate`: the long run and its "
-                   f"evaluation only), {'-'.join(map(str, (ks[0], ks[-1]))) if len(ks) > 1 else ks[0]} long runs per candidate "
+                   f"evaluation only), {span([r['long_runs'] for r in ok_rows])} long runs per candidate "
                    "in all, each set with its own Base for the recombinations; the **reference** is the mean long FID over a "
                    "candidate's runs, and costs are against one long run. The repeats took "
                    f"{sum(x.get('wall_seconds', 0.0) for v in (rr or {}).get('replicates', {}).values() for x in v) / 60:.0f} min.")
@@ -660,12 +672,11 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                   f"not ordered by the long run beyond its own noise; the last column counts the {settings[0]['separated_pairs']} of "
                   f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
     if rr:
-        rt = rr["repeat_tau"]
+        repeat, perfect = ceiling_words(rr["repeat_tau"])
         lines += ["", f"The ceiling this noise sets: a repeat of the whole reference ({'the same number of long runs, averaged' if averaged else 'one long run'}) "
-                  f"would rank these {n_ok} candidates against this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} "
-                  f"simulated repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f}; run-to-run sd {rr['train_sd']:.2f} per long FID); "
-                  f"a score that knew each candidate's expected long FID without noise would reach {rt['predictor_median']:.2f} "
-                  f"({rt['predictor_p10']:.2f}-{rt['predictor_p90']:.2f}) against it: the most any proxy can show here."
+                  f"would rank these {n_ok} candidates against this one with {repeat}, run-to-run sd {rr['train_sd']:.2f} per long FID; "
+                  f"a score that knew each candidate's expected long FID without noise would reach {perfect} against it: the most "
+                  "any proxy can show here."
                   + (f" Measured: over the {rr['run_vs_repeat']['candidates']} candidates of the repeat set "
                      f"`{rr['run_vs_repeat']['tag']}`, the first long runs and the repeats agree with Kendall tau {rr['run_vs_repeat']['kendall_tau']:.3f} (Spearman "
                      f"{rr['run_vs_repeat']['spearman_rho']:.3f})." if rr.get("run_vs_repeat") else "")]
@@ -713,14 +724,12 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                              + (f"{c['partial_tau_given_macs_all']:.3f} | " if np.isfinite(c["partial_tau_given_macs_all"]) else "- | ")
                              + f"{100 * c['cost_fraction_mean_fresh']:.1f}% |")
             if rr and rr.get("repeat_tau_all"):
-                rt = rr["repeat_tau_all"]
-                lines += ["", f"The ceiling over all {len(all_ok)} candidates (the fresh ones with "
-                          f"{'-'.join(str(k) for k in sorted({min(r['long_runs'] for r in fresh_rows), max(r['long_runs'] for r in fresh_rows)}))} "
-                          f"long run{'s' if max(r['long_runs'] for r in fresh_rows) > 1 else ''} each): a repeat of the whole reference "
-                          f"would rank them against this one with Kendall tau {rt['median']:.2f} (median of {rt['draws']} simulated "
-                          f"repeats, 10th-90th percentile {rt['p10']:.2f}-{rt['p90']:.2f}); a score that knew each candidate's "
-                          f"expected long FID without noise would reach {rt['predictor_median']:.2f} ({rt['predictor_p10']:.2f}-"
-                          f"{rt['predictor_p90']:.2f})."]
+                repeat, perfect = ceiling_words(rr["repeat_tau_all"])
+                fr = [r["long_runs"] for r in fresh_rows]
+                lines += ["", f"The ceiling over all {len(all_ok)} candidates (the fresh ones with {span(fr)} "
+                          f"long run{'s' if max(fr) > 1 else ''} each): a repeat of the whole reference would rank them against "
+                          f"this one with {repeat}; a score that knew each candidate's expected long FID without noise would "
+                          f"reach {perfect}."]
         elif fresh_rows:
             lines += ["", f"{len(fresh_rows)} fresh candidates ran; at least 3 are needed for the check."]
     lines += ["", "## Reading", "",

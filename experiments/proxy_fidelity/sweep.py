@@ -80,9 +80,10 @@ def sweep_scores(records: list[dict], sweep: dict[str, dict[str, dict]]) -> list
         runs = sweep.get(sname, {})
         if not all(n in runs for n in names):
             continue
+        # what a run that failed before a step cost: its seconds to the last step it reached
+        last = [max((e["distill_seconds"] for e in runs[c]["evals"].values()), default=0.0) for c in names]
         for n in steps:
             ev = [runs[c]["evals"].get(str(n)) for c in names]
-            last = [max((runs[c]["evals"][k]["distill_seconds"] for k in runs[c]["evals"]), default=0.0) for c in names]
             out.append({"what": f"{sname}: held-out output MSE after {n} steps (batch {batch}, lr {lr:g})", "setting": sname,
                         "batch_size": batch, "lr": lr, "distill_steps": n,
                         "score": np.array([e["heldout"]["output_mse"] if e and np.isfinite(e["heldout"]["output_mse"]) else np.inf
@@ -169,14 +170,13 @@ def _plot(table: list[dict], path: Path, nf: int, n_fresh: int, ceiling: dict | 
 
 def _markdown(report: dict, args, path: Path) -> None:
     m, table, chosen = report["meta"], report["table"], report["chosen"]
-    runs = sorted(set(report["reference_runs"].values()))
     fresh = report["fresh"] >= 3
     lines = ["# Proxy settings of their own", "",
              f"Teacher `{args.teacher}`. Each of the {report['first']} first and {report['fresh']} fresh candidates of "
              "`proxy_fidelity.md` distilled again from the start with each setting below (task + output KD + feature KD, "
              f"weights 1/1/1, seed {args.seed}), scored by the output MSE against the teacher on {args.heldout_latents} fixed "
              "held-out noisy latents (no sampling) at each listed step. Reference: the mean long FID over each candidate's "
-             f"{'-'.join(map(str, (runs[0], runs[-1]))) if len(runs) > 1 else runs[0]} long runs of {args.long_steps} steps "
+             f"{run.span(report['reference_runs'].values())} long runs of {args.long_steps} steps "
              f"(batch {args.batch_size}, lr {args.lr:g}; {report['long_samples']} samples, FID against the teacher's samples on the "
              "same prompts and seeds). Settings, fixed in code before any was run: "
              + "; ".join(f"{s['name']} (batch {s['batch_size']}, lr {s['lr']:g}, to {max(s['steps'])} steps)" for s in report["settings"]) + ".",
@@ -206,10 +206,10 @@ def _markdown(report: dict, args, path: Path) -> None:
               "", "![proxy settings](proxy_fidelity_sweep.png)", ""]
     c = report.get("ceiling_all")
     if c:
+        repeat, perfect = run.ceiling_words(c)
         lines += [f"What the reference's own noise lets a score show over all {report['first'] + report['fresh']} candidates: a "
-                  f"repeat of the whole reference would rank them against it with Kendall tau {c['median']:.2f} (median; "
-                  f"{c['p10']:.2f}-{c['p90']:.2f}), a score that knew each expected long FID without noise {c['predictor_median']:.2f} "
-                  f"({c['predictor_p10']:.2f}-{c['predictor_p90']:.2f}); `proxy_fidelity.md` says how.", ""]
+                  f"repeat of the whole reference would rank them against it with {repeat}, a score that knew each expected "
+                  f"long FID without noise {perfect}; `proxy_fidelity.md` says how.", ""]
     cal = report["calibration"]
     if cal:
         dev = [abs(c["heldout_mse"] / c["heldout_mse_long_run"] - 1) for c in cal.values()]
