@@ -201,11 +201,18 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     long = lambda fid, steps: {"status": "ok", "evals": {str(steps): {"long": {"proxy_fid": fid}}}}  # noqa: E731
     (rd / "bk-sdm-base.rep2.json").write_text(json.dumps({"candidate": "bk-sdm-base", **long(50.0, 400)}))
     (rd / "bk-sdm-base.first-run.json").write_text(json.dumps({"candidate": "bk-sdm-base", **long(52.0, 400)}))
+    (rd / "bk-sdm-base.seed1.json").write_text(json.dumps({"candidate": "bk-sdm-base", "train_seed": 1, **long(49.0, 400)}))
     (rd / "asdm-m1.short.json").write_text(json.dumps({"candidate": "asdm-m1", **long(40.0, 100)}))
     reps = run.load_replicates(tmp_path, 400)
-    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0},
-                                    {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0}]}
+    # a record without a training seed was written before --train-seed existed, when every run trained with seed 0
+    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0, "train_seed": 0},
+                                    {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0, "train_seed": 0},
+                                    {"tag": "seed1", "long_fid": 49.0, "wall_seconds": 0.0, "train_seed": 1}]}
     assert "asdm-m1.short.json holds no ok 400-step long run" in capsys.readouterr().err
+    # another training seed is only for repeats: the first runs carry the proxy evaluations at --seed
+    with pytest.raises(SystemExit) as e:
+        run.main(["--train-seed", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--train-seed 1 needs --replicate TAG" in capsys.readouterr().err
 
 
 def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):

@@ -101,7 +101,7 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     cost = estimate_cost(args.teacher, cand, arch=arch)
     space = "recombination" if uses_base else "channel-pruning" if cand.prune else "layer-removal"
     row: dict = {"candidate": name, "candidate_key": cand.key, "space": space, "params": cost["params"], "macs": cost["macs"],
-                 "set": "fresh" if args.fresh else "first"}
+                 "set": "fresh" if args.fresh else "first", "train_seed": args.train_seed}
     t0 = time.perf_counter()
     row["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=args.seed)
     row["zero_cost_seconds"] = round(time.perf_counter() - t0, 3)
@@ -150,7 +150,8 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
               file=sys.stderr, flush=True)
 
     # log_every=1 only records every step's loss (a free score); training is the same
-    cfg = DistillConfig(steps=last, batch_size=args.batch_size, lr=args.lr, seed=args.seed, log_every=1)
+    # the distillation's own generator (batches, timesteps, noise): --train-seed; every evaluation keeps --seed
+    cfg = DistillConfig(steps=last, batch_size=args.batch_size, lr=args.lr, seed=args.train_seed, log_every=1)
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, on_step=on_step)
     row.update({"status": res.status, "reason": res.reason, "trainable_params": res.trainable_params,
                 "frozen_params": res.frozen_params, "evals": {str(k): v for k, v in sorted(evals.items())},
@@ -162,7 +163,7 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
         export_unet(student, p, out_dir / f"{name}-long", teacher_id=args.teacher, cost=cost, overwrite=True,
                     extra={"distill": res.config, "experiment": "proxy_fidelity"},
                     card=f"# {name}, distilled {args.long_steps} steps from `{args.teacher}`\n\nWritten by "
-                         f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, seed {args.seed}); "
+                         f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, training seed {args.train_seed}); "
                          "load with `hybridsd_nas.load_unet(<this directory>)`.\n")
     return row
 
@@ -228,7 +229,9 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
             print(f"warning: {f} holds no ok {long_steps}-step long run; not used", file=sys.stderr)
             continue
         reps.setdefault(r["candidate"], []).append({"tag": f.name[len(r["candidate"]) + 1:-len(".json")], "long_fid": ev["proxy_fid"],
-                                                    "wall_seconds": r.get("wall_seconds", 0.0)})
+                                                    "wall_seconds": r.get("wall_seconds", 0.0),
+                                                    # runs written before --train-seed existed all trained with seed 0
+                                                    "train_seed": r.get("train_seed", 0)})
     return reps
 
 
@@ -613,8 +616,10 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     averaged = any(r["long_runs"] > 1 for r in ok_rows)
     repeats = ""
     if averaged:
-        repeats = (f" The long run was then repeated with the same settings and seeds (`--replicate`: the long run and its "
-                   f"evaluation only), {span([r['long_runs'] for r in ok_rows])} long runs per candidate "
+        seeds = sorted({x["train_seed"] for v in (rr or {}).get("replicates", {}).values() for x in v} - {args.seed})
+        repeats = (f" The long run was then repeated with the same settings and evaluation seeds (`--replicate`: the long run and its "
+                   "evaluation only" + (f"; some with another training seed, {', '.join(map(str, seeds))}, `--train-seed`" if seeds else "")
+                   + f"), {span([r['long_runs'] for r in ok_rows])} distinct long runs per candidate "
                    "in all, each set with its own Base for the recombinations; the **reference** is the mean long FID over a "
                    "candidate's runs, and costs are against one long run. The repeats took "
                    f"{sum(x.get('wall_seconds', 0.0) for v in (rr or {}).get('replicates', {}).values() for x in v) / 60:.0f} min.")
@@ -653,9 +658,10 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     n_ok = len(ok_rows)
     if rr:
         reps = [(r["candidate"], rr["long_fid_runs"][r["candidate"]]) for r in ok_rows if r["long_runs"] > 1]
-        lines += ["", "Repeats of whole long runs with the same settings and seeds (first run, then the repeats): "
+        lines += ["", "Repeats of whole long runs with the same settings and evaluation seeds (first run, then the distinct repeats): "
                   + "; ".join(f"{c} " + ", ".join(f"{x:.2f}" for x in v) for c, v in reps)
-                  + f". Float32 training on this CPU is not bit-reproducible and the difference grows over the {args.long_steps} "
+                  + ". A run repeats itself to the last bit on one machine with one training seed; on another machine (float32 "
+                  f"rounding) or with another training seed it differs, and the difference grows over the {args.long_steps} "
                   f"steps: the run-to-run sd of one long FID (pooled over {rr['candidates_repeated']} candidates, {rr['df']} degrees of "
                   f"freedom) is {rr['train_sd']:.2f}."]
     if noise:
@@ -792,7 +798,11 @@ def main(argv=None) -> int:
     ap.add_argument("--long-samples", type=int, default=256)
     ap.add_argument("--sampler-steps", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of every evaluation (prompts' noise, held-out latents) and the data")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seed of the distillation alone (batch order, timesteps, noise; default: --seed). Only with "
+                         "--replicate: a repeat with another training seed is an independent draw of the run-to-run noise, "
+                         "where a repeat with the same seed on the same machine repeats the run to the last bit")
     ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
     ap.add_argument("--analyse-only", action="store_true", help="only tabulate the candidates already run")
     ap.add_argument("--out", default="results/proxy_fidelity", help="work directory (per-candidate runs)")
@@ -816,6 +826,10 @@ def main(argv=None) -> int:
                     help="steps (among --score-checkpoints) at which the paired sample score is taken")
     args = ap.parse_args(argv)
     args.base_used = None
+    if args.train_seed is None:
+        args.train_seed = args.seed
+    elif args.train_seed != args.seed and not args.replicate:
+        ap.error(f"--train-seed {args.train_seed} needs --replicate TAG: the first runs (with the proxy evaluations) train with --seed {args.seed}")
     # a crash inside a native kernel (seen once per long series on this CPU, not reproduced by rerunning
     # the candidate) then leaves the Python stack of where it happened in the log
     faulthandler.enable()
