@@ -185,12 +185,13 @@ def paired_sample_score(teacher: str, pipe, student, samples: int, seed: int, st
 def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
               device: str = "cpu", progress: bool = False, return_images: bool = False,
               zero_cost_only: bool = False, prefilter: Callable[[dict[str, float]], str | None] | None = None,
-              return_student: bool = False, evaluate: bool = True) -> dict[str, Any]:
+              return_student: bool = False, evaluate: bool = True, heldout: bool = True) -> dict[str, Any]:
     """Score one candidate. Returns a dict with ``status`` and, when ok, the quality figures.
 
     ``zero_cost_only`` stops after the zero-cost scores (no training); ``prefilter`` sees those
     scores first and returns a reason to skip the candidate (status ``skipped``) or None.
-    ``evaluate=False`` stops after the distillation; ``return_student`` adds the (distilled)
+    ``evaluate=False`` stops after the distillation and the held-out score (``heldout_mse``, about a
+    second), ``heldout=False`` also skips that score; ``return_student`` adds the (distilled)
     student module under ``"student"``.
     """
     from diffusers import DDPMScheduler
@@ -232,7 +233,8 @@ def run_proxy(teacher: str, candidate: Any, settings: ProxySettings | None = Non
                 "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule})
     if res.status != "ok":
         return out
-    out.update(heldout_score(student, pipe, sched, s, device=device))
+    if heldout:
+        out.update(heldout_score(student, pipe, sched, s, device=device))
     if not evaluate:
         return out
     out.update(evaluate_student(teacher, pipe, student, s, steps, guidance, device=device, return_images=return_images))

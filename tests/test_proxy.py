@@ -38,6 +38,11 @@ def test_proxy_scores_a_candidate_on_the_embedded_teacher():
     assert again["zero_cost"]["output_mse"] == 0.0  # the no-op candidate is the teacher
     # two steps of training move the teacher's own copy a little, not as far as BK-SDM-Small is
     assert 0 <= again["heldout_mse"] < r["heldout_mse"]
+    # without evaluation the held-out score is still taken (a study ranking by it alone never samples);
+    # the hybrid study, which ranks schedules by their samples, turns it off too
+    quiet = run_proxy("tiny", "identity", TINY, evaluate=False)
+    assert quiet["heldout_mse"] == pytest.approx(again["heldout_mse"], rel=1e-5) and "proxy_fid" not in quiet
+    assert "heldout_mse" not in run_proxy("tiny", "identity", TINY, evaluate=False, heldout=False)
 
 
 def test_proxy_cli_json(capsys):

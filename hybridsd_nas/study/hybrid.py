@@ -85,7 +85,8 @@ class HybridProxy:
             student, info = self._students[cand.key]
             return student, {**info, "distill_seconds": 0.0, "distilled_before": True}
         res = run_proxy(self.teacher, cand, self.settings, base=self.base, device=self.device,
-                        zero_cost_only=zero_cost_only, prefilter=prefilter, return_student=True, evaluate=False)
+                        # a schedule is scored on its samples; the small U-Net's own held-out score is not used
+                        zero_cost_only=zero_cost_only, prefilter=prefilter, return_student=True, evaluate=False, heldout=False)
         student = res.pop("student", None)
         if res["status"] == "ok" and not zero_cost_only:
             self._students[cand.key] = (student, {k: res.get(k) for k in ("zero_cost", "zero_cost_seconds", "distill_final_loss")})
