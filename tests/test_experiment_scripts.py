@@ -166,8 +166,12 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     assert run.repeat_tau(np.arange(8.0) * 10, 0.1)["median"] == pytest.approx(1.0)
     assert run.repeat_tau(np.arange(8.0) * 0.01, 10.0)["median"] < 0.5
     # three candidates repeated: the repeat swaps c and d against the first runs -> tau 1/3 of the 3 pairs
-    more = {"a": [{"tag": "r2", "long_fid": 10.4}], "c": [{"tag": "r2", "long_fid": 31.0}], "d": [{"tag": "r2", "long_fid": 29.0}]}
+    more = {"a": [{"tag": "r2", "long_fid": 10.4}], "c": [{"tag": "r2", "long_fid": 31.0, "train_seed": 1}],
+            "d": [{"tag": "r2", "long_fid": 29.0, "train_seed": 1}]}
     run.analyse(rows, args, meta, tmp_path / "rep", noise, more)
+    # the report names the training seeds of repeats that changed it
+    assert "some with another training seed, 1, `--train-seed`" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()
+    assert "some with another training seed" not in md
     rvr = json.loads((tmp_path / "rep" / "proxy_fidelity.json").read_text())["run_to_run"]["run_vs_repeat"]
     assert rvr["candidates"] == 3 and rvr["kendall_tau"] == pytest.approx(1 / 3)
     assert rvr["tag"] == "r2" and "repeat set `r2`, the first long runs and the repeats agree with Kendall tau 0.333" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()

@@ -616,7 +616,8 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     averaged = any(r["long_runs"] > 1 for r in ok_rows)
     repeats = ""
     if averaged:
-        seeds = sorted({x["train_seed"] for v in (rr or {}).get("replicates", {}).values() for x in v} - {args.seed})
+        # a repeat that names no training seed trained with seed 0, as every run did before --train-seed
+        seeds = sorted({x.get("train_seed", 0) for v in (rr or {}).get("replicates", {}).values() for x in v} - {args.seed})
         repeats = (f" The long run was then repeated with the same settings and evaluation seeds (`--replicate`: the long run and its "
                    "evaluation only" + (f"; some with another training seed, {', '.join(map(str, seeds))}, `--train-seed`" if seeds else "")
                    + f"), {span([r['long_runs'] for r in ok_rows])} distinct long runs per candidate "
