@@ -86,6 +86,7 @@ FRESH: list[tuple[str, object]] = [
 ]
 
 
+UNRECORDED_TRAIN_SEED = 0  # the training seed of a run that names none: every run before --train-seed trained with seed 0
 EXPORTED = ("bk-sdm-base", "bk-sdm-tiny")  # the recombinations' Base; the hybrid sweep's distilled small U-Nets
 
 
@@ -230,8 +231,7 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
             continue
         reps.setdefault(r["candidate"], []).append({"tag": f.name[len(r["candidate"]) + 1:-len(".json")], "long_fid": ev["proxy_fid"],
                                                     "wall_seconds": r.get("wall_seconds", 0.0),
-                                                    # runs written before --train-seed existed all trained with seed 0
-                                                    "train_seed": r.get("train_seed", 0)})
+                                                    "train_seed": r.get("train_seed", UNRECORDED_TRAIN_SEED)})
     return reps
 
 
@@ -616,8 +616,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     averaged = any(r["long_runs"] > 1 for r in ok_rows)
     repeats = ""
     if averaged:
-        # a repeat that names no training seed trained with seed 0, as every run did before --train-seed
-        seeds = sorted({x.get("train_seed", 0) for v in (rr or {}).get("replicates", {}).values() for x in v} - {args.seed})
+        seeds = sorted({x.get("train_seed", UNRECORDED_TRAIN_SEED) for v in (rr or {}).get("replicates", {}).values() for x in v} - {args.seed})
         repeats = (f" The long run was then repeated with the same settings and evaluation seeds (`--replicate`: the long run and its "
                    "evaluation only" + (f"; some with another training seed, {', '.join(map(str, seeds))}, `--train-seed`" if seeds else "")
                    + f"), {span([r['long_runs'] for r in ok_rows])} distinct long runs per candidate "
