@@ -219,6 +219,52 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     assert e.value.code == 2 and "--train-seed 1 needs --replicate TAG" in capsys.readouterr().err
 
 
+def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(tmp_path, monkeypatch):
+    import argparse
+
+    from hybridsd_nas.arch import describe
+
+    run = _script_at("proxy_fidelity/run")
+    args = argparse.Namespace(out=str(tmp_path), replicate="seed1", train_seed=1, long_steps=400, rescore=True,
+                              base=None, rebuild_base=False, base_rebuilt=None)
+    export_dir = tmp_path / "replicates" / "seed1"
+    bf = export_dir / "bk-sdm-base-long"
+    # without --rebuild-base the error says how to get the Base
+    with pytest.raises(SystemExit, match="--rebuild-base to distill it again"):
+        run._base_for("asdm-m3", "asdm-m3", describe("tiny"), args, export_dir, None, ())
+    args.rebuild_base = True
+    # no record of the set's Base: nothing to rebuild from
+    with pytest.raises(SystemExit, match="bk-sdm-base.seed1.json is missing; run bk-sdm-base first"):
+        run.rebuild_base(args, export_dir, bf, *[None] * 5)
+    rd = tmp_path / "replicates"
+    rd.mkdir(exist_ok=True)
+    record = {"candidate": "bk-sdm-base", "status": "ok", "train_seed": 1, "final_loss": 0.25,
+              "evals": {"400": {"long": {"proxy_fid": 53.42}}}}
+    (rd / "bk-sdm-base.seed1.json").write_text(json.dumps(record))
+    # another training seed would not rebuild the same Base
+    args.train_seed = 2
+    with pytest.raises(SystemExit, match="trained with seed 1, this invocation with --train-seed 2; give --train-seed 1"):
+        run.rebuild_base(args, export_dir, bf, *[None] * 5)
+    args.train_seed, args.long_steps = 1, 500
+    with pytest.raises(SystemExit, match="holds no 500-step run"):
+        run.rebuild_base(args, export_dir, bf, *[None] * 5)
+    args.long_steps = 400
+    seen = {}
+
+    def fake_run(name, spec, a, *rest):  # the distillation itself is the one every candidate runs
+        seen.update(name=name, rescore=a.rescore, train_seed=a.train_seed, out_dir=rest[-1])
+        (rest[-1] / f"{name}-long").mkdir(parents=True)
+        return {"candidate": name, "status": "ok", "reason": None, "final_loss": 0.26, "evals": {"400": {"long": {"proxy_fid": 53.5}}}}
+
+    monkeypatch.setattr(run, "run_candidate", fake_run)
+    row = run.rebuild_base(args, export_dir, bf, *[None] * 5)
+    assert seen == {"name": "bk-sdm-base", "rescore": False, "train_seed": 1, "out_dir": export_dir}
+    assert json.loads((rd / "bk-sdm-base.seed1.json").read_text()) == record  # the set's record is what the analysis reads
+    assert json.loads((bf / "rebuilt_run.json").read_text())["recorded"]["long_fid"] == 53.42 == row["recorded"]["long_fid"]
+    assert args.base_rebuilt["long_fid"] == 53.5 and args.base_rebuilt["recorded_long_fid"] == 53.42
+    assert run.load_replicates(tmp_path, 400)["bk-sdm-base"] == [{"tag": "seed1", "long_fid": 53.42, "wall_seconds": 0.0, "train_seed": 1}]
+
+
 def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):
     run = _script_at("proxy_fidelity/run")
     f = tmp_path / "noise_floor.json"

@@ -755,19 +755,61 @@ def _resolve(spec, arch):
     return spec(arch) if callable(spec) else resolve_candidate(spec, arch)
 
 
-def _base_for(name, spec, arch, args, export_dir: Path, base_unet):
+def _base_for(name, spec, arch, args, export_dir: Path, base_unet, context=()):
     """The Base U-Net a recombination takes its blocks from (loaded once); ``base_unet`` unchanged
-    for a candidate that needs none."""
+    for a candidate that needs none. With ``--rebuild-base`` a missing export (it is not kept in the
+    repository) is distilled again; ``context`` is ``(pipe, arch, data, heldout, sched)`` for that."""
     cand = _resolve(spec, arch)
     if not cand.base_blocks or base_unet is not None:
         return base_unet
     bf = Path(args.base) if args.base else export_dir / "bk-sdm-base-long"
     if not (bf / "hybridsd_nas.json").is_file():
-        raise SystemExit(f"error: {bf} is missing; run bk-sdm-base first (the recombinations' Base) or give --base")
+        if args.base or not args.rebuild_base:
+            raise SystemExit(f"error: {bf} is missing; run bk-sdm-base first (the recombinations' Base), give --base, "
+                             "or --rebuild-base to distill it again from its recorded run's settings")
+        rebuild_base(args, export_dir, bf, *context)
     from hybridsd_nas import load_unet
 
     args.base_used = bf
     return load_unet(bf)
+
+
+def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sched) -> dict:
+    """Distil BK-SDM-Base again, as the run recorded in ``<run dir>/bk-sdm-base[.<TAG>].json`` was,
+    and export it to ``bf``: the recombinations of a set run over several sessions need their set's
+    Base. The record of the set is left as it is (it is what the analysis reads); this run's own goes
+    to ``<bf>/rebuilt_run.json``, with its long FID beside the recorded one (on another machine the two
+    differ by float32 rounding only, the same training seed giving the same batches and noise)."""
+    rec_file = (Path(args.out) / "replicates" / f"bk-sdm-base.{args.replicate}.json" if args.replicate
+                else Path(args.out) / "runs" / "bk-sdm-base.json")
+    if not rec_file.is_file():
+        raise SystemExit(f"error: --rebuild-base: {rec_file} is missing; run bk-sdm-base first (the recombinations' Base)")
+    recorded = json.loads(rec_file.read_text())
+    seed = recorded.get("train_seed", UNRECORDED_TRAIN_SEED)
+    if seed != args.train_seed:
+        raise SystemExit(f"error: --rebuild-base: {rec_file} trained with seed {seed}, this invocation with --train-seed "
+                         f"{args.train_seed}; give --train-seed {seed}")
+    if str(args.long_steps) not in recorded.get("evals", {}):
+        raise SystemExit(f"error: --rebuild-base: {rec_file} holds no {args.long_steps}-step run; give --long-steps as it was run")
+    print(f"bk-sdm-base: {bf} is missing; distilling it again ({args.long_steps} steps, training seed {seed})",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    sub = argparse.Namespace(**{**vars(args), "rescore": False})
+    row = run_candidate("bk-sdm-base", "bk-sdm-base", sub, pipe, arch, data, heldout, sched, None, export_dir)
+    if row["status"] != "ok":
+        raise SystemExit(f"error: --rebuild-base: the Base's distillation ended {row['status']}: {row['reason']}")
+    row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    L = str(args.long_steps)
+    row["recorded"] = {"file": str(rec_file), "long_fid": recorded["evals"][L]["long"]["proxy_fid"],
+                       "final_loss": recorded.get("final_loss")}
+    (bf / "rebuilt_run.json").write_text(json.dumps(row, indent=1))
+    # what the recombinations built on it record (their runs are kept; this export is not)
+    args.base_rebuilt = {"long_fid": row["evals"][L]["long"]["proxy_fid"], "recorded_long_fid": row["recorded"]["long_fid"],
+                         "final_loss": row["final_loss"], "recorded_final_loss": row["recorded"]["final_loss"],
+                         "wall_seconds": row["wall_seconds"]}
+    print(f"bk-sdm-base rebuilt: long FID {row['evals'][L]['long']['proxy_fid']:.3f} (recorded {row['recorded']['long_fid']:.3f}), "
+          f"final loss {row['final_loss']:.6f} (recorded {recorded.get('final_loss')})", file=sys.stderr, flush=True)
+    return row
 
 
 def setup(args):
@@ -821,11 +863,15 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=None,
                     help="the exported long-distilled BK-SDM-Base the recombinations take their blocks from "
                          "(default: <out>/bk-sdm-base-long, or the replicate's own)")
+    ap.add_argument("--rebuild-base", action="store_true",
+                    help="when that Base's export is missing (exports are not kept in the repository), distil it again "
+                         "from its recorded run's settings before the first recombination; the record stays as it was")
     ap.add_argument("--paired-samples", type=int, default=8, help="samples of the paired sample score (no feature network)")
     ap.add_argument("--paired-checkpoints", type=_ints, default=_ints("10,20,30,40"),
                     help="steps (among --score-checkpoints) at which the paired sample score is taken")
     args = ap.parse_args(argv)
     args.base_used = None
+    args.base_rebuilt = None
     if args.train_seed is None:
         args.train_seed = args.seed
     elif args.train_seed != args.seed and not args.replicate:
@@ -868,7 +914,7 @@ def main(argv=None) -> int:
                 continue
             row = json.loads(f.read_text())
             if not row.get("rescore") and row["status"] == "ok":
-                base_unet = _base_for(name, spec, arch, args, export_dir, base_unet)
+                base_unet = _base_for(name, spec, arch, args, export_dir, base_unet, (pipe, arch, data, heldout, sched))
                 print(f"{name}: rescoring the first {max(args.score_checkpoints)} steps", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 new = run_candidate(name, spec, args, pipe, arch, data, heldout, sched, base_unet, export_dir)
@@ -893,7 +939,7 @@ def main(argv=None) -> int:
         elif args.analyse_only:
             continue
         else:
-            base_unet = _base_for(name, spec, arch, args, export_dir, base_unet)
+            base_unet = _base_for(name, spec, arch, args, export_dir, base_unet, (pipe, arch, data, heldout, sched))
             print(f"{name}: distilling {args.long_steps} steps", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:
@@ -902,6 +948,8 @@ def main(argv=None) -> int:
                 print(f"{name}: invalid candidate, skipped: {e}", file=sys.stderr, flush=True)
                 continue
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            if row["space"] == "recombination" and args.base_rebuilt:
+                row["base_rebuilt"] = args.base_rebuilt
             f.write_text(json.dumps(row, indent=1))
             rows.append(row)
     meta["wall_seconds"] = sum(r.get("wall_seconds", 0) for r in rows)
