@@ -145,21 +145,21 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
                              "students": {"a": {"mean": 10.0, "sd": 0.4}}, "fid_sd": 0.4, "diff_sd": 0.3, "train_sd": 9.0}))
     noise = run.load_noise(f, "tiny")
     assert "train_sd" not in noise
-    # candidate a was run twice (10.0, then 10.4): run-to-run sd sqrt(0.08), reference 10.2
-    run.analyse(rows, args, meta, tmp_path, noise, {"a": [{"tag": "r2", "long_fid": 10.4}]})
+    # candidate a was run twice (10.0, then 10.4 with another training seed): run-to-run sd sqrt(0.08), reference 10.2
+    run.analyse(rows, args, meta, tmp_path, noise, {"a": [{"tag": "r2", "long_fid": 10.4, "train_seed": 1}]})
     md = (tmp_path / "proxy_fidelity.md").read_text()
     assert "| 10 steps, 8 samples (FID) **(default)** | 0.667" in md
     assert "same order |" in md and " 5 of 5 |" in md  # a-b (0.1 apart) is not separated; the proxy's swap there is not counted
     # two one-run candidates differ by sd sqrt(0.3^2 + 2 * 0.08) = 0.5
-    assert "sd 0.40" in md and "differ by less than 1.00" in md and "a 10.00, 10.40" in md and "is 0.28" in md
-    assert "| a | layer-removal | 1.00 | 2.00 | 10.00 | 10.20 (2) |" in md
+    assert "sd 0.40" in md and "differ by less than 1.00" in md and "a seed 0: 10.00, seed 1: 10.40" in md and "is 0.28." in md
+    assert "| a | layer-removal | 1.00 | 2.00 | 10.00 | 10.20 (2, 2) |" in md
     saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
     assert saved["noise_floor"]["diff_sd"] == 0.3
     assert saved["noise_floor"]["train_sd"] == pytest.approx(0.08 ** 0.5)
-    assert "a repeat of the whole reference (the same number of long runs, averaged) would rank these 4 candidates" in md
+    assert "a repeat of the whole reference (the same number of training seeds, averaged) would rank these 4 candidates" in md
     assert "run_vs_repeat" not in saved["run_to_run"]  # one candidate run twice: too few for a rank correlation
     rows_csv = list(csv.DictReader((tmp_path / "proxy_fidelity.csv").open()))
-    assert [(r["candidate"], r["long_runs"], r["long_fid_mean"]) for r in rows_csv][0] == ("a", "2", "10.2")
+    assert [(r["candidate"], r["long_runs"], r["long_seeds"], r["long_fid_mean"]) for r in rows_csv][0] == ("a", "2", "2", "10.2")
     rt = saved["run_to_run"]["repeat_tau"]
     assert rt["p10"] <= rt["median"] <= rt["p90"] <= 1.0
     # a repeat of a run whose noise is tiny against the spread of its FIDs ranks like it; one whose noise swamps it does not
@@ -171,10 +171,27 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     run.analyse(rows, args, meta, tmp_path / "rep", noise, more)
     # the report names the training seeds of repeats that changed it
     assert "some with another training seed, 1, `--train-seed`" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()
-    assert "some with another training seed" not in md
+    # repeats with the first runs' seed only: the reference averages them, but they measure no run-to-run noise
+    run.analyse(rows, args, meta, tmp_path / "seed0", noise, {"a": [{"tag": "r2", "long_fid": 10.4}]})
+    md0 = (tmp_path / "seed0" / "proxy_fidelity.md").read_text()
+    assert "some with another training seed" not in md0 and "| 10.00 | 10.20 (2, 1) |" in md0
+    assert json.loads((tmp_path / "seed0" / "proxy_fidelity.json").read_text())["run_to_run"] is None
     rvr = json.loads((tmp_path / "rep" / "proxy_fidelity.json").read_text())["run_to_run"]["run_vs_repeat"]
     assert rvr["candidates"] == 3 and rvr["kendall_tau"] == pytest.approx(1 / 3)
     assert rvr["tag"] == "r2" and "repeat set `r2`, the first long runs and the repeats agree with Kendall tau 0.333" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()
+    # runs with one training seed (another machine's rounding only) are one draw of the run-to-run noise: a's two
+    # seed-0 runs average into one value, b's two seeds give the noise; a keeps one seed in the separation
+    same = {"a": [{"tag": "r2", "long_fid": 10.4}, {"tag": "s1", "long_fid": 11.2, "train_seed": 1}],
+            "b": [{"tag": "s1", "long_fid": 10.9, "train_seed": 1}]}
+    assert run.reference_runs(rows, same, 100) == {"a": [pytest.approx(10.2), 11.2], "b": [10.3, 10.9], "c": [20.0], "d": [30.0]}
+    run.analyse(rows, args, meta, tmp_path / "same", noise, same)
+    saved = json.loads((tmp_path / "same" / "proxy_fidelity.json").read_text())["run_to_run"]
+    # pooled over the seed means: a (10.2, 11.2) and b (10.3, 10.9): (0.5 + 0.18) / 2
+    assert saved["train_sd"] == pytest.approx((0.68 / 2) ** 0.5) and saved["df"] == 2
+    assert saved["same_seed"]["train_sd"] == pytest.approx(0.08 ** 0.5) and saved["same_seed"]["df"] == 1
+    md_same = (tmp_path / "same" / "proxy_fidelity.md").read_text()
+    assert "a seed 0: 10.00, 10.40, seed 1: 11.20" in md_same and "runs of one seed on other machines differ by sd 0.28" in md_same
+    assert "| a | layer-removal | 1.00 | 2.00 | 10.00 | 10.70 (3, 2) |" in md_same
     run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report or repeats: no such columns
     plain = (tmp_path / "plain" / "proxy_fidelity.md").read_text()
     assert "same order" not in plain and "first long run alone" not in plain

@@ -248,17 +248,42 @@ def distinct_runs(name: str, fids: list[float]) -> list[float]:
     return out
 
 
-def reference_runs(rows: list[dict], replicates: dict[str, list[dict]], long_steps: int) -> dict[str, list[float]]:
-    """Every distinct long FID of each candidate of ``rows``: its own run's, then its repeats'
-    (``load_replicates``); the reference is their mean."""
+def seed_runs(rows: list[dict], replicates: dict[str, list[dict]], long_steps: int) -> dict[str, dict[int, list[float]]]:
+    """Every distinct long FID of each candidate of ``rows`` by training seed: its own run's, then its
+    repeats' (``load_replicates``); the seed of the candidate's own run first."""
     L = str(long_steps)
-    return {r["candidate"]: distinct_runs(r["candidate"], [float(r["evals"][L]["long"]["proxy_fid"])]
-                                          + [x["long_fid"] for x in replicates.get(r["candidate"], [])]) for r in rows}
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        by_seed: dict[int, list[float]] = {r.get("train_seed", UNRECORDED_TRAIN_SEED): [float(r["evals"][L]["long"]["proxy_fid"])]}
+        for x in replicates.get(r["candidate"], []):
+            by_seed.setdefault(x.get("train_seed", UNRECORDED_TRAIN_SEED), []).append(x["long_fid"])
+        out[r["candidate"]] = {k: distinct_runs(r["candidate"], v) for k, v in by_seed.items()}
+    return out
+
+
+def reference_runs(rows: list[dict], replicates: dict[str, list[dict]], long_steps: int) -> dict[str, list[float]]:
+    """The independent long FIDs of each candidate of ``rows``, one per training seed: the mean of that
+    seed's distinct runs (``seed_runs``); the reference is the mean of these. Runs with one training
+    seed share every batch, timestep and noise draw and differ only by another machine's float32
+    rounding: together they are one draw of the run-to-run noise, not several."""
+    return seed_means(seed_runs(rows, replicates, long_steps))
+
+
+def seed_means(by_seed: dict[str, dict[int, list[float]]]) -> dict[str, list[float]]:
+    """``seed_runs`` as ``reference_runs``: each training seed's mean long FID."""
+    return {n: [float(np.mean(v)) for v in d.values()] for n, d in by_seed.items()}
+
+
+def same_seed_spread(by_seed: dict[str, dict[int, list[float]]]) -> dict | None:
+    """The spread of runs with one training seed on different machines (float32 rounding alone), pooled
+    as ``run_to_run`` pools; None when no seed was run twice."""
+    return run_to_run({f"{n} seed {k}": v for n, d in by_seed.items() for k, v in d.items()})
 
 
 def run_to_run(long_fids: dict[str, list[float]]) -> dict | None:
-    """The run-to-run noise of one long FID from candidates run more than once (same settings and
-    seeds): the pooled within-candidate standard deviation. None when no candidate was repeated."""
+    """The run-to-run noise of one long FID (of one training seed, ``reference_runs``) from candidates
+    run with more than one seed (same settings and evaluation seeds): the pooled within-candidate
+    standard deviation. None when no candidate was repeated."""
     groups = [np.asarray(v, dtype=float) for v in long_fids.values() if len(v) > 1]
     if not groups:
         return None
@@ -473,11 +498,12 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     L = str(args.long_steps)
     long_first = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
     replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok + fresh}}
-    runs_fid = reference_runs(ok + fresh, replicates, args.long_steps)
+    by_seed = seed_runs(ok + fresh, replicates, args.long_steps)
+    runs_fid = seed_means(by_seed)  # one long FID per training seed
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
     rr = run_to_run(runs_fid)
-    averaged = rr is not None  # some candidate has more than one long run
+    averaged = any(len(v) > 1 for d in by_seed.values() for v in [sum(d.values(), [])])  # some candidate has more than one long run
     if noise:
         noise = {**noise, **(rr or {})}
         train_sd = noise.get("train_sd") or 0.0
@@ -532,12 +558,13 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                          + r["evals"][str(b)]["proxy"]["eval_seconds"] for r in ok])
         extra.append({"what": f"FID at {a} and {b} steps extrapolated (linear in log steps) to {args.long_steps}",
                       **kendall_spearman(pred, long_fid), "cost_fraction_mean": float(np.mean(cost / long_cost))})
-    if averaged:
+    if rr:
         rr["repeat_tau"] = repeat_tau(long_fid, rr["train_sd"], runs=runs)
         # measured rather than simulated: the first runs against the repeat set that covers most candidates
         tags = [x["tag"] for v in replicates.values() for x in v]
         tag = max(sorted(set(tags)), key=tags.count)
-        pairs = [(runs_fid[n][0], x["long_fid"]) for n, v in replicates.items() for x in v if x["tag"] == tag]
+        first_fid = {r["candidate"]: float(r["evals"][L]["long"]["proxy_fid"]) for r in ok + fresh}
+        pairs = [(first_fid[n], x["long_fid"]) for n, v in replicates.items() for x in v if x["tag"] == tag]
         if len(pairs) >= 3:
             rr["run_vs_repeat"] = {"tag": tag, "candidates": len(pairs),
                                    **kendall_spearman(np.array([b for _, b in pairs]), np.array([a for a, _ in pairs]))}
@@ -546,12 +573,14 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
             rr["repeat_tau_all"] = repeat_tau(np.array([np.mean(runs_fid[r["candidate"]]) for r in allc]), rr["train_sd"],
                                               runs=np.array([len(runs_fid[r["candidate"]]) for r in allc]))
         rr["long_fid_runs"] = runs_fid
+        rr["long_fid_by_seed"] = by_seed
+        rr["same_seed"] = same_seed_spread(by_seed)
         rr["replicates"] = replicates
     default = args.default_steps
     fields = ["candidate", "candidate_key", "space", "set", "params", "macs", "trainable_params", "frozen_params",
               "output_mse", "latent_stat_shift", "proxy_steps", "proxy_samples", "proxy_fid", "proxy_kid", "proxy_fid_real",
               "proxy_adherence", "proxy_distill_seconds", "proxy_eval_seconds", "proxy_seconds",
-              "long_steps", "long_samples", "long_fid", "long_runs", "long_fid_mean", "long_kid", "long_fid_real", "long_adherence",
+              "long_steps", "long_samples", "long_fid", "long_runs", "long_seeds", "long_fid_mean", "long_kid", "long_fid_real", "long_adherence",
               "long_distill_seconds", "long_eval_seconds", "long_seconds", "status"]
     out_rows = []
     for r in rows:
@@ -564,7 +593,8 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                       "proxy_distill_seconds": pe["distill_seconds"], "proxy_eval_seconds": pe["proxy"]["eval_seconds"],
                       "proxy_seconds": round(pe["distill_seconds"] + pe["proxy"]["eval_seconds"], 2),
                       "long_steps": args.long_steps, "long_samples": args.long_samples, "long_fid": le["long"]["proxy_fid"],
-                      "long_runs": len(runs_fid[r["candidate"]]), "long_fid_mean": float(np.mean(runs_fid[r["candidate"]])),
+                      "long_runs": sum(len(v) for v in by_seed[r["candidate"]].values()), "long_seeds": len(runs_fid[r["candidate"]]),
+                      "long_fid_mean": float(np.mean(runs_fid[r["candidate"]])),
                       "long_kid": le["long"]["kid"], "long_fid_real": le["long"]["fid_real"], "long_adherence": le["long"]["adherence"],
                       "long_distill_seconds": le["distill_seconds"], "long_eval_seconds": le["long"]["eval_seconds"],
                       "long_seconds": round(le["distill_seconds"] + le["long"]["eval_seconds"], 2)})
@@ -619,9 +649,10 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         seeds = sorted({x.get("train_seed", UNRECORDED_TRAIN_SEED) for v in (rr or {}).get("replicates", {}).values() for x in v} - {args.seed})
         repeats = (f" The long run was then repeated with the same settings and evaluation seeds (`--replicate`: the long run and its "
                    "evaluation only" + (f"; some with another training seed, {', '.join(map(str, seeds))}, `--train-seed`" if seeds else "")
-                   + f"), {span([r['long_runs'] for r in ok_rows])} distinct long runs per candidate "
-                   "in all, each set with its own Base for the recombinations; the **reference** is the mean long FID over a "
-                   "candidate's runs, and costs are against one long run. The repeats took "
+                   + f"), {span([r['long_runs'] for r in ok_rows])} distinct long runs per candidate with "
+                   f"{span([r['long_seeds'] for r in ok_rows])} training seeds, each set with its own Base for the recombinations; "
+                   "the **reference** is the mean over a candidate's training seeds of each seed's mean long FID (runs of one seed "
+                   "share every batch and noise draw and count as one), and costs are against one long run. The repeats took "
                    f"{sum(x.get('wall_seconds', 0.0) for v in (rr or {}).get('replicates', {}).values() for x in v) / 60:.0f} min.")
     lines = [
         "# Rank fidelity of the quality proxy",
@@ -657,13 +688,17 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                      + (f" {s['separated_agree']} of {s['separated_pairs']} |" if noise else ""))
     n_ok = len(ok_rows)
     if rr:
-        reps = [(r["candidate"], rr["long_fid_runs"][r["candidate"]]) for r in ok_rows if r["long_runs"] > 1]
-        lines += ["", "Repeats of whole long runs with the same settings and evaluation seeds (first run, then the distinct repeats): "
-                  + "; ".join(f"{c} " + ", ".join(f"{x:.2f}" for x in v) for c, v in reps)
+        reps = [(r["candidate"], rr["long_fid_by_seed"][r["candidate"]]) for r in ok_rows if r["long_runs"] > 1]
+        same = rr.get("same_seed")
+        lines += ["", "Repeats of whole long runs with the same settings and evaluation seeds (by training seed: the first run, "
+                  "then the distinct repeats): "
+                  + "; ".join(f"{c} " + ", ".join(f"seed {k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in d.items()) for c, d in reps)
                   + ". A run repeats itself to the last bit on one machine with one training seed; on another machine (float32 "
                   f"rounding) or with another training seed it differs, and the difference grows over the {args.long_steps} "
-                  f"steps: the run-to-run sd of one long FID (pooled over {rr['candidates_repeated']} candidates, {rr['df']} degrees of "
-                  f"freedom) is {rr['train_sd']:.2f}."]
+                  f"steps: the run-to-run sd of one training seed's long FID (pooled over {rr['candidates_repeated']} candidates, "
+                  f"{rr['df']} degrees of freedom) is {rr['train_sd']:.2f}"
+                  + (f"; runs of one seed on other machines differ by sd {same['train_sd']:.2f} ({same['df']} degrees of freedom)"
+                     if same else "") + "."]
     if noise:
         studs = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in noise["students"].items())
         lines += ["", f"Noise of the long FID (experiments/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
@@ -674,12 +709,12 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                      f"long run{'s' if noise['separation_runs'] > 1 else ''} each differ by sd {noise['comparison_sd']:.2f}"
                      if noise.get("train_sd") else f" A difference between two candidates thus has sd {noise['comparison_sd']:.2f}")
                   + f". Pairs whose reference FIDs differ by less than {noise['separation']:.2f} (two of those"
-                  + ("; per pair, by the runs each has" if averaged else "") + ") are "
+                  + ("; per pair, by the training seeds each has" if rr else "") + ") are "
                   f"not ordered by the long run beyond its own noise; the last column counts the {settings[0]['separated_pairs']} of "
                   f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
     if rr:
         repeat, perfect = ceiling_words(rr["repeat_tau"])
-        lines += ["", f"The ceiling this noise sets: a repeat of the whole reference ({'the same number of long runs, averaged' if averaged else 'one long run'}) "
+        lines += ["", f"The ceiling this noise sets: a repeat of the whole reference ({'the same number of training seeds, averaged' if rr else 'one long run'}) "
                   f"would rank these {n_ok} candidates against this one with {repeat}, run-to-run sd {rr['train_sd']:.2f} per long FID; "
                   f"a score that knew each candidate's expected long FID without noise would reach {perfect} against it: the most "
                   "any proxy can show here."
@@ -692,12 +727,12 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         cf = f"{100 * e['cost_fraction_mean']:.1f}%" if "cost_fraction_mean" in e else "as above"
         lines.append(f"| {e['what']} | {e['kendall_tau']:.3f} ({e['kendall_p']:.3g}) | {e['spearman_rho']:.3f} ({e['spearman_p']:.3g}) | {cf} |")
     lines += ["", f"## Per candidate (default proxy: {d} steps, {args.proxy_samples} samples)", "",
-              "| candidate | space | params (M) | proxy FID | long FID |" + (" long FID, mean (runs) |" if averaged else "")
+              "| candidate | space | params (M) | proxy FID | long FID |" + (" long FID, mean (runs, seeds) |" if averaged else "")
               + " long FID vs real | long adherence | proxy s | long s |",
               "|---|---|---|---|---|" + ("---|" if averaged else "") + "---|---|---|---|"]
     for r in sorted(all_ok, key=lambda r: r["long_fid_mean"]):
         lines.append(f"| {r['candidate']}{' (fresh)' if r.get('set') == 'fresh' else ''} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
-                     + (f"{r['long_fid_mean']:.2f} ({r['long_runs']}) | " if averaged else "")
+                     + (f"{r['long_fid_mean']:.2f} ({r['long_runs']}, {r['long_seeds']}) | " if averaged else "")
                      + f"{r['long_fid_real']:.1f} | {100 * r['long_adherence']:.0f}% | {r['proxy_seconds']:.0f} | {r['long_seconds']:.0f} |")
     for r in rows:
         if r["status"] != "ok":
@@ -731,9 +766,9 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                              + f"{100 * c['cost_fraction_mean_fresh']:.1f}% |")
             if rr and rr.get("repeat_tau_all"):
                 repeat, perfect = ceiling_words(rr["repeat_tau_all"])
-                fr = [r["long_runs"] for r in fresh_rows]
+                fr = [r["long_seeds"] for r in fresh_rows]
                 lines += ["", f"The ceiling over all {len(all_ok)} candidates (the fresh ones with {span(fr)} "
-                          f"long run{'s' if max(fr) > 1 else ''} each): a repeat of the whole reference would rank them against "
+                          f"training seed{'s' if max(fr) > 1 else ''} each): a repeat of the whole reference would rank them against "
                           f"this one with {repeat}; a score that knew each candidate's expected long FID without noise would "
                           f"reach {perfect}."]
         elif fresh_rows:

@@ -176,7 +176,7 @@ def _markdown(report: dict, args, path: Path) -> None:
              "`proxy_fidelity.md` distilled again from the start with each setting below (task + output KD + feature KD, "
              f"weights 1/1/1, seed {args.seed}), scored by the output MSE against the teacher on {args.heldout_latents} fixed "
              "held-out noisy latents (no sampling) at each listed step. Reference: the mean long FID over each candidate's "
-             f"{run.span(report['reference_runs'].values())} long runs of {args.long_steps} steps "
+             f"{run.span(report['reference_runs'].values())} training seeds (each seed's runs averaged first) of {args.long_steps}-step runs "
              f"(batch {args.batch_size}, lr {args.lr:g}; {report['long_samples']} samples, FID against the teacher's samples on the "
              "same prompts and seeds). Settings, fixed in code before any was run: "
              + "; ".join(f"{s['name']} (batch {s['batch_size']}, lr {s['lr']:g}, to {max(s['steps'])} steps)" for s in report["settings"]) + ".",
