@@ -714,7 +714,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                   f"{n_ok * (n_ok - 1) // 2} pairs it does separate and how many of them each score orders the same way."]
     if rr:
         repeat, perfect = ceiling_words(rr["repeat_tau"])
-        lines += ["", f"The ceiling this noise sets: a repeat of the whole reference ({'the same number of training seeds, averaged' if rr else 'one long run'}) "
+        lines += ["", f"The ceiling this noise sets: a repeat of the whole reference (the same number of training seeds, averaged) "
                   f"would rank these {n_ok} candidates against this one with {repeat}, run-to-run sd {rr['train_sd']:.2f} per long FID; "
                   f"a score that knew each candidate's expected long FID without noise would reach {perfect} against it: the most "
                   "any proxy can show here."
@@ -810,7 +810,7 @@ def _base_for(name, spec, arch, args, export_dir: Path, base_unet, context=()):
 
 
 def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sched) -> dict:
-    """Distil BK-SDM-Base again, as the run recorded in ``<run dir>/bk-sdm-base[.<TAG>].json`` was,
+    """Distill BK-SDM-Base again, as the run recorded in ``<run dir>/bk-sdm-base[.<TAG>].json`` was,
     and export it to ``bf``: the recombinations of a set run over several sessions need their set's
     Base. The record of the set is left as it is (it is what the analysis reads); this run's own goes
     to ``<bf>/rebuilt_run.json``, with its long FID beside the recorded one (on another machine the two
@@ -899,7 +899,7 @@ def main(argv=None) -> int:
                     help="the exported long-distilled BK-SDM-Base the recombinations take their blocks from "
                          "(default: <out>/bk-sdm-base-long, or the replicate's own)")
     ap.add_argument("--rebuild-base", action="store_true",
-                    help="when that Base's export is missing (exports are not kept in the repository), distil it again "
+                    help="when that Base's export is missing (exports are not kept in the repository), distill it again "
                          "from its recorded run's settings before the first recombination; the record stays as it was")
     ap.add_argument("--paired-samples", type=int, default=8, help="samples of the paired sample score (no feature network)")
     ap.add_argument("--paired-checkpoints", type=_ints, default=_ints("10,20,30,40"),
