@@ -496,14 +496,16 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     ok = [r for r in rows if r["status"] == "ok" and r.get("set") != "fresh"]
     fresh = [r for r in rows if r["status"] == "ok" and r.get("set") == "fresh"]
     L = str(args.long_steps)
-    long_first = np.array([r["evals"][L]["long"]["proxy_fid"] for r in ok])
+    first_fid = {r["candidate"]: float(r["evals"][L]["long"]["proxy_fid"]) for r in ok + fresh}
+    long_first = np.array([first_fid[r["candidate"]] for r in ok])
     replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok + fresh}}
     by_seed = seed_runs(ok + fresh, replicates, args.long_steps)
     runs_fid = seed_means(by_seed)  # one long FID per training seed
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
     rr = run_to_run(runs_fid)
-    averaged = any(len(v) > 1 for d in by_seed.values() for v in [sum(d.values(), [])])  # some candidate has more than one long run
+    run_count = {n: sum(len(v) for v in d.values()) for n, d in by_seed.items()}  # distinct long runs, all seeds
+    averaged = max(run_count.values(), default=0) > 1  # some candidate has more than one long run
     if noise:
         noise = {**noise, **(rr or {})}
         train_sd = noise.get("train_sd") or 0.0
@@ -563,7 +565,6 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         # measured rather than simulated: the first runs against the repeat set that covers most candidates
         tags = [x["tag"] for v in replicates.values() for x in v]
         tag = max(sorted(set(tags)), key=tags.count)
-        first_fid = {r["candidate"]: float(r["evals"][L]["long"]["proxy_fid"]) for r in ok + fresh}
         pairs = [(first_fid[n], x["long_fid"]) for n, v in replicates.items() for x in v if x["tag"] == tag]
         if len(pairs) >= 3:
             rr["run_vs_repeat"] = {"tag": tag, "candidates": len(pairs),
@@ -593,7 +594,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
                       "proxy_distill_seconds": pe["distill_seconds"], "proxy_eval_seconds": pe["proxy"]["eval_seconds"],
                       "proxy_seconds": round(pe["distill_seconds"] + pe["proxy"]["eval_seconds"], 2),
                       "long_steps": args.long_steps, "long_samples": args.long_samples, "long_fid": le["long"]["proxy_fid"],
-                      "long_runs": sum(len(v) for v in by_seed[r["candidate"]].values()), "long_seeds": len(runs_fid[r["candidate"]]),
+                      "long_runs": run_count[r["candidate"]], "long_seeds": len(runs_fid[r["candidate"]]),
                       "long_fid_mean": float(np.mean(runs_fid[r["candidate"]])),
                       "long_kid": le["long"]["kid"], "long_fid_real": le["long"]["fid_real"], "long_adherence": le["long"]["adherence"],
                       "long_distill_seconds": le["distill_seconds"], "long_eval_seconds": le["long"]["eval_seconds"],
@@ -809,14 +810,19 @@ def _base_for(name, spec, arch, args, export_dir: Path, base_unet, context=()):
     return load_unet(bf)
 
 
+def record_file(out: Path, name: str, replicate: str | None) -> Path:
+    """Where a candidate's run is recorded: ``<out>/runs/<name>.json``, or a replicate set's
+    ``<out>/replicates/<name>.<TAG>.json``."""
+    return out / "replicates" / f"{name}.{replicate}.json" if replicate else out / "runs" / f"{name}.json"
+
+
 def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sched) -> dict:
     """Distill BK-SDM-Base again, as the run recorded in ``<run dir>/bk-sdm-base[.<TAG>].json`` was,
     and export it to ``bf``: the recombinations of a set run over several sessions need their set's
     Base. The record of the set is left as it is (it is what the analysis reads); this run's own goes
     to ``<bf>/rebuilt_run.json``, with its long FID beside the recorded one (on another machine the two
     differ by float32 rounding only, the same training seed giving the same batches and noise)."""
-    rec_file = (Path(args.out) / "replicates" / f"bk-sdm-base.{args.replicate}.json" if args.replicate
-                else Path(args.out) / "runs" / "bk-sdm-base.json")
+    rec_file = record_file(Path(args.out), "bk-sdm-base", args.replicate)
     if not rec_file.is_file():
         raise SystemExit(f"error: --rebuild-base: {rec_file} is missing; run bk-sdm-base first (the recombinations' Base)")
     recorded = json.loads(rec_file.read_text())
@@ -942,7 +948,7 @@ def main(argv=None) -> int:
     for name, spec in FRESH if args.fresh else CANDIDATES:
         if only and name not in only:
             continue
-        f = run_dir / (f"{name}.{args.replicate}.json" if args.replicate else f"{name}.json")
+        f = record_file(out, name, args.replicate)
         if args.rescore:
             if not f.is_file():
                 print(f"{name}: no run to rescore, skipped", file=sys.stderr)
@@ -994,7 +1000,7 @@ def main(argv=None) -> int:
     else:
         # the analysis reads every candidate run so far, first and fresh, whichever this invocation ran
         names = [n for n, _ in CANDIDATES + FRESH]
-        rows = [json.loads((run_dir / f"{n}.json").read_text()) for n in names if (run_dir / f"{n}.json").is_file()]
+        rows = [json.loads(f.read_text()) for f in (record_file(out, n, None) for n in names) if f.is_file()]
         if len([r for r in rows if r["status"] == "ok" and r.get("set") != "fresh"]) < 3:
             return 0
         analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher),
