@@ -371,6 +371,56 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     assert [r["set"] for r in csv.DictReader((tmp_path / "proxy_fidelity.csv").open())][-1] == "fresh"
 
 
+def test_a_second_fresh_list_is_checked_on_its_own_and_leaves_the_first_check_as_it_was(tmp_path):
+    import argparse
+
+    run = _script_at("proxy_fidelity/run")
+    args = argparse.Namespace(teacher="tiny", long_steps=100, checkpoints=[10], score_checkpoints=[10], proxy_samples=8,
+                              long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
+                              guidance=4.0, notes=None)
+    meta = {"machine": "test", "sampler": "PNDMScheduler", "torch": torch.__version__, "wall_seconds": 60}
+    first = [_fidelity_row(n, "layer-removal", p, f) for n, p, f in [("a", 2.0, 10.0), ("b", 1.0, 20.0), ("c", 3.0, 30.0),
+                                                                       ("d", 5.0, 40.0), ("e", 4.0, 50.0)]]
+    fresh = [_fidelity_row(n, "channel-pruning", p, f) for n, p, f in [("f", 1.5, 15.0), ("g", 3.5, 35.0), ("h", 2.5, 45.0)]]
+    # the second list: the proxy orders x, y, z the wrong way round, MACs the right way
+    second = [_fidelity_row(n, "recombination", p, f) for n, p, f in [("x", 6.0, 12.0), ("y", 4.5, 25.0), ("z", 0.5, 55.0)]]
+    for r in fresh:
+        r["set"] = "fresh"
+    for r in second:
+        r["set"] = "fresh-b"
+    for r, m in zip(first + fresh + second, [5e8, 4e8, 3e8, 2e8, 1e8, 6e8, 3e8, 2e8, 9e8, 5e8, 1e8]):
+        r["macs"] = m
+    run.analyse(first + fresh, args, meta, tmp_path / "before")
+    run.analyse(first + fresh + second, args, meta, tmp_path / "after")
+    before, after = (json.loads((tmp_path / d / "proxy_fidelity.json").read_text()) for d in ("before", "after"))
+    assert after["fresh_check"] == before["fresh_check"] and after["settings"] == before["settings"] and before["second_check"] == []
+    check = {c["what"]: c for c in after["second_check"]}
+    assert set(check) == {c["what"].replace("formed after the fresh results were seen", "fixed before these candidates were run")
+                          for c in before["fresh_check"]}
+    combo = check["10 steps, 8 samples + MACs alone (rank sum; fixed before these candidates were run)"]
+    proxy = check["10 steps, 8 samples (FID)"]
+    assert not combo["post_hoc"] and (combo["first"], combo["fresh"], combo["all"]) == (8, 3, 11)
+    # 3 pairs within the second list + 3 x 8 with the earlier candidates
+    assert proxy["pairs_with_fresh"] == combo["pairs_with_fresh"] == 27
+    assert proxy["kendall_tau_fresh"] == pytest.approx(-1.0) and check["MACs alone (baseline: the cost, no training)"]["kendall_tau_fresh"] == pytest.approx(1.0)
+    from scipy.stats import kendalltau, rankdata
+
+    p = np.array([2.0, 1.0, 3.0, 5.0, 4.0, 1.5, 3.5, 2.5, 6.0, 4.5, 0.5])
+    m = -np.array([5e8, 4e8, 3e8, 2e8, 1e8, 6e8, 3e8, 2e8, 9e8, 5e8, 1e8])
+    y = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 15.0, 35.0, 45.0, 12.0, 25.0, 55.0])
+    assert combo["kendall_tau_all"] == pytest.approx(kendalltau(rankdata(p) + rankdata(m), y).statistic)
+    assert combo["kendall_tau_fresh"] == pytest.approx(kendalltau((rankdata(p) + rankdata(m))[8:], y[8:]).statistic)
+    md = (tmp_path / "after" / "proxy_fidelity.md").read_text()
+    assert "## A second check" in md and "x (recombination)" in md and "| x (fresh-b) | recombination |" in md
+    assert "| Kendall tau, earlier alone | Kendall tau, fresh-b alone |" in md and "| -1.000 (3) |" in md
+    assert "5 candidates from the layer-removal and recombination spaces (a, b, c, d, e)" in md
+    assert [r["set"] for r in csv.DictReader((tmp_path / "after" / "proxy_fidelity.csv").open())][-3:] == ["fresh-b"] * 3
+    # two fresh-b candidates are not enough for a check, and say so
+    run.analyse(first + fresh + second[:2], args, meta, tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "proxy_fidelity.json").read_text())["second_check"] == []
+    assert "2 candidates of the second fresh list ran" in (tmp_path / "two" / "proxy_fidelity.md").read_text()
+
+
 def test_fidelity_sweep_scales_costs_ranks_failures_last_and_picks_by_the_same_rule(tmp_path, monkeypatch):
     import argparse
 

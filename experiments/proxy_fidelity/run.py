@@ -12,6 +12,9 @@ Spearman rho between proxy FID and long FID (both against the teacher's samples,
 seeds), and the proxy's cost (its distillation seconds up to step n plus its evaluation seconds) as
 a fraction of the long run's cost (distillation to the end plus the long evaluation).
 
+Two more lists check a choice made on those candidates on candidates it was not made on: ``--fresh`` (FRESH)
+and ``--fresh-b`` (FRESH_B, fixed after the first check was read).
+
 Recombinations (M1-M6) take their Base blocks from this experiment's long-distilled BK-SDM-Base,
 as A-SDM assembles from a trained compressed U-Net; their proxies use the same Base.
 
@@ -86,6 +89,45 @@ FRESH: list[tuple[str, object]] = [
 ]
 
 
+# A second fresh list (``--fresh-b``), fixed before any of it was run and after the first check was
+# read: it checks, on candidates no score was formed on, the scores that the first check left open (the
+# held-out score and the rank sum of the FID proxy and MACs, formed after the fresh results were seen).
+def _inner_from_base_trainable(arch):
+    from hybridsd_nas.arch.candidate import recombine
+
+    inner = (arch.down[-2].name, arch.down[-1].name, arch.up[0].name, arch.up[1].name, "mid")
+    return recombine(arch, [b for b in inner if b in arch.block_names], frozen_original=False, name="inner-from-base-trainable")
+
+
+def _small_prune_ff_half(arch):
+    from hybridsd_nas.arch.candidate import Candidate
+
+    small = resolve_candidate("bk-sdm-small", arch)
+    return Candidate(drop_layers=small.drop_layers, drop_mid=True, prune={"all": {"ff": 0.5}}, name="small-prune-ff-half")
+
+
+FRESH_B: list[tuple[str, object]] = [
+    # BK-SDM-Base's layer drops in the two inner stages only (the complement of bk-base-outer-stages)
+    ("bk-base-inner-stages", {"name": "bk-base-inner-stages", "drop_layers": ["down2.1", "down3.1", "up0.1", "up1.1"]}),
+    ("prune-resnet-mild", {"name": "prune-resnet-mild", "prune": {"all": {"resnet": 0.75}}}),
+    ("prune-mixed", {"name": "prune-mixed", "prune": {"all": {"resnet": 0.75, "heads": 0.5, "ff": 0.5}}}),
+    # unit removal in the encoder: the second ResNet of every down block
+    ("drop-second-down-resnets", {"name": "drop-second-down-resnets",
+                                  "drop_units": ["down0.1.resnet", "down1.1.resnet", "down2.1.resnet", "down3.1.resnet"]}),
+    ("drop-mid-attention", {"name": "drop-mid-attention", "drop_units": ["mid.0.attn"]}),
+    # inner-from-base with nothing frozen (as A-SDM's M4-M6 are M1-M3 unfrozen); the outer stages' own
+    # recombination from the Base is asdm-m2 already
+    ("inner-from-base-trainable", _inner_from_base_trainable),
+    ("small-prune-ff-half", _small_prune_ff_half),  # layer removal and channel pruning together
+]
+LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B}  # a run's "set": the list it came from
+CHECK_SETS = ("fresh", "fresh-b")  # lists run after a choice was made, to check it
+
+
+def set_of(r: dict) -> str:
+    return r.get("set") or "first"
+
+
 UNRECORDED_TRAIN_SEED = 0  # the training seed of a run that names none: every run before --train-seed trained with seed 0
 EXPORTED = ("bk-sdm-base", "bk-sdm-tiny")  # the recombinations' Base; the hybrid sweep's distilled small U-Nets
 
@@ -102,7 +144,7 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     cost = estimate_cost(args.teacher, cand, arch=arch)
     space = "recombination" if uses_base else "channel-pruning" if cand.prune else "layer-removal"
     row: dict = {"candidate": name, "candidate_key": cand.key, "space": space, "params": cost["params"], "macs": cost["macs"],
-                 "set": "fresh" if args.fresh else "first", "train_seed": args.train_seed}
+                 "set": args.list, "train_seed": args.train_seed}
     t0 = time.perf_counter()
     row["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=args.seed)
     row["zero_cost_seconds"] = round(time.perf_counter() - t0, 3)
@@ -440,21 +482,24 @@ def choose(settings: list[dict], max_cost: float = 0.10) -> dict | None:
     return max(within, key=lambda s: (round(s["kendall_tau"], 9), -s["cost_fraction_mean"])) if within else None
 
 
-def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep: dict | None, args, whats: list) -> list[dict]:
+def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep: dict | None, args, whats: list,
+                post_hoc: bool = True) -> list[dict]:
     """The scores named in ``whats`` on the fresh candidates, against the reference long FID ``ref``
     (by candidate): Kendall tau over the first candidates alone, the fresh ones alone and all, and how
     many of the pairs that hold a fresh candidate each orders as the reference does (all of them, and
     those the reference separates beyond its noise: ``sep`` = {"diff_sd", "train_sd", "runs": by
     candidate}; then also the separated pairs among all candidates). An entry of ``whats`` that is a
-    pair of names is the sum of the two scores' ranks over all candidates (``post_hoc``: a combination
-    formed after the fresh results were seen, so its fresh figure is no blind check)."""
+    pair of names is the sum of the two scores' ranks over all candidates; ``post_hoc``: that combination
+    was formed after these fresh results were seen, so its fresh figure is no blind check (False: it was
+    fixed before they were run)."""
     from scipy.stats import rankdata
 
     both = first + fresh
     vec = {s["what"]: s for s in score_vectors(both, args)}
     for w in whats:
         if isinstance(w, tuple) and all(x in vec for x in w):
-            vec[w] = {"what": " + ".join(x.split(" (")[0] for x in w) + " (rank sum; formed after the fresh results were seen)", "post_hoc": True,
+            when = "formed after the fresh results were seen" if post_hoc else "fixed before these candidates were run"
+            vec[w] = {"what": " + ".join(x.split(" (")[0] for x in w) + f" (rank sum; {when})", "post_hoc": post_hoc,
                       "score": sum(rankdata(vec[x]["score"]) for x in w), "cost": sum(vec[x]["cost"] for x in w)}
     y = np.array([ref[r["candidate"]] for r in both])
     nf = len(first)
@@ -491,15 +536,19 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     Costs are against one long run: the repeats only measure the reference more steadily.
 
     The tables are over the first candidates; the fresh ones (``--fresh``, run after the rule that
-    picks a proxy from those tables was fixed) only check the picked proxy and the default."""
+    picks a proxy from those tables was fixed) only check the picked proxy and the default; the second
+    fresh list (``--fresh-b``, fixed after that check was read) checks the same scores again, the
+    rank sum of the FID proxy and MACs among them as a score fixed before its candidates were run. The
+    first check's figures are over the first and fresh candidates only, whatever else has run."""
     results.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in rows if r["status"] == "ok" and r.get("set") != "fresh"]
-    fresh = [r for r in rows if r["status"] == "ok" and r.get("set") == "fresh"]
+    ok = [r for r in rows if r["status"] == "ok" and set_of(r) == "first"]
+    fresh = [r for r in rows if r["status"] == "ok" and set_of(r) == "fresh"]
+    second = [r for r in rows if r["status"] == "ok" and set_of(r) == "fresh-b"]
     L = str(args.long_steps)
-    first_fid = {r["candidate"]: float(r["evals"][L]["long"]["proxy_fid"]) for r in ok + fresh}
+    first_fid = {r["candidate"]: float(r["evals"][L]["long"]["proxy_fid"]) for r in ok + fresh + second}
     long_first = np.array([first_fid[r["candidate"]] for r in ok])
-    replicates = {k: v for k, v in (replicates or {}).items() if k in {r["candidate"] for r in ok + fresh}}
-    by_seed = seed_runs(ok + fresh, replicates, args.long_steps)
+    replicates = {k: v for k, v in (replicates or {}).items() if k in first_fid}
+    by_seed = seed_runs(ok + fresh + second, replicates, args.long_steps)
     runs_fid = seed_means(by_seed)  # one long FID per training seed
     runs = np.array([len(runs_fid[r["candidate"]]) for r in ok])
     long_fid = np.array([np.mean(runs_fid[r["candidate"]]) for r in ok])  # the reference
@@ -530,16 +579,21 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     settings = [{k: v for k, v in sc.items() if k not in ("score", "cost")} | ks(sc["score"]) | _cost_fields(sc["cost"], long_cost)
                 for sc in score_vectors(ok, args)]
     chosen = choose(settings)
-    check = []
-    if chosen and len(fresh) >= 3:
+    check, second_check = [], []
+    if chosen:
         default_what = next(x["what"] for x in settings if x.get("samples") and x["distill_steps"] == args.default_steps)
-        check = fresh_check(ok, fresh, {k: float(np.mean(v)) for k, v in runs_fid.items()},
-                            {"diff_sd": noise["diff_sd"], "train_sd": noise.get("train_sd") or 0.0,
-                             "runs": {k: len(v) for k, v in runs_fid.items()}} if noise else None,
-                            # the proxy's held-out score at the default length (heldout_mse in every proxy result) beside them
-                            args, list(dict.fromkeys([chosen["what"], default_what, f"held-out output MSE after {args.default_steps} steps (no sampling)"]
-                                                     + [x["what"] for x in settings if x.get("baseline")]))
-                            + [(default_what, next(x["what"] for x in settings if x.get("baseline") and x["what"].startswith("MACs")))])
+        # the picked score, the default, the proxy's held-out score at the default length (heldout_mse in
+        # every proxy result), the cost baselines, and the rank sum of the default and MACs
+        whats = (list(dict.fromkeys([chosen["what"], default_what, f"held-out output MSE after {args.default_steps} steps (no sampling)"]
+                                    + [x["what"] for x in settings if x.get("baseline")]))
+                 + [(default_what, next(x["what"] for x in settings if x.get("baseline") and x["what"].startswith("MACs")))])
+        ref = {k: float(np.mean(v)) for k, v in runs_fid.items()}
+        sepd = {"diff_sd": noise["diff_sd"], "train_sd": noise.get("train_sd") or 0.0,
+                "runs": {k: len(v) for k, v in runs_fid.items()}} if noise else None
+        if len(fresh) >= 3:
+            check = fresh_check(ok, fresh, ref, sepd, args, whats)
+        if len(second) >= 3:
+            second_check = fresh_check(ok + fresh, second, ref, sepd, args, whats, post_hoc=False)
     # what else was tried on the same runs: the proxy within each space, and extrapolating the
     # proxy's FID curve (linear in log steps) from two lengths to the long run's length
     extra = []
@@ -573,6 +627,10 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
             allc = ok + fresh
             rr["repeat_tau_all"] = repeat_tau(np.array([np.mean(runs_fid[r["candidate"]]) for r in allc]), rr["train_sd"],
                                               runs=np.array([len(runs_fid[r["candidate"]]) for r in allc]))
+        if second:
+            allc = ok + fresh + second
+            rr["repeat_tau_second"] = repeat_tau(np.array([np.mean(runs_fid[r["candidate"]]) for r in allc]), rr["train_sd"],
+                                                 runs=np.array([len(runs_fid[r["candidate"]]) for r in allc]))
         rr["long_fid_runs"] = runs_fid
         rr["long_fid_by_seed"] = by_seed
         rr["same_seed"] = same_seed_spread(by_seed)
@@ -605,10 +663,11 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
         w.writeheader()
         for d in out_rows:
             w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()})
-    (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "chosen": chosen, "fresh_check": check, "also_tried": extra,
+    (results / "proxy_fidelity.json").write_text(json.dumps({"meta": meta, "settings": settings, "chosen": chosen, "fresh_check": check,
+                                                             "second_check": second_check, "also_tried": extra,
                                                              "noise_floor": noise, "run_to_run": rr, "candidates": rows}, indent=1))
     _plot(ok, long_fid, runs, args, results / "proxy_fidelity.png", meta, noise)
-    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise, rr, chosen, check)
+    _markdown(out_rows, settings, extra, args, meta, results / "proxy_fidelity.md", noise, rr, chosen, check, second_check)
 
 
 def _plot(ok, long_fid, runs, args, path: Path, meta: dict, noise: dict | None = None) -> None:
@@ -639,11 +698,12 @@ def _plot(ok, long_fid, runs, args, path: Path, meta: dict, noise: dict | None =
 
 
 def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None = None, rr: dict | None = None,
-              chosen: dict | None = None, check: list[dict] | None = None) -> None:
+              chosen: dict | None = None, check: list[dict] | None = None, second_check: list[dict] | None = None) -> None:
     d = args.default_steps
     all_ok = [r for r in rows if r["status"] == "ok"]
-    ok_rows = [r for r in all_ok if r.get("set") != "fresh"]
-    fresh_rows = [r for r in all_ok if r.get("set") == "fresh"]
+    ok_rows = [r for r in all_ok if set_of(r) == "first"]
+    fresh_rows = [r for r in all_ok if set_of(r) == "fresh"]
+    second_rows = [r for r in all_ok if set_of(r) == "fresh-b"]
     averaged = any(r["long_runs"] > 1 for r in ok_rows)
     repeats = ""
     if averaged:
@@ -659,7 +719,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         "# Rank fidelity of the quality proxy",
         "",
         f"Teacher `{args.teacher}` (the embedded tiny SD pipeline). {len(ok_rows)} candidates from the "
-        f"layer-removal and recombination spaces ({', '.join(r['candidate'] for r in rows if r.get('set') != 'fresh')}), each "
+        f"layer-removal and recombination spaces ({', '.join(r['candidate'] for r in rows if set_of(r) == 'first')}), each "
         f"distilled once for {args.long_steps} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}; task + output KD + "
         "feature KD, weights 1/1/1). The loop's learning rate is constant and its randomness comes from one seeded generator, so "
         "the student at step n of that run is exactly the student of an n-step proxy (checked by a test); it was evaluated at "
@@ -732,7 +792,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
               + " long FID vs real | long adherence | proxy s | long s |",
               "|---|---|---|---|---|" + ("---|" if averaged else "") + "---|---|---|---|"]
     for r in sorted(all_ok, key=lambda r: r["long_fid_mean"]):
-        lines.append(f"| {r['candidate']}{' (fresh)' if r.get('set') == 'fresh' else ''} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
+        lines.append(f"| {r['candidate']}{f' ({set_of(r)})' if set_of(r) != 'first' else ''} | {r['space']} | {r['params'] / 1e6:.2f} | {r['proxy_fid']:.2f} | {r['long_fid']:.2f} | "
                      + (f"{r['long_fid_mean']:.2f} ({r['long_runs']}, {r['long_seeds']}) | " if averaged else "")
                      + f"{r['long_fid_real']:.1f} | {100 * r['long_adherence']:.0f}% | {r['proxy_seconds']:.0f} | {r['long_seconds']:.0f} |")
     for r in rows:
@@ -751,29 +811,32 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         if check:
             named = ", ".join(f"{r['candidate']} ({r['space']})" for r in fresh_rows)
             lines += ["", f"Fresh candidates ({named}), one "
-                      f"{args.long_steps}-step run each unless repeated, run after the rule was fixed:", "",
-                      "| score | Kendall tau, first alone | Kendall tau, fresh alone | pairs with a fresh candidate: same order |"
-                      + (" of those the reference separates |" if noise else "")
-                      + " Kendall tau, all candidates |" + (" pairs the reference separates, all candidates: same order |" if noise else "")
-                      + " partial tau given MACs, all | cost / long cost (fresh, mean) |",
-                      "|---|---|---|---|" + ("---|---|" if noise else "") + "---|---|---|"]
-            for c in check:
-                lines.append(f"| {c['what']} | {c['kendall_tau_first']:.3f} ({c['first']}) | {c['kendall_tau_fresh']:.3f} ({c['fresh']}) | "
-                             f"{c['pairs_with_fresh_agree']} of {c['pairs_with_fresh']} | "
-                             + (f"{c['separated_pairs_with_fresh_agree']} of {c['separated_pairs_with_fresh']} | " if noise else "")
-                             + f"{c['kendall_tau_all']:.3f} ({c['all']}) | "
-                             + (f"{c['separated_agree_all']} of {c['separated_pairs_all']} | " if noise else "")
-                             + (f"{c['partial_tau_given_macs_all']:.3f} | " if np.isfinite(c["partial_tau_given_macs_all"]) else "- | ")
-                             + f"{100 * c['cost_fraction_mean_fresh']:.1f}% |")
+                      f"{args.long_steps}-step run each unless repeated, run after the rule was fixed:", ""]
+            lines += _check_table(check, noise, "first", "fresh")
             if rr and rr.get("repeat_tau_all"):
                 repeat, perfect = ceiling_words(rr["repeat_tau_all"])
                 fr = [r["long_seeds"] for r in fresh_rows]
-                lines += ["", f"The ceiling over all {len(all_ok)} candidates (the fresh ones with {span(fr)} "
+                lines += ["", f"The ceiling over all {len(ok_rows) + len(fresh_rows)} candidates (the fresh ones with {span(fr)} "
                           f"training seed{'s' if max(fr) > 1 else ''} each): a repeat of the whole reference would rank them against "
                           f"this one with {repeat}; a score that knew each candidate's expected long FID without noise would "
                           f"reach {perfect}."]
         elif fresh_rows:
             lines += ["", f"{len(fresh_rows)} fresh candidates ran; at least 3 are needed for the check."]
+        if second_check:
+            named = ", ".join(f"{r['candidate']} ({r['space']})" for r in second_rows)
+            lines += ["", "## A second check, on candidates fixed after the first check was read", "",
+                      f"Second fresh list ({named}), fixed before any of it was run, with the scores of the first check; the "
+                      "rank sum of the FID proxy and MACs, formed after the first fresh results were seen, is here a score fixed "
+                      f"before its candidates were run. Against the {len(ok_rows) + len(fresh_rows)} candidates before them:", ""]
+            lines += _check_table(second_check, noise, "earlier", "fresh-b")
+            if rr and rr.get("repeat_tau_second"):
+                repeat, perfect = ceiling_words(rr["repeat_tau_second"])
+                fr = [r["long_seeds"] for r in second_rows]
+                lines += ["", f"The ceiling over all {len(all_ok)} candidates (the second fresh list with {span(fr)} training "
+                          f"seed{'s' if max(fr) > 1 else ''} each): a repeat of the whole reference would rank them against this "
+                          f"one with {repeat}; a noise-free score would reach {perfect}."]
+        elif second_rows:
+            lines += ["", f"{len(second_rows)} candidates of the second fresh list ran; at least 3 are needed for its check."]
     lines += ["", "## Reading", "",
               (f"Target (Kendall tau >= 0.8 at <= 10% of the long run's cost): met by {'; '.join(name(s) for s in target)}."
                if target else
@@ -784,6 +847,25 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
     if args.notes:
         lines += [Path(args.notes).read_text().strip(), ""]
     path.write_text("\n".join(lines))
+
+
+def _check_table(check: list[dict], noise: dict | None, before: str, new: str) -> list[str]:
+    """The rows of a fresh check (``fresh_check``): ``before`` names the candidates it is checked
+    against, ``new`` the fresh ones."""
+    lines = [f"| score | Kendall tau, {before} alone | Kendall tau, {new} alone | pairs with a {new} candidate: same order |"
+             + (" of those the reference separates |" if noise else "")
+             + " Kendall tau, all candidates |" + (" pairs the reference separates, all candidates: same order |" if noise else "")
+             + f" partial tau given MACs, all | cost / long cost ({new}, mean) |",
+             "|---|---|---|---|" + ("---|---|" if noise else "") + "---|---|---|"]
+    for c in check:
+        lines.append(f"| {c['what']} | {c['kendall_tau_first']:.3f} ({c['first']}) | {c['kendall_tau_fresh']:.3f} ({c['fresh']}) | "
+                     f"{c['pairs_with_fresh_agree']} of {c['pairs_with_fresh']} | "
+                     + (f"{c['separated_pairs_with_fresh_agree']} of {c['separated_pairs_with_fresh']} | " if noise else "")
+                     + f"{c['kendall_tau_all']:.3f} ({c['all']}) | "
+                     + (f"{c['separated_agree_all']} of {c['separated_pairs_all']} | " if noise else "")
+                     + (f"{c['partial_tau_given_macs_all']:.3f} | " if np.isfinite(c["partial_tau_given_macs_all"]) else "- | ")
+                     + f"{100 * c['cost_fraction_mean_fresh']:.1f}% |")
+    return lines
 
 
 def _resolve(spec, arch):
@@ -835,7 +917,7 @@ def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sc
     print(f"bk-sdm-base: {bf} is missing; distilling it again ({args.long_steps} steps, training seed {seed})",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    sub = argparse.Namespace(**{**vars(args), "rescore": False})
+    sub = argparse.Namespace(**{**vars(args), "rescore": False, "list": "first"})
     row = run_candidate("bk-sdm-base", "bk-sdm-base", sub, pipe, arch, data, heldout, sched, None, export_dir)
     if row["status"] != "ok":
         raise SystemExit(f"error: --rebuild-base: the Base's distillation ended {row['status']}: {row['reason']}")
@@ -896,8 +978,11 @@ def main(argv=None) -> int:
                     help="repeat the long runs only (same settings and seeds, no proxy evaluations) into "
                          "<out>/replicates/<name>.<TAG>.json; recombinations take the Base of the same replicate "
                          "(<out>/replicates/<TAG>/bk-sdm-base-long). The analysis averages the long FID over all runs of a candidate")
-    ap.add_argument("--fresh", action="store_true",
-                    help="run the fresh candidates (FRESH), which check on new candidates a score chosen on the first ones")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--fresh", action="store_true",
+                       help="run the fresh candidates (FRESH), which check on new candidates a score chosen on the first ones")
+    which.add_argument("--fresh-b", action="store_true",
+                       help="run the second fresh list (FRESH_B), fixed before it was run, which checks the scores the first check left open")
     ap.add_argument("--rescore", action="store_true",
                     help="for candidates already run: repeat only the first max(--score-checkpoints) steps and add the "
                          "cheap scores (held-out profile, paired samples) to their record, under evals[n]['rescore']")
@@ -911,6 +996,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-checkpoints", type=_ints, default=_ints("10,20,30,40"),
                     help="steps (among --score-checkpoints) at which the paired sample score is taken")
     args = ap.parse_args(argv)
+    args.list = "fresh" if args.fresh else "fresh-b" if args.fresh_b else "first"
     args.base_used = None
     args.base_rebuilt = None
     if args.train_seed is None:
@@ -945,7 +1031,7 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else None
     rows = []
     base_unet = None
-    for name, spec in FRESH if args.fresh else CANDIDATES:
+    for name, spec in LISTS[args.list]:
         if only and name not in only:
             continue
         f = record_file(out, name, args.replicate)
@@ -998,10 +1084,10 @@ def main(argv=None) -> int:
     if args.replicate:
         print(f"replicate {args.replicate}: {len(rows)} runs in {run_dir}; tabulate with --analyse-only", file=sys.stderr)
     else:
-        # the analysis reads every candidate run so far, first and fresh, whichever this invocation ran
-        names = [n for n, _ in CANDIDATES + FRESH]
+        # the analysis reads every candidate run so far, of every list, whichever this invocation ran
+        names = [n for lst in LISTS.values() for n, _ in lst]
         rows = [json.loads(f.read_text()) for f in (record_file(out, n, None) for n in names) if f.is_file()]
-        if len([r for r in rows if r["status"] == "ok" and r.get("set") != "fresh"]) < 3:
+        if len([r for r in rows if r["status"] == "ok" and set_of(r) == "first"]) < 3:
             return 0
         analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher),
                 load_replicates(out, args.long_steps))
