@@ -121,7 +121,6 @@ FRESH_B: list[tuple[str, object]] = [
     ("small-prune-ff-half", _small_prune_ff_half),  # layer removal and channel pruning together
 ]
 LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B}  # a run's "set": the list it came from
-CHECK_SETS = ("fresh", "fresh-b")  # lists run after a choice was made, to check it
 
 
 def set_of(r: dict) -> str:
@@ -539,7 +538,9 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
     picks a proxy from those tables was fixed) only check the picked proxy and the default; the second
     fresh list (``--fresh-b``, fixed after that check was read) checks the same scores again, the
     rank sum of the FID proxy and MACs among them as a score fixed before its candidates were run. The
-    first check's figures are over the first and fresh candidates only, whatever else has run."""
+    first check's scores and taus are over the first and fresh candidates only, whatever else has run;
+    the noise figures (run-to-run sd, and with it the separated pairs and the ceilings) pool the
+    repeats of every candidate."""
     results.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok" and set_of(r) == "first"]
     fresh = [r for r in rows if r["status"] == "ok" and set_of(r) == "fresh"]
