@@ -31,10 +31,10 @@ from .pipeline import load_pipeline, pipeline_fingerprint, pipeline_path
 class ProxySettings:
     # Defaults from experiments/proxy_fidelity (results/proxy_fidelity.md): 10 steps at batch 16 with
     # 32 samples rank 18 candidates (11 first, 7 fresh) against the mean of 400-step distillations with
-    # two training seeds each at Kendall tau 0.647 (fresh 7: 0.810) at 9.7% of one's cost, where a
-    # repeat of that reference would read 0.78; MACs alone read 0.744. No setting of its own
-    # (batch 4-16, lr 5e-4 to 2e-3, results/proxy_fidelity_sweep.md) reaches 0.8 within that cost.
-    # Its held-out score (heldout_mse, no sampling) reads 0.725 over the 18 at 2.1%.
+    # three training seeds each at Kendall tau 0.634 (fresh 7: 0.905) at 9.7% of one's cost, where a
+    # repeat of that reference would read 0.84; MACs alone read 0.651. No setting fixed beforehand
+    # (nor any of batch 4-16, lr 5e-4 to 2e-3, results/proxy_fidelity_sweep.md) reaches 0.8 within
+    # that cost. Its held-out score (heldout_mse, no sampling) reads 0.739 over the 18 at 2.1%.
     distill_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
