@@ -129,8 +129,12 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
     noise = torch.randn(lat.shape, generator=g)
     t = torch.linspace(50, scheduler.config.num_train_timesteps - 50, n).long()
     noisy = scheduler.add_noise(lat, noise, t)
-    es = student(noisy, t, emb, return_dict=False)[0].float()
-    et = teacher(noisy, t, emb, return_dict=False)[0].float()
+    # the draws stay on the CPU (the same latents, noise and timesteps on every device); the forwards
+    # run where the student is
+    dev = next(student.parameters()).device
+    x, tt, emb = noisy.to(dev), t.to(dev), emb.to(dev)
+    es = student(x, tt, emb, return_dict=False)[0].float().cpu()
+    et = teacher(x, tt, emb, return_dict=False)[0].float().cpu()
     err = ((es - et) ** 2).flatten(1).mean(1)  # per latent
     T = scheduler.config.num_train_timesteps
     ab = scheduler.alphas_cumprod[t].double()

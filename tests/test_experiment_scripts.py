@@ -279,7 +279,54 @@ def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(
     assert json.loads((rd / "bk-sdm-base.seed1.json").read_text()) == record  # the set's record is what the analysis reads
     assert json.loads((bf / "rebuilt_run.json").read_text())["recorded"]["long_fid"] == 53.42 == row["recorded"]["long_fid"]
     assert args.base_rebuilt["long_fid"] == 53.5 and args.base_rebuilt["recorded_long_fid"] == 53.42
-    assert run.load_replicates(tmp_path, 400)["bk-sdm-base"] == [{"tag": "seed1", "long_fid": 53.42, "wall_seconds": 0.0, "train_seed": 1}]
+    assert run.load_replicates(tmp_path, 400)["bk-sdm-base"] == [{"tag": "seed1", "long_fid": 53.42, "wall_seconds": 0.0, "train_seed": 1,
+                                                                  "machine": None, "deferred": False}]
+
+
+def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monkeypatch):
+    import argparse
+    import copy
+    import functools
+
+    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.proxy import ProxySettings, evaluate_student
+
+    run = _script_at("proxy_fidelity/run")
+    # without a replicate tag there is nothing to defer: the first runs score their proxies as they train
+    with pytest.raises(SystemExit) as e:
+        run.main(["--defer-fid"])
+    assert e.value.code == 2
+    small = functools.partial(ProxySettings, reference_images=16, kid_subset=4)
+    monkeypatch.setattr(run, "ProxySettings", small)
+    pipe = load_pipeline("tiny")
+    student = copy.deepcopy(pipe.unet)  # a student that differs from the teacher
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = argparse.Namespace(teacher="tiny", long_samples=6, long_steps=400, seed=0, sampler_steps=2, guidance=4.0,
+                              batch_size=16, lr=5e-4, device="cpu")
+    export_dir = tmp_path / "replicates" / "seed2"
+    d = run.save_long_samples(args, pipe, student, "prune-mixed", export_dir)
+    assert d["samples"] == 6 and (export_dir / d["samples_file"]).is_file()
+    rec = tmp_path / "replicates" / "prune-mixed.seed2.json"
+    rec.write_text(json.dumps({"candidate": "prune-mixed", "status": "ok", "train_seed": 2, "machine": "gpu-x (cuda)",
+                               "evals": {"400": {"long_deferred": d}}}))
+    assert "prune-mixed" not in run.load_replicates(tmp_path, 400)  # not scored yet: left out of the analysis
+    assert run.score_deferred(args, pipe, export_dir, [rec]) == 1
+    long = json.loads(rec.read_text())["evals"]["400"]["long"]
+    direct = evaluate_student("tiny", pipe, student, small(samples=6, seed=0), 2, 4.0)
+    assert direct["proxy_fid"] > 1.0  # the comparison below is not of two zeros
+    for k in ("proxy_fid", "kid", "fid_real", "adherence", "paired_mse"):
+        assert long[k] == pytest.approx(direct[k], rel=1e-5, abs=1e-9), k
+    assert run.score_deferred(args, pipe, export_dir, [rec]) == 0  # scored once
+    [x] = run.load_replicates(tmp_path, 400)["prune-mixed"]
+    assert x["long_fid"] == long["proxy_fid"] and x["deferred"] and x["machine"] == "gpu-x (cuda)"
+    # samples that did not come back: the error names them and the fix
+    other = tmp_path / "replicates" / "drop-mid.seed2.json"
+    other.write_text(json.dumps({"candidate": "drop-mid", "status": "ok", "evals": {"400": {"long_deferred": {**d, "samples_file": "drop-mid-long-samples.safetensors"}}}}))
+    with pytest.raises(SystemExit, match="drop-mid-long-samples.safetensors that are missing"):
+        run.score_deferred(args, pipe, export_dir, [other])
 
 
 def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):

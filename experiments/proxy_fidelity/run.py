@@ -139,11 +139,11 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     cand = _resolve(spec, arch)
     p = plan(arch, cand)
     uses_base = bool(p.candidate.base_blocks)
-    student = build_student(p, teacher=pipe.unet, device="cpu", base_unet=base_unet if uses_base else None)
+    student = build_student(p, teacher=pipe.unet, device=args.device, base_unet=base_unet if uses_base else None)
     cost = estimate_cost(args.teacher, cand, arch=arch)
     space = "recombination" if uses_base else "channel-pruning" if cand.prune else "layer-removal"
     row: dict = {"candidate": name, "candidate_key": cand.key, "space": space, "params": cost["params"], "macs": cost["macs"],
-                 "set": args.list, "train_seed": args.train_seed}
+                 "set": args.list, "train_seed": args.train_seed, "machine": machine_label(args.device)}
     t0 = time.perf_counter()
     row["zero_cost"] = zero_cost_scores(student, pipe.unet, data, sched, seed=args.seed)
     row["zero_cost_seconds"] = round(time.perf_counter() - t0, 3)
@@ -177,9 +177,11 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
             if n in scores and n in args.paired_checkpoints:
                 rec["paired"] = paired_sample_score(args.teacher, pipe, st, args.paired_samples, args.seed, steps, args.guidance)
             if n in proxies:
-                rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance)
-            if n == args.long_steps and not args.rescore:
-                rec["long"] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance)
+                rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance, device=args.device)
+            if n == args.long_steps and not args.rescore and args.defer_fid:
+                rec["long_deferred"] = save_long_samples(args, pipe, st, name, out_dir)
+            elif n == args.long_steps and not args.rescore:
+                rec["long"] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance, device=args.device)
         finally:
             st.train()
         evals[n] = rec
@@ -210,6 +212,67 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     return row
 
 
+def save_long_samples(args, pipe, student, name: str, out_dir: Path) -> dict:
+    """``--defer-fid``: the long evaluation's student samples (the same prompts and seeds as
+    ``evaluate_student``'s), written to ``<out_dir>/<name>-long-samples.safetensors`` for
+    ``--score-deferred`` to score where the feature network is; returns what the record keeps."""
+    from safetensors.numpy import save_file
+
+    from hybridsd_nas.proxy import eval_prompt_set, generate
+
+    t0 = time.perf_counter()
+    prompts = [r["prompt"] for r in eval_prompt_set(args.teacher, args.long_samples)]
+    imgs = generate(pipe, student, prompts, args.seed, args.sampler_steps, args.guidance)
+    f = out_dir / f"{name}-long-samples.safetensors"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": imgs}, str(f))
+    return {"samples_file": f.name, "samples": len(imgs), "sample_seconds": round(time.perf_counter() - t0, 2),
+            "machine": machine_label(args.device)}
+
+
+def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
+    """``--score-deferred``: the long FID (and the rest of ``evaluate_student``'s figures) of every run
+    in ``files`` whose long samples were saved by ``--defer-fid``, computed on this machine against the
+    same cached teacher samples and reference features as every other run; the records are updated in
+    place (``long`` beside ``long_deferred``). A rebuilt Base's FID is also written into the runs built
+    on it. Returns how many were scored."""
+    from safetensors.numpy import load_file
+
+    L, n = str(args.long_steps), 0
+    long_s = ProxySettings(samples=args.long_samples, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    rebuilt = export_dir / "bk-sdm-base-long" / "rebuilt_run.json"
+    for f in [*files, rebuilt]:
+        if not f.is_file():
+            continue
+        row = json.loads(f.read_text())
+        ev = row.get("evals", {}).get(L, {})
+        d = ev.get("long_deferred")
+        if d is None or "long" in ev:
+            continue
+        sf = export_dir / d["samples_file"]
+        if not sf.is_file():
+            raise SystemExit(f"error: --score-deferred: {f} names samples {sf} that are missing; "
+                             "copy them back beside the run's exports or run the candidate again")
+        imgs = load_file(str(sf))["images"]
+        if len(imgs) != args.long_samples:
+            raise SystemExit(f"error: --score-deferred: {sf} holds {len(imgs)} samples, --long-samples is {args.long_samples}")
+        ev["long"] = evaluate_student(args.teacher, pipe, None, long_s, args.sampler_steps, args.guidance,
+                                      device=args.device, sample=lambda prompts: imgs)
+        ev["long"]["eval_seconds"] = round(ev["long"]["eval_seconds"] + d["sample_seconds"], 2)  # sampling there, scoring here
+        ev["long"]["scored_on"] = machine_label(args.device)
+        f.write_text(json.dumps(row, indent=1))
+        print(f"{row['candidate']} ({f.name}): long FID {ev['long']['proxy_fid']:.2f}", file=sys.stderr, flush=True)
+        n += 1
+    if rebuilt.is_file():  # the Base's rebuilt FID into the recombinations built on it
+        b = json.loads(rebuilt.read_text())["evals"][L].get("long")
+        for f in files:
+            row = json.loads(f.read_text()) if f.is_file() else {}
+            if b and row.get("base_rebuilt", {}).get("long_fid", 0) is None:
+                row["base_rebuilt"]["long_fid"] = b["proxy_fid"]
+                f.write_text(json.dumps(row, indent=1))
+    return n
+
+
 def warm_caches(args, pipe) -> float:
     """Teacher samples and reference features for both evaluations, computed once before any
     candidate (a study pays for them once too); returns the seconds spent."""
@@ -217,7 +280,7 @@ def warm_caches(args, pipe) -> float:
     from hybridsd_nas.proxy import references
 
     t0 = time.perf_counter()
-    fx = FeatureExtractor(device="cpu")
+    fx = FeatureExtractor(device=args.device)
     for n in (args.proxy_samples, args.long_samples):
         references(args.teacher, pipe, ProxySettings(samples=n, seed=args.seed), args.sampler_steps, args.guidance, fx)
     return time.perf_counter() - t0
@@ -272,7 +335,9 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
             continue
         reps.setdefault(r["candidate"], []).append({"tag": f.name[len(r["candidate"]) + 1:-len(".json")], "long_fid": ev["proxy_fid"],
                                                     "wall_seconds": r.get("wall_seconds", 0.0),
-                                                    "train_seed": r.get("train_seed", UNRECORDED_TRAIN_SEED)})
+                                                    "train_seed": r.get("train_seed", UNRECORDED_TRAIN_SEED),
+                                                    "machine": r.get("machine"),
+                                                    "deferred": "long_deferred" in r["evals"][str(long_steps)]})
     return reps
 
 
@@ -761,6 +826,15 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                   f"{rr['df']} degrees of freedom) is {rr['train_sd']:.2f}"
                   + (f"; runs of one seed on other machines differ by sd {same['train_sd']:.2f} ({same['df']} degrees of freedom)"
                      if same else "") + "."]
+        elsewhere: dict[tuple, list[str]] = {}  # repeats recorded on another machine than this report's (records name it since --device)
+        for c, v in rr.get("replicates", {}).items():
+            for x in v:
+                if x.get("machine") and x["machine"] != meta["machine"]:
+                    elsewhere.setdefault((x["machine"], x.get("deferred", False)), []).append(f"{c} seed {x['train_seed']}")
+        for (m, deferred), runs in elsewhere.items():
+            lines[-1] += (f" Trained and sampled on {m}, float32" + ("; the long FID scored on this report's machine against the "
+                          "same teacher samples and reference features (`--defer-fid`)" if deferred else "; evaluated there")
+                          + f": {', '.join(runs)}.")
     if noise:
         studs = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in noise["students"].items())
         lines += ["", f"Noise of the long FID (experiments/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
@@ -890,7 +964,17 @@ def _base_for(name, spec, arch, args, export_dir: Path, base_unet, context=()):
     from hybridsd_nas import load_unet
 
     args.base_used = bf
-    return load_unet(bf)
+    return load_unet(bf, device=args.device)
+
+
+def machine_label(device: str) -> str:
+    """Where a run ran: the CPU's name, architecture and threads, or the accelerator's name."""
+    from hybridsd_nas.cost.latency import device_label
+
+    d = torch.device(device)
+    if d.type == "cpu":
+        return f"{device_label(d)} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{device_label(d)} ({d.type}, torch {torch.__version__})"
 
 
 def record_file(out: Path, name: str, replicate: str | None) -> Path:
@@ -926,12 +1010,13 @@ def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sc
     L = str(args.long_steps)
     row["recorded"] = {"file": str(rec_file), "long_fid": recorded["evals"][L]["long"]["proxy_fid"],
                        "final_loss": recorded.get("final_loss")}
+    mine = row["evals"][L].get("long", {}).get("proxy_fid")  # None with --defer-fid until --score-deferred
     (bf / "rebuilt_run.json").write_text(json.dumps(row, indent=1))
     # what the recombinations built on it record (their runs are kept; this export is not)
-    args.base_rebuilt = {"long_fid": row["evals"][L]["long"]["proxy_fid"], "recorded_long_fid": row["recorded"]["long_fid"],
+    args.base_rebuilt = {"long_fid": mine, "recorded_long_fid": row["recorded"]["long_fid"],
                          "final_loss": row["final_loss"], "recorded_final_loss": row["recorded"]["final_loss"],
                          "wall_seconds": row["wall_seconds"]}
-    print(f"bk-sdm-base rebuilt: long FID {row['evals'][L]['long']['proxy_fid']:.3f} (recorded {row['recorded']['long_fid']:.3f}), "
+    print(f"bk-sdm-base rebuilt: long FID {'deferred' if mine is None else f'{mine:.3f}'} (recorded {row['recorded']['long_fid']:.3f}), "
           f"final loss {row['final_loss']:.6f} (recorded {recorded.get('final_loss')})", file=sys.stderr, flush=True)
     return row
 
@@ -942,7 +1027,7 @@ def setup(args):
     settings of ``args`` from the teacher's where not given."""
     from diffusers import DDPMScheduler
 
-    pipe = load_pipeline(args.teacher, device="cpu")
+    pipe = load_pipeline(args.teacher, device=args.device)
     args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
     data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
     heldout = fashion_mnist_data(pipe, n=args.heldout_latents, seed=args.seed, split="test")
@@ -964,6 +1049,12 @@ def main(argv=None) -> int:
     ap.add_argument("--long-samples", type=int, default=256)
     ap.add_argument("--sampler-steps", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--device", default="cpu", help="where the runs train and sample (cpu, cuda, ...); recorded with each run")
+    ap.add_argument("--defer-fid", action="store_true",
+                    help="with --replicate: save each long run's samples instead of scoring them (for a machine without the "
+                         "FID feature network, e.g. an accelerator the network's weights cannot travel to); score with --score-deferred")
+    ap.add_argument("--score-deferred", action="store_true",
+                    help="with --replicate: score the samples that --defer-fid saved, on this machine, and update the records")
     ap.add_argument("--seed", type=int, default=0, help="seed of every evaluation (prompts' noise, held-out latents) and the data")
     ap.add_argument("--train-seed", type=int, default=None,
                     help="seed of the distillation alone (batch order, timesteps, noise; default: --seed). Only with "
@@ -1004,6 +1095,8 @@ def main(argv=None) -> int:
         args.train_seed = args.seed
     elif args.train_seed != args.seed and not args.replicate:
         ap.error(f"--train-seed {args.train_seed} needs --replicate TAG: the first runs (with the proxy evaluations) train with --seed {args.seed}")
+    if (args.defer_fid or args.score_deferred) and not args.replicate:
+        ap.error("--defer-fid and --score-deferred need --replicate TAG: the first runs score their proxies as they train")
     # a crash inside a native kernel (seen once per long series on this CPU, not reproduced by rerunning
     # the candidate) then leaves the Python stack of where it happened in the log
     faulthandler.enable()
@@ -1022,11 +1115,13 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     pipe, arch, data, heldout, sched = setup(args)
-    from hybridsd_nas.cost.latency import device_label
-
-    meta = {"machine": f"{device_label(torch.device('cpu'))} ({platform.machine()}, {torch.get_num_threads()} threads)",
+    meta = {"machine": machine_label(args.device),
             "torch": torch.__version__, "sampler": type(pipe.scheduler).__name__, "args": {k: v for k, v in vars(args).items()}}
-    if not args.analyse_only:
+    if args.score_deferred:
+        n = score_deferred(args, pipe, export_dir, [record_file(out, name, args.replicate) for name, _ in LISTS[args.list]])
+        print(f"replicate {args.replicate}: {n} deferred long runs scored; tabulate with --analyse-only", file=sys.stderr)
+        return 0
+    if not args.analyse_only and not args.defer_fid:  # deferred runs sample only: no teacher references needed
         meta["cache_warmup_seconds"] = round(warm_caches(args, pipe), 1)
         print(f"teacher samples and reference features cached ({meta['cache_warmup_seconds']:.0f} s)", file=sys.stderr, flush=True)
     only = set(args.only.split(",")) if args.only else None
