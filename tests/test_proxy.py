@@ -79,3 +79,36 @@ def test_perceptual_term_trains_through_a_frozen_classifier(tmp_path):
         perceptual_term(pipe, "tiny", net="/nope")
     with pytest.raises(ValueError, match="perceptual weight 1.0 given but no perceptual network"):
         distill(student, pipe.unet, p, data, DDPMScheduler.from_config(pipe.scheduler.config), cfg)
+
+
+def test_samples_are_made_in_plain_float32_whatever_the_caller_set():
+    """TF32 convolutions (cuDNN's default on CUDA) give samples that differ visibly from float32 ones;
+    the cached teacher samples every evaluation compares against are float32, so sampling is too."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from hybridsd_nas.proxy import generate
+
+    seen = []
+
+    def fake_pipe(prompts, **kw):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return types.SimpleNamespace(images=np.zeros((len(prompts), 4, 4, 3), dtype=np.float32))
+
+    caller = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+    class P:
+        unet = "teacher"
+
+        def __call__(self, prompts, **kw):
+            return fake_pipe(prompts, **kw)
+
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        imgs = generate(P(), "student", ["a", "b", "c"], seed=0, steps=2, guidance=1.0, batch=2)
+        assert imgs.shape == (3, 3, 4, 4) and seen == [(False, False), (False, False)]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = caller

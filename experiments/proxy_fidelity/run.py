@@ -1027,6 +1027,10 @@ def setup(args):
     settings of ``args`` from the teacher's where not given."""
     from diffusers import DDPMScheduler
 
+    if torch.device(args.device).type == "cuda" and not args.tf32:
+        # plain float32, as on a CPU: cuDNN's convolutions otherwise default to TF32 (10-bit mantissa)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     pipe = load_pipeline(args.teacher, device=args.device)
     args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
     data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
@@ -1050,6 +1054,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler-steps", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--device", default="cpu", help="where the runs train and sample (cpu, cuda, ...); recorded with each run")
+    ap.add_argument("--tf32", action="store_true", help="on CUDA, let convolutions and matmuls use TF32 (default: plain float32)")
     ap.add_argument("--defer-fid", action="store_true",
                     help="with --replicate: save each long run's samples instead of scoring them (for a machine without the "
                          "FID feature network, e.g. an accelerator the network's weights cannot travel to); score with --score-deferred")
