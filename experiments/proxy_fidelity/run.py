@@ -23,6 +23,14 @@ as A-SDM assembles from a trained compressed U-Net; their proxies use the same B
 Per-candidate results are written as they finish (``<out>/runs/<name>.json``); a rerun skips what
 is there, so an interrupted experiment loses at most the candidate in progress.
 
+Repeats of the long runs (``--replicate TAG --train-seed N``) can train on an accelerator: ``--device cuda``
+(plain float32 unless ``--tf32``; each record names its machine). Where the FID network cannot go with them,
+``--defer-fid`` saves each long run's samples instead of scoring them, and ``--score-deferred`` scores them
+on this machine against the same cached teacher samples and reference features:
+
+    python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --device cuda --defer-fid  # there
+    python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --score-deferred           # here
+
 ``noise_floor.py`` then re-evaluates two exported long students on other seed sets; with its report
 in ``<out>/noise_floor.json``, ``run.py --analyse-only`` also counts how many of the candidate pairs the
 long run separates beyond its own noise (sampling, and run-to-run where replicates measured it) each
