@@ -714,7 +714,7 @@ def analyse(rows: list[dict], args, meta: dict, results: Path, noise: dict | Non
               "output_mse", "latent_stat_shift", "proxy_steps", "proxy_samples", "proxy_fid", "proxy_kid", "proxy_fid_real",
               "proxy_adherence", "proxy_distill_seconds", "proxy_eval_seconds", "proxy_seconds",
               "long_steps", "long_samples", "long_fid", "long_runs", "long_seeds", "long_fid_mean", "long_kid", "long_fid_real", "long_adherence",
-              "long_distill_seconds", "long_eval_seconds", "long_seconds", "status"]
+              "long_distill_seconds", "long_eval_seconds", "long_seconds", "machine", "status"]
     out_rows = []
     for r in rows:
         d = {k: r.get(k) for k in fields}
@@ -789,6 +789,14 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                    "the **reference** is the mean over a candidate's training seeds of each seed's mean long FID (runs of one seed "
                    "share every batch and noise draw and count as one), and costs are against one long run. The repeats took "
                    f"{sum(x.get('wall_seconds', 0.0) for v in (rr or {}).get('replicates', {}).values() for x in v) / 60:.0f} min.")
+    # where the runs ran: records name their machine since --device; the earlier ones name none
+    named: dict[str, int] = {}
+    for m in [r.get("machine") for r in all_ok] + [x.get("machine") for v in (rr or {}).get("replicates", {}).values() for x in v]:
+        named[m or ""] = named.get(m or "", 0) + 1
+    machines = "; ".join(f"{m} ({n} runs)" for m, n in named.items() if m)
+    if named.get(""):
+        machines = (machines + "; " if machines else "") + (f"{named['']} runs recorded before records named their machine, "
+                                                             "on the 2-core x86_64 CPUs of earlier sessions")
     lines = [
         "# Rank fidelity of the quality proxy",
         "",
@@ -802,7 +810,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
         f"same prompts and seeds ({meta['sampler']}, {args.sampler_steps} steps, guidance {args.guidance}, 32x32 px), Inception-2015-12-05 "
         "pool features. Recombinations take their Base blocks from this run's long-distilled BK-SDM-Base." + repeats,
         "",
-        f"Measured on {meta['machine']}, float32, torch {meta['torch']}; wall seconds (distillation seconds exclude the "
+        f"Runs in float32 on {machines}; this report made on {meta['machine']}, torch {meta['torch']}; wall seconds (distillation seconds exclude the "
         "evaluations done on the way). Teacher samples and reference features were computed once before the candidates "
         "(as a study computes them once) and are in no candidate's cost. Total wall time over the candidates: "
         f"{meta.get('wall_seconds', 0) / 60:.0f} min.",
