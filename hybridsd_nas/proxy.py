@@ -150,7 +150,7 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
     noisy = scheduler.add_noise(lat, noise, t)
     # the draws stay on the CPU (the same latents, noise and timesteps on every device); the forwards
     # run where the student is
-    dev = next(student.parameters()).device
+    dev = next((p_.device for p_ in student.parameters()), lat.device)
     x, tt, emb = noisy.to(dev), t.to(dev), emb.to(dev)
     es = student(x, tt, emb, return_dict=False)[0].float().cpu()
     et = teacher(x, tt, emb, return_dict=False)[0].float().cpu()

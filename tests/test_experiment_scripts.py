@@ -226,9 +226,10 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     (rd / "asdm-m1.short.json").write_text(json.dumps({"candidate": "asdm-m1", **long(40.0, 100)}))
     reps = run.load_replicates(tmp_path, 400)
     # a record without a training seed was written before --train-seed existed, when every run trained with seed 0
-    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0, "train_seed": 0},
-                                    {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0, "train_seed": 0},
-                                    {"tag": "seed1", "long_fid": 49.0, "wall_seconds": 0.0, "train_seed": 1}]}
+    unnamed = {"machine": None, "deferred": False}  # records before --device name no machine
+    assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
+                                    {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
+                                    {"tag": "seed1", "long_fid": 49.0, "wall_seconds": 0.0, "train_seed": 1, **unnamed}]}
     assert "asdm-m1.short.json holds no ok 400-step long run" in capsys.readouterr().err
     # another training seed is only for repeats: the first runs carry the proxy evaluations at --seed
     with pytest.raises(SystemExit) as e:
