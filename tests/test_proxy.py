@@ -93,17 +93,14 @@ def test_samples_are_made_in_plain_float32_whatever_the_caller_set():
 
     seen = []
 
-    def fake_pipe(prompts, **kw):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
-        return types.SimpleNamespace(images=np.zeros((len(prompts), 4, 4, 3), dtype=np.float32))
-
-    caller = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-
-    class P:
+    class P:  # a pipeline that records the precision it samples in
         unet = "teacher"
 
         def __call__(self, prompts, **kw):
-            return fake_pipe(prompts, **kw)
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return types.SimpleNamespace(images=np.zeros((len(prompts), 4, 4, 3), dtype=np.float32))
+
+    caller = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
 
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True

@@ -249,35 +249,35 @@ def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
     L, n = str(args.long_steps), 0
     long_s = ProxySettings(samples=args.long_samples, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     rebuilt = export_dir / "bk-sdm-base-long" / "rebuilt_run.json"
-    for f in [*files, rebuilt]:
+    base_fid = None  # the rebuilt Base's long FID, for the recombinations built on it
+    for f in [rebuilt, *files]:  # the Base first
         if not f.is_file():
             continue
         row = json.loads(f.read_text())
         ev = row.get("evals", {}).get(L, {})
         d = ev.get("long_deferred")
-        if d is None or "long" in ev:
-            continue
-        sf = export_dir / d["samples_file"]
-        if not sf.is_file():
-            raise SystemExit(f"error: --score-deferred: {f} names samples {sf} that are missing; "
-                             "copy them back beside the run's exports or run the candidate again")
-        imgs = load_file(str(sf))["images"]
-        if len(imgs) != args.long_samples:
-            raise SystemExit(f"error: --score-deferred: {sf} holds {len(imgs)} samples, --long-samples is {args.long_samples}")
-        ev["long"] = evaluate_student(args.teacher, pipe, None, long_s, args.sampler_steps, args.guidance,
-                                      device=args.device, sample=lambda prompts: imgs)
-        ev["long"]["eval_seconds"] = round(ev["long"]["eval_seconds"] + d["sample_seconds"], 2)  # sampling there, scoring here
-        ev["long"]["scored_on"] = machine_label(args.device)
-        f.write_text(json.dumps(row, indent=1))
-        print(f"{row['candidate']} ({f.name}): long FID {ev['long']['proxy_fid']:.2f}", file=sys.stderr, flush=True)
-        n += 1
-    if rebuilt.is_file():  # the Base's rebuilt FID into the recombinations built on it
-        b = json.loads(rebuilt.read_text())["evals"][L].get("long")
-        for f in files:
-            row = json.loads(f.read_text()) if f.is_file() else {}
-            if b and row.get("base_rebuilt", {}).get("long_fid", 0) is None:
-                row["base_rebuilt"]["long_fid"] = b["proxy_fid"]
-                f.write_text(json.dumps(row, indent=1))
+        changed = d is not None and "long" not in ev
+        if changed:
+            sf = export_dir / d["samples_file"]
+            if not sf.is_file():
+                raise SystemExit(f"error: --score-deferred: {f} names samples {sf} that are missing; "
+                                 "copy them back beside the run's exports or run the candidate again")
+            imgs = load_file(str(sf))["images"]
+            if len(imgs) != args.long_samples:
+                raise SystemExit(f"error: --score-deferred: {sf} holds {len(imgs)} samples, --long-samples is {args.long_samples}")
+            ev["long"] = evaluate_student(args.teacher, pipe, None, long_s, args.sampler_steps, args.guidance,
+                                          device=args.device, sample=lambda prompts: imgs)
+            ev["long"]["eval_seconds"] = round(ev["long"]["eval_seconds"] + d["sample_seconds"], 2)  # sampling there, scoring here
+            ev["long"]["scored_on"] = machine_label(args.device)
+            print(f"{row['candidate']} ({f.name}): long FID {ev['long']['proxy_fid']:.2f}", file=sys.stderr, flush=True)
+            n += 1
+        if f == rebuilt:
+            base_fid = ev.get("long", {}).get("proxy_fid")
+        elif base_fid is not None and row.get("base_rebuilt", {}).get("long_fid", 0) is None:
+            row["base_rebuilt"]["long_fid"] = base_fid
+            changed = True
+        if changed:
+            f.write_text(json.dumps(row, indent=1))
     return n
 
 
@@ -337,7 +337,8 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
     reps: dict[str, list[dict]] = {}
     for f in sorted((out / "replicates").glob("*.json")):
         r = json.loads(f.read_text())
-        ev = r.get("evals", {}).get(str(long_steps), {}).get("long")
+        at_end = r.get("evals", {}).get(str(long_steps), {})
+        ev = at_end.get("long")
         if r.get("status") != "ok" or ev is None:
             print(f"warning: {f} holds no ok {long_steps}-step long run; not used", file=sys.stderr)
             continue
@@ -345,7 +346,7 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
                                                     "wall_seconds": r.get("wall_seconds", 0.0),
                                                     "train_seed": r.get("train_seed", UNRECORDED_TRAIN_SEED),
                                                     "machine": r.get("machine"),
-                                                    "deferred": "long_deferred" in r["evals"][str(long_steps)]})
+                                                    "deferred": "long_deferred" in at_end})
     return reps
 
 
