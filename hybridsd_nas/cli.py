@@ -231,7 +231,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student = build_student(p, teacher=pipe.unet, device=args.device, base_unet=base)
     data = _distill_data(pipe, args.data, args.seed)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every,
+                        checkpoint_every=args.checkpoint_every, ema_decay=args.ema_decay,
                         weights=LossWeights(task=args.w_task, out_kd=args.w_out, feat_kd=args.w_feat, mid=args.w_mid,
                                             perceptual=args.w_perceptual))
     work = Path(args.out).with_name(Path(args.out).name + ".work")
@@ -250,7 +250,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 extra={"distill": {k: v for k, v in res.as_dict().items() if k != "curve"}, "data": data.source,
                        "loss_curve": res.curve})
     last = res.curve[-1]["loss"] if res.curve else float("nan")
-    print(f"{cand.label}: {res.steps_done} steps in {res.seconds:.0f} s, final loss {last:.4f}; "
+    averaged = f", exported weights: EMA (decay {res.ema['last_decay']:.4g} at the end)" if res.ema else ""
+    print(f"{cand.label}: {res.steps_done} steps in {res.seconds:.0f} s, final loss {last:.4f}{averaged}; "
           f"{res.trainable_params / 1e6:.2f} M trainable, {res.frozen_params / 1e6:.2f} M frozen -> {args.out}")
     return 0
 
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--perceptual-net", default=None,
                     help="classifier directory for the perceptual term (default: the teacher's eval_classifier)")
     sp.add_argument("--checkpoint-every", type=int, default=500)
+    sp.add_argument("--ema-decay", type=float, default=0.0,
+                    help="keep an EMA of the trained weights with this decay (e.g. 0.999) and export it; 0 = off (default)")
     sp.add_argument("--resume", action="store_true")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--seed", type=int, default=0)

@@ -118,3 +118,71 @@ def test_fashion_mnist_data_names_the_valid_splits():
 
     with pytest.raises(ConfigError, match="valid: train, test"):
         fashion_mnist_data(None, n=4, split="validation")
+
+
+def _trainable(st):
+    return {k: v.detach().clone() for k, v in st.named_parameters() if v.requires_grad}
+
+
+def test_ema_averages_the_trained_weights_and_the_student_ends_holding_the_average(tiny_sd1_teacher):
+    """diffusers' EMAModel over the trainable weights: inside ``averaged_weights`` the student holds
+    shadow_n = d_n * shadow_(n-1) + (1 - d_n) * w_n with d_n = min(decay, n / (9 + n)) (d_1 = 0), its own
+    weights come back after the block, and the averaging leaves the training itself unchanged."""
+    from hybridsd_nas.distill import averaged_weights
+
+    cand = candidate_preset("bk-sdm-small", describe(TINY_SD1))
+    plain, p = _student(tiny_sd1_teacher, cand)
+    distill(plain, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=5, batch_size=2, seed=2))
+    raw, avg = {}, {}
+
+    def on_step(n, st):
+        raw[n] = _trainable(st)
+        with averaged_weights(st):
+            avg[n] = _trainable(st)
+        for k, v in _trainable(st).items():  # its own weights are back
+            assert torch.equal(v, raw[n][k]), k
+
+    st, _ = _student(tiny_sd1_teacher, cand)
+    r = distill(st, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=5, batch_size=2, seed=2, ema_decay=0.3),
+                on_step=on_step)
+    assert r.status == "ok" and r.ema["steps"] == 5 and r.ema["held_by_student"] and r.ema["last_decay"] == pytest.approx(0.3)
+    shadow = raw[1]
+    for n in range(2, 6):
+        d = min(0.3, n / (9 + n))
+        shadow = {k: d * shadow[k] + (1 - d) * raw[n][k] for k in shadow}
+        for k, v in shadow.items():
+            assert torch.allclose(avg[n][k], v, atol=1e-6), (n, k)
+    for k, v in _trainable(st).items():
+        assert torch.equal(v, avg[5][k]), k  # the student comes back averaged
+    plain_w = _trainable(plain)
+    for k, v in raw[5].items():
+        assert torch.equal(v, plain_w[k]), k  # and training followed the same path as without the average
+    assert any(not torch.allclose(raw[5][k], avg[5][k]) for k in raw[5])
+
+
+def test_ema_resumes_exactly_and_a_checkpoint_without_it_is_named(tiny_sd1_teacher, tmp_path):
+    from hybridsd_nas.distill import averaged_weights
+    from hybridsd_nas.errors import ConfigError
+
+    cand = candidate_preset("bk-sdm-small", describe(TINY_SD1))
+    cfg = DistillConfig(steps=4, batch_size=2, checkpoint_every=2, seed=3, ema_decay=0.5)
+    a, p = _student(tiny_sd1_teacher, cand)
+    distill(a, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "a")
+    b, _ = _student(tiny_sd1_teacher, cand)
+    distill(b, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=2, batch_size=2, checkpoint_every=2, seed=3, ema_decay=0.5),
+            checkpoint_dir=tmp_path / "b")
+    c, _ = _student(tiny_sd1_teacher, cand)
+    r = distill(c, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "b", resume=True)
+    assert r.status == "ok" and r.ema["steps"] == 4
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, c.state_dict()[k], atol=1e-6), k
+    d, _ = _student(tiny_sd1_teacher, cand)
+    distill(d, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=2, batch_size=2, checkpoint_every=2, seed=3),
+            checkpoint_dir=tmp_path / "plain")
+    with pytest.raises(ConfigError, match="holds no moving average"):
+        distill(d, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "plain", resume=True)
+    with pytest.raises(ConfigError, match=r"ema_decay 1.5 is not a decay.*\(0, 1\)"):
+        distill(d, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=1, batch_size=2, ema_decay=1.5))
+    with pytest.raises(ValueError, match="no moving average"):
+        with averaged_weights(d):
+            pass

@@ -506,3 +506,61 @@ def test_fidelity_sweep_scales_costs_ranks_failures_last_and_picks_by_the_same_r
     assert "| s1 **(picked)** | 20 | 1.000 (1 failed) |" in md and "| s1 | 10 | -1.000 |" in md
     assert "ran the long runs' settings 0.50x as fast" in md and "(batch 16, lr 0.0005; 32 samples" in md
     assert (tmp_path / "proxy_fidelity_sweep.png").stat().st_size > 1000
+
+
+def _ema_record(name, seed, raw, ema, raw_earlier, ema_earlier):
+    ev = lambda v: {"proxy_fid": v}  # noqa: E731
+    return {"candidate": name, "train_seed": seed, "machine": "cpu-x", "status": "ok", "config": {"batch_size": 16, "lr": 5e-4, "ema_decay": 0.99},
+            "ema": {"last_decay": 0.978}, "evals": {"380": {"raw": ev(raw_earlier), "ema": ev(ema_earlier)}, "400": {"raw": ev(raw), "ema": ev(ema)}}}
+
+
+def test_ema_check_pools_the_seed_spread_of_both_weights_and_reads_the_fixed_ratio(tmp_path):
+    check = _script_at("proxy_fidelity/ema_check")
+    out = tmp_path / "pf"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "bk-sdm-tiny.json").write_text(json.dumps({"candidate": "bk-sdm-tiny", "status": "ok", "train_seed": 0,
+                                                               "evals": {"400": {"long": {"proxy_fid": 41.5}}}}))
+    recs = [_ema_record("bk-sdm-tiny", 0, 40.0, 41.0, 43.0, 41.5), _ema_record("bk-sdm-tiny", 1, 44.0, 42.0, 41.0, 42.5),
+            _ema_record("drop-mid-attention", 0, 50.0, 48.0, 47.0, 48.0), _ema_record("drop-mid-attention", 1, 46.0, 47.0, 50.0, 47.0)]
+    rep = check.analyse(recs, out, tmp_path / "results", 400, 380)
+    # raw: groups (40, 44) and (50, 46), pooled sd sqrt((8 + 8) / 2); EMA: (41, 42) and (48, 47), sqrt((0.5 + 0.5) / 2)
+    assert rep["raw_seed_sd"]["train_sd"] == pytest.approx(np.sqrt(8.0)) and rep["raw_seed_sd"]["df"] == 2
+    assert rep["ema_seed_sd"]["train_sd"] == pytest.approx(np.sqrt(0.5))
+    assert rep["sd_ratio"] == pytest.approx(0.25) and rep["adopted"] is True
+    assert sorted(rep["within_run_change_raw"]) == [3.0, 3.0, 3.0, 4.0] and sorted(rep["within_run_change_ema"]) == [0.0, 0.0, 0.5, 0.5]
+    assert rep["raw_minus_recorded_same_seed"] == [pytest.approx(-1.5)]  # tiny seed 0 against run.py's own run
+    md = (tmp_path / "results" / "proxy_fidelity_ema.md").read_text()
+    assert "Met: the EMA is the next reference" in md and "| bk-sdm-tiny | 0 | 43.00 | 40.00 | 41.50 | 41.00 | 41.50 |" in md
+    # the same EMA spread against a raw spread that is not twice as large: not adopted
+    recs[1] = _ema_record("bk-sdm-tiny", 1, 41.0, 42.0, 41.0, 42.5)
+    recs[3] = _ema_record("drop-mid-attention", 1, 49.0, 47.0, 50.0, 47.0)
+    rep = check.analyse(recs, out, tmp_path / "results", 400, 380)
+    assert rep["sd_ratio"] == pytest.approx(1.0) and rep["adopted"] is False
+    assert "Not met: the reference stays on the raw weights" in (tmp_path / "results" / "proxy_fidelity_ema.md").read_text()
+
+
+@pytest.mark.slow
+def test_ema_check_scores_both_weights_and_the_average_starts_as_the_weights(tmp_path, monkeypatch):
+    import argparse
+    import functools
+
+    from hybridsd_nas.arch import describe
+    from hybridsd_nas.distill import fashion_mnist_data
+    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.proxy import ProxySettings
+
+    check = _script_at("proxy_fidelity/ema_check")
+    monkeypatch.setattr(check, "ProxySettings", functools.partial(ProxySettings, reference_images=16, kid_subset=4))
+    pipe = load_pipeline("tiny")
+    from diffusers import DDPMScheduler
+
+    args = argparse.Namespace(teacher="tiny", eval_steps=[1, 3], long_samples=6, seed=0, train_seed=0, sampler_steps=2, guidance=4.0,
+                              batch_size=4, lr=5e-4, ema_decay=0.99, device="cpu")
+    rec = check.check_candidate("small-prune-ff-half", args, pipe, describe("tiny"), fashion_mnist_data(pipe, n=32, seed=0),
+                                DDPMScheduler.from_config(pipe.scheduler.config))
+    assert rec["status"] == "ok" and rec["ema"]["steps"] == 3 and set(rec["evals"]) == {"1", "3"}
+    one, three = rec["evals"]["1"], rec["evals"]["3"]
+    assert one["ema"]["proxy_fid"] == pytest.approx(one["raw"]["proxy_fid"], rel=1e-6)  # after one step the average is the weights
+    assert three["ema"]["proxy_fid"] != pytest.approx(three["raw"]["proxy_fid"], rel=1e-6)  # then it lags them
+    with pytest.raises(SystemExit, match="recombination"):
+        check.check_candidate("asdm-m1", args, pipe, describe("tiny"), None, None)

@@ -109,3 +109,22 @@ def test_samples_are_made_in_plain_float32_whatever_the_caller_set():
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = caller
+
+
+def test_distill_cli_exports_the_moving_average_and_names_a_bad_decay(tmp_path, capsys):
+    """The final training with ``--ema-decay``: the export holds the averaged weights, records the
+    average, and loads back; a decay outside (0, 1) is a one-line error with exit status 2."""
+    from hybridsd_nas import load_unet
+
+    out = tmp_path / "small"
+    argv = ["distill", "--teacher", "tiny", "--candidate", "bk-sdm-small", "--steps", "3", "--batch-size", "2",
+            "--checkpoint-every", "2", "--ema-decay", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    assert "exported weights: EMA" in capsys.readouterr().out
+    meta = json.loads((out / "hybridsd_nas.json").read_text())
+    ema = meta["distill"]["ema"]
+    assert ema["steps"] == 3 and ema["held_by_student"] and meta["distill"]["config"]["ema_decay"] == 0.5
+    assert load_unet(out) is not None
+    assert main(argv[:-4] + ["--ema-decay", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ema_decay 1.5 is not a decay" in err and "(0, 1)" in err

@@ -3,7 +3,7 @@ incubation), used short by the quality proxy and long as the final training."""
 
 from .data import DistillData, encode_images, encode_prompts, fashion_mnist_data, folder_data, teacher_sample_data
 from .losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
-from .trainer import DistillConfig, DistillResult, distill
+from .trainer import DistillConfig, DistillResult, averaged_weights, distill
 
 __all__ = [
     "perceptual_term",
@@ -13,6 +13,7 @@ __all__ = [
     "FeaturePair",
     "LossWeights",
     "attach_taps",
+    "averaged_weights",
     "distill",
     "encode_images",
     "encode_prompts",

@@ -3,7 +3,9 @@
 Only the candidate's trainable parts get gradients and optimizer state (A-SDM's progressive
 incubation: frozen parts are excluded). The loop stops itself on a NaN or a diverging loss and
 returns ``status="failed"`` with the reason instead of raising. Long runs checkpoint periodically
-(safetensors + JSON, atomically) and resume from the last checkpoint.
+(safetensors + JSON, atomically) and resume from the last checkpoint. With ``ema_decay`` the loop
+keeps an exponential moving average of the trainable weights (diffusers' ``EMAModel``, as the
+BK-SDM training scripts do) and hands the student back holding it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 import os
 import shutil
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import Plan, apply_frozen
+from ..errors import ConfigError
 from .data import DistillData
 from .losses import LossWeights, attach_taps, feature_losses
 
@@ -40,6 +45,9 @@ class DistillConfig:
     divergence_patience: int = 20
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = no periodic checkpoints
+    # 0 = off; else the decay of an EMA of the trainable weights (diffusers' EMAModel, whose decay also
+    # ramps up as (1 + n) / (10 + n) over the first steps), which the student holds at the end of an ok run
+    ema_decay: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,9 +66,30 @@ class DistillResult:
     trainable_params: int
     frozen_params: int
     config: dict[str, Any]
+    ema: dict[str, Any] | None = None  # with ema_decay: the decay reached and the steps averaged
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# the EMA of each student while ``distill`` trains it, for ``averaged_weights`` (e.g. inside on_step)
+_RUNNING_EMA: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[nn.Parameter]]]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def averaged_weights(student: nn.Module):
+    """Inside the block ``student`` holds its moving-average weights (a ``distill`` run with
+    ``ema_decay`` must be training it, e.g. from ``on_step``); its own weights come back after."""
+    if student not in _RUNNING_EMA:
+        raise ValueError("this student has no moving average: averaged_weights works inside a distill run "
+                         "with DistillConfig(ema_decay > 0), e.g. from its on_step callback")
+    ema, params = _RUNNING_EMA[student]
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield student
+    finally:
+        ema.restore(params)
 
 
 def _target(scheduler, latents, noise, t):
@@ -72,7 +101,8 @@ def _target(scheduler, latents, noise, t):
     raise ValueError(f"prediction_type {pt!r} is not supported; supported: epsilon, v_prediction")
 
 
-def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, curve: list, rng: torch.Generator) -> None:
+def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, curve: list, rng: torch.Generator,
+                     ema=None, ema_names: list[str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = ckpt.parent / f".{ckpt.name}.tmp-{os.getpid()}"
@@ -90,8 +120,11 @@ def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer,
                 state_meta[str(pid)][k] = v
     if tensors:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "curve": curve, "param_groups": osd["param_groups"],
-                                               "state_meta": state_meta, "rng": rng.get_state().tolist()}))
+    meta = {"step": step, "curve": curve, "param_groups": osd["param_groups"], "state_meta": state_meta, "rng": rng.get_state().tolist()}
+    if ema is not None:
+        save_file({n: v.detach().contiguous().cpu() for n, v in zip(ema_names, ema.shadow_params)}, str(tmp / "ema.safetensors"))
+        meta["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    (tmp / "state.json").write_text(json.dumps(meta))
     old = ckpt.parent / f".{ckpt.name}.old-{os.getpid()}"
     if ckpt.exists():
         os.replace(ckpt, old)
@@ -99,7 +132,8 @@ def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator) -> tuple[int, list]:
+def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator,
+                     ema=None, ema_names: list[str] | None = None) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     student.load_state_dict(load_file(str(ckpt / "student.safetensors")), strict=True)
@@ -113,6 +147,12 @@ def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer,
         state.setdefault(int(pid), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     rng.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+    if ema is not None:
+        if "ema" not in meta or not (ckpt / "ema.safetensors").is_file():
+            raise ConfigError(f"checkpoint {ckpt} holds no moving average of the weights; resume it without ema_decay "
+                             "(--ema-decay 0), or start the run again to average its weights")
+        shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[n].to(p_.device) for n, p_ in zip(ema_names, ema.shadow_params)]})
     return int(meta["step"]), list(meta["curve"])
 
 
@@ -135,7 +175,9 @@ def distill(
     The learning rate is constant and the data, noise and timestep draws come from one generator
     seeded with ``cfg.seed``, so the student after ``n`` steps of a longer run is the student of a
     run of ``n`` steps. ``on_step(steps_done, student)`` is called after every optimizer step
-    (e.g. to evaluate intermediate students); it must leave the student as it found it.
+    (e.g. to evaluate intermediate students); it must leave the student as it found it. With
+    ``cfg.ema_decay`` it may evaluate the moving average inside ``with averaged_weights(student):``;
+    an ok run returns the student holding the average (``DistillResult.ema`` says so).
     """
     cfg = cfg or DistillConfig()
     w = cfg.weights
@@ -149,15 +191,25 @@ def distill(
     for p_ in student.parameters():
         p_.requires_grad_(True)
     frozen = set(apply_frozen(student, plan))
-    params = [p_ for n, p_ in student.named_parameters() if n not in frozen]
+    named = [(n, p_) for n, p_ in student.named_parameters() if n not in frozen]
+    params = [p_ for _, p_ in named]
     n_train = sum(p_.numel() for p_ in params)
     n_frozen = sum(p_.numel() for n, p_ in student.named_parameters() if n in frozen)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    taps = attach_taps(student, teacher, plan)
+    ema, ema_names = None, [n for n, _ in named]
+    if cfg.ema_decay:
+        if not 0.0 < cfg.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay {cfg.ema_decay} is not a decay: use a value in (0, 1), e.g. 0.999, or 0 for no moving average")
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
     ckpt = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
     start, curve = 0, []
     if resume and ckpt is not None and ckpt.is_dir():
-        start, curve = _load_checkpoint(ckpt, student, opt, g)
+        start, curve = _load_checkpoint(ckpt, student, opt, g, ema, ema_names)
+    taps = attach_taps(student, teacher, plan)
+    if ema is not None:
+        _RUNNING_EMA[student] = (ema, params)
     if perceptual is not None and w.perceptual > 0 and decode is None:
         raise ValueError("a perceptual loss needs a decode function (latents -> images)")
     if w.perceptual > 0 and perceptual is None:
@@ -218,20 +270,23 @@ def distill(
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.step(params)
             if on_step is not None:
                 on_step(step + 1, student)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 curve.append({"step": step, "loss": lv, **{k: float(v.detach()) for k, v in parts.items()}})
                 bar.set_postfix(loss=f"{lv:.4f}")
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                _save_checkpoint(ckpt, student, opt, step + 1, curve, g)
+                _save_checkpoint(ckpt, student, opt, step + 1, curve, g, ema, ema_names)
         else:
             step = cfg.steps
     except KeyboardInterrupt:
         status, reason = "interrupted", f"interrupted at step {step}"
         if ckpt is not None:
-            _save_checkpoint(ckpt, student, opt, step, curve, g)
+            _save_checkpoint(ckpt, student, opt, step, curve, g, ema, ema_names)
     finally:
+        _RUNNING_EMA.pop(student, None)
         taps.remove()
         bar.close()
         student.eval()
@@ -239,6 +294,12 @@ def distill(
         for p_, flag in zip(teacher.parameters(), teacher_state[1]):
             p_.requires_grad_(flag)
     if status == "ok" and ckpt is not None and cfg.checkpoint_every:
-        _save_checkpoint(ckpt, student, opt, cfg.steps, curve, g)
+        _save_checkpoint(ckpt, student, opt, cfg.steps, curve, g, ema, ema_names)
+    ema_info = None
+    if ema is not None:
+        ema_info = {"decay": cfg.ema_decay, "last_decay": ema.cur_decay_value, "steps": ema.optimization_step,
+                    "held_by_student": status == "ok"}
+        if status == "ok":  # a failed or interrupted run hands back its own last weights (the checkpoint keeps both)
+            ema.copy_to(params)
     return DistillResult(status, reason, step if status != "ok" else cfg.steps, time.perf_counter() - t0, curve,
-                         taps.report(), n_train, n_frozen, cfg.as_dict())
+                         taps.report(), n_train, n_frozen, cfg.as_dict(), ema_info)
