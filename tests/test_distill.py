@@ -179,8 +179,17 @@ def test_ema_resumes_exactly_and_a_checkpoint_without_it_is_named(tiny_sd1_teach
     d, _ = _student(tiny_sd1_teacher, cand)
     distill(d, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=2, batch_size=2, checkpoint_every=2, seed=3),
             checkpoint_dir=tmp_path / "plain")
-    with pytest.raises(ConfigError, match="holds no moving average"):
-        distill(d, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "plain", resume=True)
+    before = (tiny_sd1_teacher.training, [q.requires_grad for q in tiny_sd1_teacher.parameters()])
+    tiny_sd1_teacher.train().requires_grad_(True)
+    try:
+        with pytest.raises(ConfigError, match="holds no moving average"):
+            distill(d, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "plain", resume=True)
+        # the refused resume hands the teacher back as it came
+        assert tiny_sd1_teacher.training and all(q.requires_grad for q in tiny_sd1_teacher.parameters())
+    finally:
+        tiny_sd1_teacher.train(before[0])
+        for q, flag in zip(tiny_sd1_teacher.parameters(), before[1]):
+            q.requires_grad_(flag)
     with pytest.raises(ConfigError, match=r"ema_decay 1.5 is not a decay.*\(0, 1\)"):
         distill(d, tiny_sd1_teacher, p, _data(), _sched(), DistillConfig(steps=1, batch_size=2, ema_decay=1.5))
     with pytest.raises(ValueError, match="no moving average"):

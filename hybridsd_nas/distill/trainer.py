@@ -180,13 +180,19 @@ def distill(
     an ok run returns the student holding the average (``DistillResult.ema`` says so).
     """
     cfg = cfg or DistillConfig()
+    if cfg.ema_decay and not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay {cfg.ema_decay} is not a decay: use a value in (0, 1), e.g. 0.999, or 0 for no moving average")
     w = cfg.weights
+    if perceptual is not None and w.perceptual > 0 and decode is None:
+        raise ValueError("a perceptual loss needs a decode function (latents -> images)")
+    if w.perceptual > 0 and perceptual is None:
+        raise ValueError(f"perceptual weight {w.perceptual} given but no perceptual network "
+                         "(pass perceptual= and decode=, e.g. from hybridsd_nas.distill.perceptual_term)")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     # The teacher is frozen for the run and handed back as it came (mode and grad flags).
     teacher_state = (teacher.training, [p_.requires_grad for p_ in teacher.parameters()])
-    teacher.eval().requires_grad_(False)
     student.train()
     for p_ in student.parameters():
         p_.requires_grad_(True)
@@ -198,8 +204,6 @@ def distill(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema, ema_names = None, [n for n, _ in named]
     if cfg.ema_decay:
-        if not 0.0 < cfg.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay {cfg.ema_decay} is not a decay: use a value in (0, 1), e.g. 0.999, or 0 for no moving average")
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=cfg.ema_decay)
@@ -207,14 +211,10 @@ def distill(
     start, curve = 0, []
     if resume and ckpt is not None and ckpt.is_dir():
         start, curve = _load_checkpoint(ckpt, student, opt, g, ema, ema_names)
+    teacher.eval().requires_grad_(False)  # from here on the finally below hands it back as it came
     taps = attach_taps(student, teacher, plan)
     if ema is not None:
         _RUNNING_EMA[student] = (ema, params)
-    if perceptual is not None and w.perceptual > 0 and decode is None:
-        raise ValueError("a perceptual loss needs a decode function (latents -> images)")
-    if w.perceptual > 0 and perceptual is None:
-        raise ValueError(f"perceptual weight {w.perceptual} given but no perceptual network "
-                         "(pass perceptual= and decode=, e.g. from hybridsd_nas.distill.perceptual_term)")
     acp = scheduler.alphas_cumprod
     n_t = scheduler.config.num_train_timesteps
     early: list[float] = []
