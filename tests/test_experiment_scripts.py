@@ -226,7 +226,7 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     (rd / "asdm-m1.short.json").write_text(json.dumps({"candidate": "asdm-m1", **long(40.0, 100)}))
     reps = run.load_replicates(tmp_path, 400)
     # a record without a training seed was written before --train-seed existed, when every run trained with seed 0
-    unnamed = {"machine": None, "deferred": False}  # records before --device name no machine
+    unnamed = {"machine": None, "deferred": False, "long_ema_fid": None}  # records before --device name no machine, nor an EMA
     assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
                                     {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
                                     {"tag": "seed1", "long_fid": 49.0, "wall_seconds": 0.0, "train_seed": 1, **unnamed}]}
@@ -281,7 +281,7 @@ def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(
     assert json.loads((bf / "rebuilt_run.json").read_text())["recorded"]["long_fid"] == 53.42 == row["recorded"]["long_fid"]
     assert args.base_rebuilt["long_fid"] == 53.5 and args.base_rebuilt["recorded_long_fid"] == 53.42
     assert run.load_replicates(tmp_path, 400)["bk-sdm-base"] == [{"tag": "seed1", "long_fid": 53.42, "wall_seconds": 0.0, "train_seed": 1,
-                                                                  "machine": None, "deferred": False}]
+                                                                  "machine": None, "deferred": False, "long_ema_fid": None}]
 
 
 def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monkeypatch):
@@ -297,6 +297,10 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         run.main(["--defer-fid"])
     assert e.value.code == 2
+    for bad in (["--ema-decay", "0.99"], ["--ema-decay", "1.5", "--replicate", "x"]):  # an EMA only in repeats, and a decay
+        with pytest.raises(SystemExit) as e:
+            run.main(bad)
+        assert e.value.code == 2
     small = functools.partial(ProxySettings, reference_images=16, kid_subset=4)
     monkeypatch.setattr(run, "ProxySettings", small)
     pipe = load_pipeline("tiny")
@@ -323,6 +327,22 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     assert run.score_deferred(args, pipe, export_dir, [rec]) == 0  # scored once
     [x] = run.load_replicates(tmp_path, 400)["prune-mixed"]
     assert x["long_fid"] == long["proxy_fid"] and x["deferred"] and x["machine"] == "gpu-x (cuda)"
+    # --ema-decay: the moving average's samples beside the last weights', both scored, the average's FID read apart
+    pipe_teacher = pipe.unet  # another "student": the teacher itself
+    d_ema = run.save_long_samples(args, pipe, pipe_teacher, "prune-heads-half", export_dir, "-ema")
+    assert d_ema["samples_file"] == "prune-heads-half-long-ema-samples.safetensors"
+    rec2 = tmp_path / "replicates" / "prune-heads-half.seed2.json"
+    rec2.write_text(json.dumps({"candidate": "prune-heads-half", "status": "ok", "train_seed": 2,
+                                "evals": {"400": {"long_deferred": d, "long_ema_deferred": d_ema}}}))
+    assert run.score_deferred(args, pipe, export_dir, [rec2]) == 2
+    ev = json.loads(rec2.read_text())["evals"]["400"]
+    direct_ema = evaluate_student("tiny", pipe, pipe_teacher, small(samples=6, seed=0), 2, 4.0)
+    assert ev["long"]["proxy_fid"] == pytest.approx(direct["proxy_fid"], rel=1e-5)
+    assert ev["long_ema"]["proxy_fid"] == pytest.approx(direct_ema["proxy_fid"], rel=1e-5, abs=1e-9)
+    assert ev["long_ema"]["proxy_fid"] != pytest.approx(ev["long"]["proxy_fid"], rel=1e-3)
+    [y] = run.load_replicates(tmp_path, 400)["prune-heads-half"]
+    assert y["long_fid"] == ev["long"]["proxy_fid"] and y["long_ema_fid"] == ev["long_ema"]["proxy_fid"]
+    assert x["long_ema_fid"] is None  # a run without the average
     # samples that did not come back: the error names them and the fix
     other = tmp_path / "replicates" / "drop-mid.seed2.json"
     other.write_text(json.dumps({"candidate": "drop-mid", "status": "ok", "evals": {"400": {"long_deferred": {**d, "samples_file": "drop-mid-long-samples.safetensors"}}}}))

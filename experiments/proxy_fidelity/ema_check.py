@@ -141,7 +141,7 @@ def _markdown(rep: dict, records: list[dict]) -> str:
              f"Runs of `experiments/proxy_fidelity/ema_check.py` on {', '.join(rep['machines'])}, float32: each candidate distilled "
              f"{L} steps (batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, constant) while keeping an EMA of its trainable weights "
              f"(diffusers' EMAModel, decay {cfg.get('ema_decay')}, which its warm-up caps at (1 + n) / (10 + n): "
-             f"{f(rep['rows'][0]['ema_last_decay']) if rep['rows'] else '-'} at step {L}). At steps {E} and {L}, both weights get "
+             f"{(rep['rows'][0]['ema_last_decay'] if rep['rows'] else float('nan')):.3f} at step {L}). At steps {E} and {L}, both weights get "
              "run.py's long evaluation: 128 samples on fixed prompts and seeds (evaluation seed 0), PNDM 25 steps, guidance 4, 32 px, "
              "FID against the teacher's samples on the same prompts and seeds.", "",
              f"| candidate | training seed | raw @{E} | raw @{L} | EMA @{E} | EMA @{L} | run.py's raw @{L}, same seed |",

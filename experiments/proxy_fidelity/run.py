@@ -31,6 +31,10 @@ on this machine against the same cached teacher samples and reference features:
     python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --device cuda --defer-fid  # there
     python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --score-deferred           # here
 
+With ``--ema-decay D`` a repeat also keeps an exponential moving average of the trained weights and
+gives it the long evaluation (``long_ema`` beside ``long``; deferred alike); the last weights, which the
+analysis reads, and the Base export stay as without it (``ema_check.py`` says why one would).
+
 ``noise_floor.py`` then re-evaluates two exported long students on other seed sets; with its report
 in ``<out>/noise_floor.json``, ``run.py --analyse-only`` also counts how many of the candidate pairs the
 long run separates beyond its own noise (sampling, and run-to-run where replicates measured it) each
@@ -40,6 +44,7 @@ score orders the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import faulthandler
 import json
@@ -53,7 +58,7 @@ import torch
 
 from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
 from hybridsd_nas.cost import estimate_cost
-from hybridsd_nas.distill import DistillConfig, distill, fashion_mnist_data
+from hybridsd_nas.distill import DistillConfig, averaged_weights, distill, fashion_mnist_data
 from hybridsd_nas.errors import InvalidCandidateError
 from hybridsd_nas.pipeline import load_pipeline
 from hybridsd_nas.proxy import ProxySettings, evaluate_student, paired_sample_score, sampling_settings, zero_cost_scores
@@ -135,6 +140,8 @@ def set_of(r: dict) -> str:
     return r.get("set") or "first"
 
 
+# what a long run's end is scored on (``--ema-decay`` adds the moving average), and its samples file's suffix
+LONG_KINDS = {"long": "", "long_ema": "-ema"}
 UNRECORDED_TRAIN_SEED = 0  # the training seed of a run that names none: every run before --train-seed trained with seed 0
 EXPORTED = ("bk-sdm-base", "bk-sdm-tiny")  # the recombinations' Base; the hybrid sweep's distilled small U-Nets
 
@@ -186,10 +193,23 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
                 rec["paired"] = paired_sample_score(args.teacher, pipe, st, args.paired_samples, args.seed, steps, args.guidance)
             if n in proxies:
                 rec["proxy"] = evaluate_student(args.teacher, pipe, st, proxy_s, steps, args.guidance, device=args.device)
-            if n == args.long_steps and not args.rescore and args.defer_fid:
-                rec["long_deferred"] = save_long_samples(args, pipe, st, name, out_dir)
-            elif n == args.long_steps and not args.rescore:
-                rec["long"] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance, device=args.device)
+            if n == args.long_steps and not args.rescore and name in EXPORTED:
+                # the last weights (with --ema-decay too: the recombinations' Base stays the one the raw runs use)
+                from hybridsd_nas.export import export_unet
+
+                export_unet(st, p, out_dir / f"{name}-long", teacher_id=args.teacher, cost=cost, overwrite=True,
+                            extra={"distill": cfg.as_dict(), "experiment": "proxy_fidelity"},
+                            card=f"# {name}, distilled {args.long_steps} steps from `{args.teacher}`\n\nWritten by "
+                                 f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, training seed {args.train_seed}); "
+                                 "load with `hybridsd_nas.load_unet(<this directory>)`.\n")
+            if n == args.long_steps and not args.rescore:
+                # the last weights, and with --ema-decay their moving average (LONG_KINDS), each sampled or scored
+                for kind, weights in (("long", contextlib.nullcontext), ("long_ema", averaged_weights))[:2 if args.ema_decay else 1]:
+                    with weights(st):
+                        if args.defer_fid:
+                            rec[f"{kind}_deferred"] = save_long_samples(args, pipe, st, name, out_dir, LONG_KINDS[kind])
+                        else:
+                            rec[kind] = evaluate_student(args.teacher, pipe, st, long_s, steps, args.guidance, device=args.device)
         finally:
             st.train()
         evals[n] = rec
@@ -203,26 +223,19 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
 
     # log_every=1 only records every step's loss (a free score); training is the same
     # the distillation's own generator (batches, timesteps, noise): --train-seed; every evaluation keeps --seed
-    cfg = DistillConfig(steps=last, batch_size=args.batch_size, lr=args.lr, seed=args.train_seed, log_every=1)
+    cfg = DistillConfig(steps=last, batch_size=args.batch_size, lr=args.lr, seed=args.train_seed, log_every=1,
+                        ema_decay=0.0 if args.rescore else args.ema_decay)
     res = distill(student, pipe.unet, p, data, sched, cfg, progress=True, on_step=on_step)
-    row.update({"status": res.status, "reason": res.reason, "trainable_params": res.trainable_params,
+    row.update({"status": res.status, "reason": res.reason, "ema": res.ema, "trainable_params": res.trainable_params,
                 "frozen_params": res.frozen_params, "evals": {str(k): v for k, v in sorted(evals.items())},
                 "final_loss": res.curve[-1]["loss"] if res.curve else None,
                 "curve": [{k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()} for c in res.curve]})
-    if name in EXPORTED and res.status == "ok" and not args.rescore:
-        from hybridsd_nas.export import export_unet
-
-        export_unet(student, p, out_dir / f"{name}-long", teacher_id=args.teacher, cost=cost, overwrite=True,
-                    extra={"distill": res.config, "experiment": "proxy_fidelity"},
-                    card=f"# {name}, distilled {args.long_steps} steps from `{args.teacher}`\n\nWritten by "
-                         f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, training seed {args.train_seed}); "
-                         "load with `hybridsd_nas.load_unet(<this directory>)`.\n")
     return row
 
 
-def save_long_samples(args, pipe, student, name: str, out_dir: Path) -> dict:
+def save_long_samples(args, pipe, student, name: str, out_dir: Path, suffix: str = "") -> dict:
     """``--defer-fid``: the long evaluation's student samples (the same prompts and seeds as
-    ``evaluate_student``'s), written to ``<out_dir>/<name>-long-samples.safetensors`` for
+    ``evaluate_student``'s), written to ``<out_dir>/<name>-long<suffix>-samples.safetensors`` for
     ``--score-deferred`` to score where the feature network is; returns what the record keeps."""
     from safetensors.numpy import save_file
 
@@ -231,7 +244,7 @@ def save_long_samples(args, pipe, student, name: str, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     prompts = [r["prompt"] for r in eval_prompt_set(args.teacher, args.long_samples)]
     imgs = generate(pipe, student, prompts, args.seed, args.sampler_steps, args.guidance)
-    f = out_dir / f"{name}-long-samples.safetensors"
+    f = out_dir / f"{name}-long{suffix}-samples.safetensors"
     f.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": imgs}, str(f))
     return {"samples_file": f.name, "samples": len(imgs), "sample_seconds": round(time.perf_counter() - t0, 2),
@@ -255,9 +268,11 @@ def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
             continue
         row = json.loads(f.read_text())
         ev = row.get("evals", {}).get(L, {})
-        d = ev.get("long_deferred")
-        changed = d is not None and "long" not in ev
-        if changed:
+        changed = False
+        for kind in LONG_KINDS:
+            d = ev.get(f"{kind}_deferred")
+            if d is None or kind in ev:
+                continue
             sf = export_dir / d["samples_file"]
             if not sf.is_file():
                 raise SystemExit(f"error: --score-deferred: {f} names samples {sf} that are missing; "
@@ -265,12 +280,12 @@ def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
             imgs = load_file(str(sf))["images"]
             if len(imgs) != args.long_samples:
                 raise SystemExit(f"error: --score-deferred: {sf} holds {len(imgs)} samples, --long-samples is {args.long_samples}")
-            ev["long"] = evaluate_student(args.teacher, pipe, None, long_s, args.sampler_steps, args.guidance,
-                                          device=args.device, sample=lambda prompts: imgs)
-            ev["long"]["eval_seconds"] = round(ev["long"]["eval_seconds"] + d["sample_seconds"], 2)  # sampling there, scoring here
-            ev["long"]["scored_on"] = machine_label(args.device)
-            print(f"{row['candidate']} ({f.name}): long FID {ev['long']['proxy_fid']:.2f}", file=sys.stderr, flush=True)
-            n += 1
+            ev[kind] = evaluate_student(args.teacher, pipe, None, long_s, args.sampler_steps, args.guidance,
+                                        device=args.device, sample=lambda prompts: imgs)
+            ev[kind]["eval_seconds"] = round(ev[kind]["eval_seconds"] + d["sample_seconds"], 2)  # sampling there, scoring here
+            ev[kind]["scored_on"] = machine_label(args.device)
+            print(f"{row['candidate']} ({f.name}): {kind} FID {ev[kind]['proxy_fid']:.2f}", file=sys.stderr, flush=True)
+            changed, n = True, n + 1
         if f == rebuilt:
             base_fid = ev.get("long", {}).get("proxy_fid")
         elif base_fid is not None and row.get("base_rebuilt", {}).get("long_fid", 0) is None:
@@ -346,7 +361,9 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
                                                     "wall_seconds": r.get("wall_seconds", 0.0),
                                                     "train_seed": r.get("train_seed", UNRECORDED_TRAIN_SEED),
                                                     "machine": r.get("machine"),
-                                                    "deferred": "long_deferred" in at_end})
+                                                    "deferred": "long_deferred" in at_end,
+                                                    # the moving average's long FID (--ema-decay), None where not kept
+                                                    "long_ema_fid": at_end.get("long_ema", {}).get("proxy_fid")})
     return reps
 
 
@@ -1075,6 +1092,9 @@ def main(argv=None) -> int:
     ap.add_argument("--defer-fid", action="store_true",
                     help="with --replicate: save each long run's samples instead of scoring them (for a machine without the "
                          "FID feature network, e.g. an accelerator the network's weights cannot travel to); score with --score-deferred")
+    ap.add_argument("--ema-decay", type=float, default=0.0,
+                    help="with --replicate: keep an EMA of the trained weights (diffusers' EMAModel) and give it the long "
+                         "evaluation too (long_ema, beside the last weights' long); 0 = off")
     ap.add_argument("--score-deferred", action="store_true",
                     help="with --replicate: score the samples that --defer-fid saved, on this machine, and update the records")
     ap.add_argument("--seed", type=int, default=0, help="seed of every evaluation (prompts' noise, held-out latents) and the data")
@@ -1119,6 +1139,10 @@ def main(argv=None) -> int:
         ap.error(f"--train-seed {args.train_seed} needs --replicate TAG: the first runs (with the proxy evaluations) train with --seed {args.seed}")
     if (args.defer_fid or args.score_deferred) and not args.replicate:
         ap.error("--defer-fid and --score-deferred need --replicate TAG: the first runs score their proxies as they train")
+    if args.ema_decay and not args.replicate:
+        ap.error(f"--ema-decay {args.ema_decay} needs --replicate TAG: the first runs' records stay as the analysis reads them")
+    if args.ema_decay and not 0.0 < args.ema_decay < 1.0:
+        ap.error(f"--ema-decay {args.ema_decay} is not a decay: use a value in (0, 1), e.g. 0.99, or 0 for none")
     # a crash inside a native kernel (seen once per long series on this CPU, not reproduced by rerunning
     # the candidate) then leaves the Python stack of where it happened in the log
     faulthandler.enable()
