@@ -114,9 +114,9 @@ def analyse(records: list[dict], out: Path, results: Path, long_steps: int, earl
             rows.append(row)
             for v in row["recorded_raw_same_seed"]:
                 same_seed.append(row["raw"] - v)
-        if len(seeds) > 1:
-            raw_groups[name] = [_fid(r, "raw", long_steps) for r in seeds.values()]
-            ema_groups[name] = [_fid(r, "ema", long_steps) for r in seeds.values()]
+        if len(seeds) > 1:  # the seed-to-seed groups: this candidate's rows just made
+            mine = rows[-len(seeds):]
+            raw_groups[name], ema_groups[name] = [x["raw"] for x in mine], [x["ema"] for x in mine]
     raw_sd, ema_sd = run.run_to_run(raw_groups), run.run_to_run(ema_groups)
     drift = lambda kind: [abs(r[kind] - r[f"{kind}_earlier"]) for r in rows if r[kind] is not None and r[f"{kind}_earlier"] is not None]  # noqa: E731
     ratio = ema_sd["train_sd"] / raw_sd["train_sd"] if raw_sd and ema_sd and raw_sd["train_sd"] > 0 else None
