@@ -584,3 +584,94 @@ def test_ema_check_scores_both_weights_and_the_average_starts_as_the_weights(tmp
     assert three["ema"]["proxy_fid"] != pytest.approx(three["raw"]["proxy_fid"], rel=1e-6)  # then it lags them
     with pytest.raises(SystemExit, match="recombination"):
         check.check_candidate("asdm-m1", args, pipe, describe("tiny"), None, None)
+
+
+def _ema_ref_rows(out):
+    """First runs of four real candidate names (the reader takes names from run.py's lists), proxy FIDs
+    1-4 at 10 steps costing 5% of a 100-step long run, and their EMA repeats (two run.py repeats per
+    candidate, the tiny one from ema_check.py records instead)."""
+    def first(name, proxy, raw):
+        ev = lambda fid, secs: {"proxy_fid": fid, "kid": 0.0, "fid_real": 100.0, "adherence": 0.5, "eval_seconds": secs}  # noqa: E731
+        return {"candidate": name, "candidate_key": name, "space": "layer-removal", "params": 1e6, "macs": 1e8 / proxy,
+                "trainable_params": 1e6, "frozen_params": 0, "zero_cost": {"output_mse": proxy, "latent_stat_shift": 0.1},
+                "zero_cost_seconds": 0.1, "status": "ok", "train_seed": 0,
+                "evals": {"10": {"distill_seconds": 1.0, "heldout": {"output_mse": proxy, "seconds": 0.5}, "proxy": ev(proxy, 1.5)},
+                          "100": {"distill_seconds": 50.0, "long": ev(raw, 10.0)}}}
+
+    def rep(name, tag, seed, raw, ema, decay=0.99):
+        at = {"long": {"proxy_fid": raw}} | ({"long_ema": {"proxy_fid": ema}} if ema is not None else {})
+        return name, tag, {"candidate": name, "status": "ok", "train_seed": seed, "ema": {"decay": decay} if ema is not None else None,
+                           "evals": {"100": {"distill_seconds": 50.0, **at}}}
+
+    (out / "runs").mkdir(parents=True)
+    (out / "replicates").mkdir()
+    (out / "ema_check").mkdir()
+    for name, proxy, raw in (("bk-sdm-base", 1.0, 12.0), ("bk-sdm-small", 2.0, 11.0), ("bk-sdm-tiny", 3.0, 30.0), ("drop-mid", 4.0, 40.0)):
+        (out / "runs" / f"{name}.json").write_text(json.dumps(first(name, proxy, raw)))
+    for name, tag, r in (rep("bk-sdm-base", "ema-seed0", 0, 12.0, 10.0), rep("bk-sdm-base", "ema-seed1", 1, 14.0, 10.0),
+                         rep("bk-sdm-small", "ema-seed0", 0, 11.5, 20.0), rep("bk-sdm-small", "ema-seed1", 1, 10.5, 20.0),
+                         rep("drop-mid", "ema-seed0", 0, 40.0, 40.0), rep("drop-mid", "ema-seed1", 1, 42.0, 39.0),
+                         rep("drop-mid", "ema9-seed0", 0, 40.5, 5.0, decay=0.9),  # another decay: not this reference
+                         rep("bk-sdm-tiny", "seed1", 1, 31.0, None)):  # a raw repeat: the raw reference only
+        (out / "replicates" / f"{name}.{tag}.json").write_text(json.dumps(r))
+    for seed, ema in ((0, 30.0), (1, 41.0)):  # the tiny one's seed 1 puts it after drop-mid's
+        (out / "ema_check" / f"bk-sdm-tiny.seed{seed}.json").write_text(json.dumps(
+            {"candidate": "bk-sdm-tiny", "train_seed": seed, "status": "ok", "ema": {"decay": 0.99},
+             "evals": {"100": {"raw": {"proxy_fid": 99.0}, "ema": {"proxy_fid": ema}}}}))
+
+
+def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_replace_the_default(tmp_path, capsys, monkeypatch):
+    ref = _script_at("proxy_fidelity/ema_reference")
+    out = tmp_path / "pf"
+    _ema_ref_rows(out)
+    argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100", "--checkpoints", "10",
+            "--proxy-samples", "8", "--default-steps", "10"]
+    assert ref.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
+    assert "decay 0.9, not 0.99; not used" in capsys.readouterr().err
+    pc = {c["candidate"]: c for c in rep["per_candidate"]}
+    assert pc["bk-sdm-tiny"]["ema_by_seed"] == {"0": [30.0], "1": [41.0]}  # from ema_check.py's records
+    assert [pc[n]["ema_reference"] for n in ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "drop-mid")] == [10.0, 20.0, 35.5, 39.5]
+    # raw: base seed 0 is 12 twice (one run made twice, counted once) and 14 -> 13; tiny 30 and its raw repeat 31;
+    # the ema_check runs' raw FIDs (99) are not in run.py's raw reference
+    assert pc["bk-sdm-base"]["raw_reference"] == pytest.approx(13.0) and pc["bk-sdm-tiny"]["raw_reference"] == pytest.approx(30.5)
+    # EMA seed-to-seed sd pooled: (0 + 0 + 60.5 + 0.5) / 4 df
+    assert rep["ema_seed_sd"]["train_sd"] == pytest.approx(np.sqrt(61.0 / 4)) and rep["ema_seed_sd"]["df"] == 4
+    assert rep["complete"] is True
+    s = {x["what"]: x for x in rep["settings"]}
+    d = s[rep["default"]]
+    assert rep["default"] == "10 steps, 8 samples (FID)" and d["cost_fraction_mean"] == pytest.approx(2.5 / 60)
+    # the proxy orders the four as the two-seed reference and seed 0 do; seed 1 alone swaps tiny and drop-mid;
+    # the raw reference puts small before base
+    assert d["kendall_tau"] == pytest.approx(1.0) and d["kendall_tau_seed0"] == pytest.approx(1.0)
+    assert d["kendall_tau_seed1"] == pytest.approx(4 / 6) and d["kendall_tau_raw_reference"] == pytest.approx(4 / 6)
+    assert rep["target_met"] is True and rep["adoptable"] == []  # the headline needs the mean; replacing needs every seed
+    md = (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
+    assert "Interim" not in md and "met." in md and "reference, within the cost): none." in md
+    assert (tmp_path / "r" / "proxy_fidelity_ema_reference.png").is_file()
+    # with seed 1 in order too, the proxy passes the rule, and so do the two scores given the same numbers here
+    # (the held-out MSE and the zero-cost output MSE); MACs (fewer, worse: ranks them perfectly too) is a baseline, never a default
+    (out / "ema_check" / "bk-sdm-tiny.seed1.json").write_text(json.dumps(
+        {"candidate": "bk-sdm-tiny", "train_seed": 1, "status": "ok", "ema": {"decay": 0.99}, "evals": {"100": {"ema": {"proxy_fid": 38.0}}}}))
+    assert ref.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
+    assert sorted(rep["adoptable"]) == ["10 steps, 8 samples (FID)", "held-out output MSE after 10 steps (no sampling)",
+                                        "zero-cost `output_mse` (no training)"]
+    # a candidate without its second seed: interim, nothing adopted or judged
+    (out / "replicates" / "drop-mid.ema-seed1.json").unlink()
+    assert ref.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
+    assert rep["complete"] is False and rep["target_met"] is None and rep["adoptable"] is None
+    assert "**Interim**: 4 candidates have an EMA run (3 with every seed of [0, 1])" in (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
+    # a first run that shared the cores: its stretched seconds stay out of the cost, its rank does not
+    slow = json.loads((out / "runs" / "drop-mid.json").read_text())
+    slow["evals"]["10"]["distill_seconds"] = 50.0
+    (out / "runs" / "drop-mid.json").write_text(json.dumps(slow))
+    monkeypatch.setattr(ref, "SHARED_CORES", ("drop-mid",))
+    assert ref.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
+    assert rep["settings"][0]["cost_fraction_mean"] == pytest.approx(2.5 / 60) and rep["cost_left_out"] == ["drop-mid"]
+    assert "costs leave out drop-mid" in (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        ref.main(["--out", str(tmp_path / "nowhere")])
+    assert e.value.code == 2

@@ -1,0 +1,266 @@
+"""The proxies read against the EMA reference: each candidate's long FID on the moving average of its weights.
+
+``ema_check.py`` found that most of the long run's run-to-run noise is where the last weights happen
+to be at a constant learning rate, and that a moving average of the weights (diffusers' ``EMAModel``,
+decay 0.99) varies about 0.4x as much between training seeds. By the rule fixed before that check,
+the proxies are read against that average from then on. This script does the reading; the rule it
+applies was fixed in ``results/proxy_fidelity/notes.md`` before the runs it reads were made.
+
+The reference of a candidate is the mean over training seeds of its EMA long FID at the last step:
+``run.py --replicate ema-seedS --train-seed S --ema-decay D`` records it as ``long_ema``, and the
+``ema_check.py`` runs (the same protocol) as their ``ema`` evaluation. The scores are the first runs'
+(``<out>/runs``): averaging does not touch the training, so the short students are what they were;
+costs are fractions of the first runs' long runs, as in ``run.py``'s report. Beside each tau: the same
+score against the raw reference (``run.py``'s, all raw long runs) on the same candidates.
+
+The reading: the target is met when the default proxy ranks every candidate at tau >= 0.8 against the
+reference. Another score replaces the default only if it costs at most 10% of a long run and ranks
+every candidate at tau >= 0.8 against the reference and against each one-seed reference. Until every
+candidate has every seed, the report is interim and adopts or drops nothing.
+
+    python experiments/proxy_fidelity/ema_reference.py --out results/proxy_fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (the experiment read here: candidates, scores, rank statistics)
+
+TARGET_TAU = 0.8
+MAX_COST = 0.10
+SEEDS = (0, 1)  # the training seeds the reference is to have for every candidate (notes.md)
+# First runs that shared the 2 cores with other work for part of their time (notes.md, the second fresh
+# list): their seconds are stretched, so the cost fractions leave them out; their ranks count as any.
+SHARED_CORES = ("bk-base-inner-stages", "prune-mixed", "drop-second-down-resnets")
+
+
+def ema_runs(out: Path, long_steps: int, decay: float) -> dict[str, dict[int, list[float]]]:
+    """Every EMA long FID at step ``long_steps`` kept with decay ``decay``, by candidate and training
+    seed: ``run.py``'s repeats (``<out>/replicates``, ``long_ema``) and ``ema_check.py``'s runs
+    (``<out>/ema_check``, ``ema``). Runs with another decay, another length, unscored deferred samples
+    or a failed status are left out with a warning; exact repeats count once (``run.distinct_runs``)."""
+    by: dict[str, dict[int, list[float]]] = {}
+    sources = [(f, "long_ema") for f in sorted((out / "replicates").glob("*.json"))]
+    sources += [(f, "ema") for f in sorted((out / "ema_check").glob("*.json"))]
+    for f, kind in sources:
+        r = json.loads(f.read_text())
+        kept = (r.get("ema") or {}).get("decay")
+        if kept is None:  # a repeat without an average: nothing to read here, nothing to warn of
+            continue
+        ev = r.get("evals", {}).get(str(long_steps), {}).get(kind)
+        if r.get("status") != "ok" or ev is None:
+            print(f"warning: {f} holds no ok, scored EMA long FID at step {long_steps}; not used", file=sys.stderr)
+            continue
+        if abs(float(kept) - decay) > 1e-12:
+            print(f"warning: {f} kept its average with decay {kept}, not {decay}; not used", file=sys.stderr)
+            continue
+        seed = r.get("train_seed", run.UNRECORDED_TRAIN_SEED)
+        by.setdefault(r["candidate"], {}).setdefault(seed, []).append(float(ev["proxy_fid"]))
+    return {n: {k: run.distinct_runs(n, v) for k, v in sorted(d.items())} for n, d in by.items()}
+
+
+def first_runs(out: Path) -> list[dict]:
+    """The first runs (with the proxies) of every candidate list, in list order; failed ones left out."""
+    names = [n for lst in run.LISTS.values() for n, _ in lst]
+    rows = [json.loads(f.read_text()) for f in (run.record_file(out, n, None) for n in names) if f.is_file()]
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def analyse(out: Path, results: Path, args) -> dict:
+    """Every score of ``run.score_vectors`` against the EMA reference over the candidates that have one,
+    beside the raw reference on the same candidates; the rule of the module docstring applied."""
+    L = str(args.long_steps)
+    rows = first_runs(out)
+    ema = ema_runs(out, args.long_steps, args.ema_decay)
+    have = [r for r in rows if r["candidate"] in ema]
+    missing = [r["candidate"] for r in rows if r["candidate"] not in ema]
+    names = [r["candidate"] for r in have]
+    seed_fid = run.seed_means({n: ema[n] for n in names})  # one EMA long FID per training seed
+    seeds_of = {n: sorted(ema[n]) for n in names}
+    ref = np.array([np.mean(seed_fid[n]) for n in names])
+    raw_by_seed = run.seed_runs(have, run.load_replicates(out, args.long_steps), args.long_steps)
+    raw_seed_fid = run.seed_means(raw_by_seed)
+    raw_ref = np.array([np.mean(raw_seed_fid[n]) for n in names])
+    complete = not missing and all(set(SEEDS) <= set(seeds_of[n]) for n in names)
+    rep: dict = {"long_steps": args.long_steps, "ema_decay": args.ema_decay, "seeds_required": list(SEEDS),
+                 "candidates": len(names), "candidates_without_ema": missing, "complete": complete,
+                 "machines": sorted({r.get("machine") or "a machine older runs do not name" for r in have}),
+                 "per_candidate": [{"candidate": n, "set": run.set_of(r), "space": r["space"], "ema_by_seed": ema[n],
+                                    "ema_reference": float(m), "raw_reference": float(w),
+                                    "raw_seeds": len(raw_seed_fid[n]),
+                                    "default_proxy_fid": r["evals"][str(args.default_steps)]["proxy"]["proxy_fid"]}
+                                   for n, r, m, w in zip(names, have, ref, raw_ref)]}
+    if len(names) < 3:
+        rep["settings"] = []
+        _write(rep, results)
+        return rep
+    ema_sd = run.run_to_run(seed_fid)
+    raw_sd = run.run_to_run({n: v for n, v in raw_seed_fid.items() if n in names})
+    rep.update({"ema_seed_sd": ema_sd, "raw_seed_sd": raw_sd,
+                "ema_vs_raw_reference": run.kendall_spearman(ref, raw_ref)})
+    if ema_sd:
+        rep["ceiling"] = run.repeat_tau(ref, ema_sd["train_sd"], runs=np.array([len(seed_fid[n]) for n in names]))
+    # one-seed references: only over the candidates that have that seed
+    one_seed = {k: [i for i, n in enumerate(names) if k in ema[n]] for k in SEEDS}
+    long_cost = run._long_cost(have, L)
+    timed = np.array([n not in SHARED_CORES for n in names])
+    timed = timed if timed.any() else np.ones(len(names), dtype=bool)
+    rep["cost_left_out"] = [n for n, t in zip(names, timed) if not t]
+    settings = []
+    for sc in run.score_vectors(have, args):
+        x = sc["score"]
+        s = {k: v for k, v in sc.items() if k not in ("score", "cost")}
+        s.update(run.kendall_spearman(x, ref))
+        s.update(run._cost_fields(sc["cost"][timed], long_cost[timed]))
+        s["kendall_tau_raw_reference"] = run.kendall_spearman(x, raw_ref)["kendall_tau"]
+        for k, idx in one_seed.items():
+            if len(idx) >= 3:
+                y = np.array([float(np.mean(ema[names[i]][k])) for i in idx])
+                s[f"kendall_tau_seed{k}"] = run.kendall_spearman(x[idx], y)["kendall_tau"]
+                s[f"candidates_seed{k}"] = len(idx)
+        settings.append(s)
+    rep["settings"] = settings
+    default = next((s for s in settings if s.get("samples") and s["distill_steps"] == args.default_steps), None)
+    rep["default"] = default["what"] if default else None
+    if complete and default:
+        rep["target_met"] = bool(default["kendall_tau"] >= TARGET_TAU and default["cost_fraction_mean"] <= MAX_COST)
+        rep["adoptable"] = [s["what"] for s in settings if passes(s)]
+    else:  # interim: nothing is adopted or dropped
+        rep["target_met"] = None
+        rep["adoptable"] = None
+    _write(rep, results)
+    return rep
+
+
+def passes(s: dict) -> bool:
+    """The rule for a score to replace the default: within the cost budget, not a baseline, and tau >=
+    TARGET_TAU against the reference and against every one-seed reference."""
+    if s.get("baseline") or s["cost_fraction_mean"] > MAX_COST:
+        return False
+    taus = [s["kendall_tau"]] + [s.get(f"kendall_tau_seed{k}", float("nan")) for k in SEEDS]
+    return all(np.isfinite(t) and t >= TARGET_TAU for t in taus)
+
+
+def _write(rep: dict, results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "proxy_fidelity_ema_reference.json").write_text(json.dumps(rep, indent=1))
+    (results / "proxy_fidelity_ema_reference.md").write_text(_markdown(rep))
+    if len(rep["per_candidate"]) >= 3:
+        _plot(rep, results / "proxy_fidelity_ema_reference.png")
+
+
+def _plot(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pc = rep["per_candidate"]
+    x = [c["default_proxy_fid"] for c in pc]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    for ax, key, label in ((axes[0], "ema_reference", "EMA"), (axes[1], "raw_reference", "raw weights")):
+        y = [c[key] for c in pc]
+        ax.scatter(x, y, s=14)
+        for c, a, b in zip(pc, x, y):
+            ax.annotate(c["candidate"], (a, b), fontsize=6)
+        ax.set_xlabel("default proxy FID (10 steps, 32 samples)")
+        ax.set_ylabel(f"long FID, {label} ({rep['long_steps']} steps, 128 samples; mean over seeds)")
+    fig.suptitle(f"proxy vs long distillation, {len(pc)} candidates; {', '.join(rep['machines'])}, float32, evaluation seed 0"
+                 + ("" if rep["complete"] else " (interim: not every candidate has every seed)"), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(rep: dict) -> str:
+    f2 = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    L = rep["long_steps"]
+    pc = rep["per_candidate"]
+    lines = ["# Proxy rank fidelity against the EMA reference", "",
+             f"Reference: each candidate's long FID on the moving average of its trainable weights (diffusers' EMAModel, decay "
+             f"{rep['ema_decay']}, warm-up capped) after {L} distillation steps (batch 16, lr 5e-4, constant), 128 samples on fixed "
+             "prompts and seeds (evaluation seed 0), PNDM 25 steps, guidance 4, 32 px, FID against the teacher's samples on the same "
+             f"prompts and seeds; the mean over training seeds. Float32. Scores and their costs: the first runs' "
+             f"(`results/proxy_fidelity.md`), on {', '.join(rep['machines'])}"
+             + (f"; costs leave out {', '.join(rep['cost_left_out'])} (their first runs shared the cores with other work)"
+                if rep.get("cost_left_out") else "") + ". "
+             "Made by `experiments/proxy_fidelity/ema_reference.py`; the rule below was fixed in "
+             "`results/proxy_fidelity/notes.md` before these runs were read.", ""]
+    if not rep["complete"]:
+        counts = [len(c["ema_by_seed"]) for c in pc]
+        lines += [f"**Interim**: {len(pc)} candidates have an EMA run"
+                  + (f" ({sum(1 for k in counts if k >= len(rep['seeds_required']))} with every seed of {rep['seeds_required']})" if pc else "")
+                  + (f"; without one: {', '.join(rep['candidates_without_ema'])}" if rep["candidates_without_ema"] else "")
+                  + ". Nothing is adopted or dropped on this reading.", ""]
+    if rep.get("settings"):
+        lines += [f"| score | cost, % of a long run | Kendall tau, EMA reference | Spearman rho | tau, raw reference (same candidates) | "
+                  + " | ".join(f"tau, seed {k} alone" for k in rep["seeds_required"]) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(rep["seeds_required"])]
+        for s in rep["settings"]:
+            name = s["what"] + (" **(default)**" if s["what"] == rep.get("default") else "")
+            seeds = " | ".join(f2(s.get(f"kendall_tau_seed{k}")) + (f" ({s[f'candidates_seed{k}']})" if f"candidates_seed{k}" in s else "")
+                               for k in rep["seeds_required"])
+            lines.append(f"| {name} | {100 * s['cost_fraction_mean']:.1f} | {f2(s['kendall_tau'])} | {f2(s['spearman_rho'])} | "
+                         f"{f2(s['kendall_tau_raw_reference'])} | {seeds} |")
+        lines.append("")
+        d = next((s for s in rep["settings"] if s["what"] == rep.get("default")), None)
+        es, rs = rep.get("ema_seed_sd"), rep.get("raw_seed_sd")
+        lines += [f"- Over {len(pc)} candidates: the default proxy ranks them at tau {f2(d['kendall_tau'])} against the EMA reference "
+                  f"and {f2(d['kendall_tau_raw_reference'])} against the raw one." if d else "- The default proxy is not among the scores.",
+                  f"- The EMA reference against the raw one: tau {f2(rep['ema_vs_raw_reference']['kendall_tau'])}, Spearman "
+                  f"{f2(rep['ema_vs_raw_reference']['spearman_rho'])}.",
+                  "- Seed-to-seed sd of one long FID, pooled over these candidates' seeds: EMA "
+                  + (f"{es['train_sd']:.2f} ({es['df']} df, {es['candidates_repeated']} candidates)" if es else "- (no candidate has two seeds)")
+                  + ", raw " + (f"{rs['train_sd']:.2f} ({rs['df']} df)" if rs else "-") + "."]
+        if rep.get("ceiling"):
+            c = rep["ceiling"]
+            lines.append(f"- Ceiling: a repeat of this reference (the same seeds per candidate) would rank them at tau {c['median']:.2f} "
+                         f"({c['p10']:.2f}-{c['p90']:.2f}, {c['draws']} simulated repeats); a noise-free score at "
+                         f"{c['predictor_median']:.2f} ({c['predictor_p10']:.2f}-{c['predictor_p90']:.2f}).")
+        if rep["complete"]:
+            lines.append(f"- Target (default tau >= {TARGET_TAU} at <= {100 * MAX_COST:.0f}% of a long run): "
+                         + ("met." if rep["target_met"] else "not met."))
+            lines.append("- Scores that pass the rule for replacing the default (tau >= 0.8 against the reference and each one-seed "
+                         "reference, within the cost): " + (", ".join(rep["adoptable"]) or "none") + ".")
+        lines.append("")
+    lines += ["| candidate | set | space | EMA long FID by training seed | EMA reference | raw reference (seeds) | default proxy FID |",
+              "|---|---|---|---|---|---|---|"]
+    for c in pc:
+        by = ", ".join(f"seed {k}: " + ", ".join(f"{v:.2f}" for v in vs) for k, vs in c["ema_by_seed"].items())
+        lines.append(f"| {c['candidate']} | {c['set']} | {c['space']} | {by} | {c['ema_reference']:.2f} | "
+                     f"{c['raw_reference']:.2f} ({c['raw_seeds']}) | {c['default_proxy_fid']:.2f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="results/proxy_fidelity", help="run.py's work directory (its records are read)")
+    ap.add_argument("--results", default="results", help="where proxy_fidelity_ema_reference.md/.json/.png go")
+    ap.add_argument("--ema-decay", type=float, default=0.99, help="the decay of the averages read (others are left out)")
+    # the settings of run.py's runs being read (its scores are named by them)
+    ap.add_argument("--long-steps", type=int, default=400)
+    ap.add_argument("--checkpoints", type=run._ints, default=run._ints("10,20,40"))
+    ap.add_argument("--proxy-samples", type=int, default=32)
+    ap.add_argument("--default-steps", type=int, default=10)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if not (out / "runs").is_dir():
+        ap.error(f"--out {out}: no runs/ directory of run.py's first runs there")
+    rep = analyse(out, Path(args.results), args)
+    d = next((s for s in rep.get("settings", []) if s["what"] == rep.get("default")), None)
+    print(f"{rep['candidates']} candidates with an EMA reference ({'complete' if rep['complete'] else 'interim'})"
+          + (f"; default proxy tau {d['kendall_tau']:.3f} (raw reference {d['kendall_tau_raw_reference']:.3f})" if d else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
