@@ -482,6 +482,18 @@ def test_a_second_fresh_list_is_checked_on_its_own_and_leaves_the_first_check_as
     assert "## A second check" in md and "x (recombination)" in md and "| x (fresh-b) | recombination |" in md
     assert "| Kendall tau, earlier alone | Kendall tau, fresh-b alone |" in md and "| -1.000 (3) |" in md
     assert "5 candidates from the layer-removal and recombination spaces (a, b, c, d, e)" in md
+    # the reading says what the first candidates alone show and what all of them do, with the scores fixed beforehand
+    assert "Target (Kendall tau >= 0.8 at <= 10% of the long run's cost), on the 5 first candidates alone" in md
+    # the latent-statistics score here is the long FID / 10: picked on the first five, perfect over all 11
+    assert ("Over all 11 candidates, the scores fixed before the last fresh list was run: zero-cost `latent_stat_shift` "
+            "(no training) 1.000; 10 steps, 8 samples (FID) -0.055;") in md
+    assert "zero-cost `latent_stat_shift` (no training) reaches tau >= 0.8 over all of them" in md
+    # without it, only MACs (0.850 over all 11) reaches 0.8; a cost baseline is no proxy and cannot meet the target
+    for r in first + fresh + second:
+        r["zero_cost"]["latent_stat_shift"] = r["evals"]["10"]["proxy"]["proxy_fid"]
+    run.analyse(first + fresh + second, args, meta, tmp_path / "no-lss")
+    md = (tmp_path / "no-lss" / "proxy_fidelity.md").read_text()
+    assert "MACs alone (baseline: the cost, no training) 0.850" in md and "**The target is not met over all candidates.**" in md
     assert [r["set"] for r in csv.DictReader((tmp_path / "after" / "proxy_fidelity.csv").open())][-3:] == ["fresh-b"] * 3
     # two fresh-b candidates are not enough for a check, and say so
     run.analyse(first + fresh + second[:2], args, meta, tmp_path / "two")
