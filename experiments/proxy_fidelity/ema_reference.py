@@ -91,7 +91,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     complete = not missing and all(set(SEEDS) <= set(seeds_of[n]) for n in names)
     rep: dict = {"long_steps": args.long_steps, "ema_decay": args.ema_decay, "seeds_required": list(SEEDS),
                  "candidates": len(names), "candidates_without_ema": missing, "complete": complete,
-                 "machines": sorted({r.get("machine") or "a machine older runs do not name" for r in have}),
+                 "machines": sorted({r.get("machine") or "a 2-core CPU the oldest records do not name" for r in have}),
                  "per_candidate": [{"candidate": n, "set": run.set_of(r), "space": r["space"], "ema_by_seed": ema[n],
                                     "ema_reference": float(m), "raw_reference": float(w),
                                     "raw_seeds": len(raw_seed_fid[n]),
@@ -171,10 +171,11 @@ def _plot(rep: dict, path: Path) -> None:
         for c, a, b in zip(pc, x, y):
             ax.annotate(c["candidate"], (a, b), fontsize=6)
         ax.set_xlabel("default proxy FID (10 steps, 32 samples)")
-        ax.set_ylabel(f"long FID, {label} ({rep['long_steps']} steps, 128 samples; mean over seeds)")
-    fig.suptitle(f"proxy vs long distillation, {len(pc)} candidates; {', '.join(rep['machines'])}, float32, evaluation seed 0"
-                 + ("" if rep["complete"] else " (interim: not every candidate has every seed)"), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+        ax.set_ylabel(f"long FID, {label}\n({rep['long_steps']} steps, 128 samples; mean over seeds)")
+    fig.suptitle(f"proxy vs long distillation, {len(pc)} candidates, float32, evaluation seed 0"
+                 + ("" if rep["complete"] else " (interim: not every candidate has every seed)")
+                 + f"\nfirst runs on {'; '.join(rep['machines'])}", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
