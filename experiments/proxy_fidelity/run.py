@@ -604,7 +604,8 @@ def fresh_check(first: list[dict], fresh: list[dict], ref: dict[str, float], sep
             continue
         x = vec[w]["score"]
         agree = [int(np.sign(x[i] - x[j]) == np.sign(y[i] - y[j])) for i, j in pairs]
-        d = {"what": vec[w]["what"], "post_hoc": bool(vec[w].get("post_hoc")), "baseline": bool(vec[w].get("baseline")), "first": nf, "fresh": len(fresh), "all": len(both),
+        d = {"what": vec[w]["what"], "post_hoc": bool(vec[w].get("post_hoc")), "baseline": bool(vec[w].get("baseline")),
+             "first": nf, "fresh": len(fresh), "all": len(both),
              "kendall_tau_first": kendall_spearman(x[:nf], y[:nf])["kendall_tau"],
              "kendall_tau_fresh": kendall_spearman(x[nf:], y[nf:])["kendall_tau"],
              "kendall_tau_all": kendall_spearman(x, y)["kendall_tau"],
@@ -965,8 +966,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                   + "; ".join(f"{c['what']} {c['kendall_tau_all']:.3f}" for c in fixed) + ". "
                   + ("**The target is not met over all candidates.**" if not top or top["kendall_tau_all"] < 0.8 else
                      f"{top['what']} reaches tau >= 0.8 over all of them (its cost: the tables above).")]
-    lines += [
-              "", "![proxy against long FID](proxy_fidelity.png)", "",
+    lines += ["", "![proxy against long FID](proxy_fidelity.png)", "",
               "With this many candidates the p-values are wide; the table reports what was measured, not a general law.", ""]
     if args.notes:
         lines += [Path(args.notes).read_text().strip(), ""]
