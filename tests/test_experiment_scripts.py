@@ -226,7 +226,7 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     (rd / "asdm-m1.short.json").write_text(json.dumps({"candidate": "asdm-m1", **long(40.0, 100)}))
     reps = run.load_replicates(tmp_path, 400)
     # a record without a training seed was written before --train-seed existed, when every run trained with seed 0
-    unnamed = {"machine": None, "deferred": False, "long_ema_fid": None}  # records before --device name no machine, nor an EMA
+    unnamed = {"machine": None, "deferred": False, "ema_decay": None, "long_ema_fid": None}  # records before --device name no machine, nor an EMA
     assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
                                     {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
                                     {"tag": "seed1", "long_fid": 49.0, "wall_seconds": 0.0, "train_seed": 1, **unnamed}]}
@@ -281,7 +281,8 @@ def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(
     assert json.loads((bf / "rebuilt_run.json").read_text())["recorded"]["long_fid"] == 53.42 == row["recorded"]["long_fid"]
     assert args.base_rebuilt["long_fid"] == 53.5 and args.base_rebuilt["recorded_long_fid"] == 53.42
     assert run.load_replicates(tmp_path, 400)["bk-sdm-base"] == [{"tag": "seed1", "long_fid": 53.42, "wall_seconds": 0.0, "train_seed": 1,
-                                                                  "machine": None, "deferred": False, "long_ema_fid": None}]
+                                                                  "machine": None, "deferred": False, "ema_decay": None,
+                                                                  "long_ema_fid": None}]
 
 
 def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monkeypatch):

@@ -41,28 +41,30 @@ SEEDS = (0, 1)  # the training seeds the reference is to have for every candidat
 SHARED_CORES = ("bk-base-inner-stages", "prune-mixed", "drop-second-down-resnets")
 
 
-def ema_runs(out: Path, long_steps: int, decay: float) -> dict[str, dict[int, list[float]]]:
+def ema_runs(out: Path, replicates: dict[str, list[dict]], long_steps: int, decay: float) -> dict[str, dict[int, list[float]]]:
     """Every EMA long FID at step ``long_steps`` kept with decay ``decay``, by candidate and training
-    seed: ``run.py``'s repeats (``<out>/replicates``, ``long_ema``) and ``ema_check.py``'s runs
-    (``<out>/ema_check``, ``ema``). Runs with another decay, another length, unscored deferred samples
-    or a failed status are left out with a warning; exact repeats count once (``run.distinct_runs``)."""
-    by: dict[str, dict[int, list[float]]] = {}
-    sources = [(f, "long_ema") for f in sorted((out / "replicates").glob("*.json"))]
-    sources += [(f, "ema") for f in sorted((out / "ema_check").glob("*.json"))]
-    for f, kind in sources:
+    seed: ``run.py``'s repeats (``replicates``, from ``run.load_replicates``: their ``long_ema``) and
+    ``ema_check.py``'s runs (``<out>/ema_check``, ``ema``). Runs with another decay, another length,
+    unscored deferred samples or a failed status are left out with a warning; exact repeats count once
+    (``run.distinct_runs``)."""
+    found: list[tuple[str, str, int, float | None, float | None]] = [  # (where, candidate, seed, decay, FID)
+        (f"{name}.{x['tag']}", name, x["train_seed"], x["ema_decay"], x["long_ema_fid"])
+        for name, xs in replicates.items() for x in xs]
+    for f in sorted((out / "ema_check").glob("*.json")):
         r = json.loads(f.read_text())
-        kept = (r.get("ema") or {}).get("decay")
+        ev = r.get("evals", {}).get(str(long_steps), {}).get("ema") if r.get("status") == "ok" else None
+        found.append((f.name, r["candidate"], r.get("train_seed", run.UNRECORDED_TRAIN_SEED), (r.get("ema") or {}).get("decay"),
+                      None if ev is None else float(ev["proxy_fid"])))
+    by: dict[str, dict[int, list[float]]] = {}
+    for where, name, seed, kept, fid in found:
         if kept is None:  # a repeat without an average: nothing to read here, nothing to warn of
             continue
-        ev = r.get("evals", {}).get(str(long_steps), {}).get(kind)
-        if r.get("status") != "ok" or ev is None:
-            print(f"warning: {f} holds no ok, scored EMA long FID at step {long_steps}; not used", file=sys.stderr)
-            continue
-        if abs(float(kept) - decay) > 1e-12:
-            print(f"warning: {f} kept its average with decay {kept}, not {decay}; not used", file=sys.stderr)
-            continue
-        seed = r.get("train_seed", run.UNRECORDED_TRAIN_SEED)
-        by.setdefault(r["candidate"], {}).setdefault(seed, []).append(float(ev["proxy_fid"]))
+        if fid is None:
+            print(f"warning: {where} holds no ok, scored EMA long FID at step {long_steps}; not used", file=sys.stderr)
+        elif abs(float(kept) - decay) > 1e-12:
+            print(f"warning: {where} kept its average with decay {kept}, not {decay}; not used", file=sys.stderr)
+        else:
+            by.setdefault(name, {}).setdefault(seed, []).append(fid)
     return {n: {k: run.distinct_runs(n, v) for k, v in sorted(d.items())} for n, d in by.items()}
 
 
@@ -78,14 +80,15 @@ def analyse(out: Path, results: Path, args) -> dict:
     beside the raw reference on the same candidates; the rule of the module docstring applied."""
     L = str(args.long_steps)
     rows = first_runs(out)
-    ema = ema_runs(out, args.long_steps, args.ema_decay)
+    replicates = run.load_replicates(out, args.long_steps)  # the raw reference's repeats, and the EMA's run.py runs
+    ema = ema_runs(out, replicates, args.long_steps, args.ema_decay)
     have = [r for r in rows if r["candidate"] in ema]
     missing = [r["candidate"] for r in rows if r["candidate"] not in ema]
     names = [r["candidate"] for r in have]
     seed_fid = run.seed_means({n: ema[n] for n in names})  # one EMA long FID per training seed
     seeds_of = {n: sorted(ema[n]) for n in names}
     ref = np.array([np.mean(seed_fid[n]) for n in names])
-    raw_by_seed = run.seed_runs(have, run.load_replicates(out, args.long_steps), args.long_steps)
+    raw_by_seed = run.seed_runs(have, replicates, args.long_steps)
     raw_seed_fid = run.seed_means(raw_by_seed)
     raw_ref = np.array([np.mean(raw_seed_fid[n]) for n in names])
     complete = not missing and all(set(SEEDS) <= set(seeds_of[n]) for n in names)

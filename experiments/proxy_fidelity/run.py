@@ -363,7 +363,9 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
                                                     "train_seed": r.get("train_seed", UNRECORDED_TRAIN_SEED),
                                                     "machine": r.get("machine"),
                                                     "deferred": "long_deferred" in at_end,
-                                                    # the moving average's long FID (--ema-decay), None where not kept
+                                                    # the moving average's decay and long FID (--ema-decay), None where
+                                                    # not kept (or, for the FID, not scored yet)
+                                                    "ema_decay": (r.get("ema") or {}).get("decay"),
                                                     "long_ema_fid": at_end.get("long_ema", {}).get("proxy_fid")})
     return reps
 
