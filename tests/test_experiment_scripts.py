@@ -609,7 +609,7 @@ def _ema_ref_rows(out):
                 "trainable_params": 1e6, "frozen_params": 0, "zero_cost": {"output_mse": proxy, "latent_stat_shift": 0.1},
                 "zero_cost_seconds": 0.1, "status": "ok", "train_seed": 0,
                 "evals": {"10": {"distill_seconds": 1.0, "heldout": {"output_mse": proxy, "seconds": 0.5}, "proxy": ev(proxy, 1.5)},
-                          "100": {"distill_seconds": 50.0, "long": ev(raw, 10.0)}}}
+                          "100": {"distill_seconds": 50.0, "heldout": {"output_mse": proxy, "seconds": 0.5}, "long": ev(raw, 10.0)}}}
 
     def rep(name, tag, seed, raw, ema, decay=0.99):
         at = {"long": {"proxy_fid": raw}} | ({"long_ema": {"proxy_fid": ema}} if ema is not None else {})
@@ -659,6 +659,12 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     assert d["kendall_tau"] == pytest.approx(1.0) and d["kendall_tau_seed0"] == pytest.approx(1.0)
     assert d["kendall_tau_seed1"] == pytest.approx(4 / 6) and d["kendall_tau_raw_reference"] == pytest.approx(4 / 6)
     assert rep["target_met"] is True and rep["adoptable"] == []  # the headline needs the mean; replacing needs every seed
+    # context: what a whole long run ranks at (the first runs' raw FIDs put small before base; their held-out MSE at
+    # the last step is the proxy's order here)
+    ctx = {c["what"].split(" (")[0]: c for c in rep["context"]}
+    assert ctx["one long run, raw weights"]["kendall_tau"] == pytest.approx(4 / 6)
+    assert ctx["one long run's held-out output MSE at step 100"]["kendall_tau"] == pytest.approx(1.0)
+    assert ctx["one long run's held-out output MSE at step 100"]["kendall_tau_seed1"] == pytest.approx(4 / 6)
     md = (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
     assert "Interim" not in md and "met." in md and "reference, within the cost): none." in md
     assert (tmp_path / "r" / "proxy_fidelity_ema_reference.png").is_file()

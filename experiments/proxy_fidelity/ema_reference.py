@@ -86,15 +86,14 @@ def analyse(out: Path, results: Path, args) -> dict:
     missing = [r["candidate"] for r in rows if r["candidate"] not in ema]
     names = [r["candidate"] for r in have]
     seed_fid = run.seed_means({n: ema[n] for n in names})  # one EMA long FID per training seed
-    seeds_of = {n: sorted(ema[n]) for n in names}
     ref = np.array([np.mean(seed_fid[n]) for n in names])
     raw_by_seed = run.seed_runs(have, replicates, args.long_steps)
     raw_seed_fid = run.seed_means(raw_by_seed)
     raw_ref = np.array([np.mean(raw_seed_fid[n]) for n in names])
-    complete = not missing and all(set(SEEDS) <= set(seeds_of[n]) for n in names)
+    complete = not missing and all(set(SEEDS) <= set(ema[n]) for n in names)
     rep: dict = {"long_steps": args.long_steps, "ema_decay": args.ema_decay, "seeds_required": list(SEEDS),
                  "candidates": len(names), "candidates_without_ema": missing, "complete": complete,
-                 "machines": sorted({r.get("machine") or "a 2-core CPU the oldest records do not name" for r in have}),
+                 "machines": sorted({run.machine_of(r) for r in have}),
                  "per_candidate": [{"candidate": n, "set": run.set_of(r), "space": r["space"], "ema_by_seed": ema[n],
                                     "ema_reference": float(m), "raw_reference": float(w),
                                     "raw_seeds": len(raw_seed_fid[n]),
@@ -105,7 +104,7 @@ def analyse(out: Path, results: Path, args) -> dict:
         _write(rep, results)
         return rep
     ema_sd = run.run_to_run(seed_fid)
-    raw_sd = run.run_to_run({n: v for n, v in raw_seed_fid.items() if n in names})
+    raw_sd = run.run_to_run(raw_seed_fid)
     rep.update({"ema_seed_sd": ema_sd, "raw_seed_sd": raw_sd,
                 "ema_vs_raw_reference": run.kendall_spearman(ref, raw_ref)})
     if ema_sd:
@@ -130,6 +129,7 @@ def analyse(out: Path, results: Path, args) -> dict:
                 s[f"candidates_seed{k}"] = len(idx)
         settings.append(s)
     rep["settings"] = settings
+    rep["context"] = _long_run_context(have, L, ref, raw_ref, ema, names)
     default = next((s for s in settings if s.get("samples") and s["distill_steps"] == args.default_steps), None)
     rep["default"] = default["what"] if default else None
     if complete and default:
@@ -140,6 +140,28 @@ def analyse(out: Path, results: Path, args) -> dict:
         rep["adoptable"] = None
     _write(rep, results)
     return rep
+
+
+def _long_run_context(have: list[dict], L: str, ref, raw_ref, ema, names) -> list[dict]:
+    """What one whole long run ranks at: the first run's own raw long FID, and its held-out output MSE at
+    its last step. Context for the scores' taus (each costs a whole long run), never a candidate for the
+    rule; the first run's seed is in the EMA reference where that seed has an EMA run too."""
+    out = []
+    for what, get in (("one long run, raw weights (the first run's long FID, one of the runs the raw reference averages)", lambda r: r["evals"][L]["long"]["proxy_fid"]),
+                      (f"one long run's held-out output MSE at step {L} (no sampling)",
+                       lambda r: (r["evals"][L].get("heldout") or {}).get("output_mse"))):
+        x = [get(r) for r in have]
+        if any(v is None for v in x):
+            continue
+        x = np.array(x, dtype=float)
+        c = {"what": what, "kendall_tau_raw_reference": run.kendall_spearman(x, raw_ref)["kendall_tau"]}
+        c.update(run.kendall_spearman(x, ref))
+        for k in SEEDS:
+            idx = [i for i, n in enumerate(names) if k in ema[n]]
+            if len(idx) >= 3:
+                c[f"kendall_tau_seed{k}"] = run.kendall_spearman(x[idx], np.array([float(np.mean(ema[names[i]][k])) for i in idx]))["kendall_tau"]
+        out.append(c)
+    return out
 
 
 def passes(s: dict) -> bool:
@@ -223,6 +245,11 @@ def _markdown(rep: dict) -> str:
                   "- Seed-to-seed sd of one long FID, pooled over these candidates' seeds: EMA "
                   + (f"{es['train_sd']:.2f} ({es['df']} df, {es['candidates_repeated']} candidates)" if es else "- (no candidate has two seeds)")
                   + ", raw " + (f"{rs['train_sd']:.2f} ({rs['df']} df)" if rs else "-") + "."]
+        for c in rep.get("context", []):
+            lines.append(f"- Context, a whole long run as the score: {c['what']} ranks them at tau {f2(c['kendall_tau'])} against the "
+                         f"EMA reference (raw reference {f2(c['kendall_tau_raw_reference'])}"
+                         + "".join(f", seed {k} alone {f2(c[f'kendall_tau_seed{k}'])}" for k in rep["seeds_required"]
+                                   if f"kendall_tau_seed{k}" in c) + ").")
         if rep.get("ceiling"):
             c = rep["ceiling"]
             lines.append(f"- Ceiling: a repeat of this reference (the same seeds per candidate) would rank them at tau {c['median']:.2f} "

@@ -135,6 +135,12 @@ FRESH_B: list[tuple[str, object]] = [
     ("small-prune-ff-half", _small_prune_ff_half),  # layer removal and channel pruning together
 ]
 LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B}  # a run's "set": the list it came from
+UNNAMED_MACHINE = "a 2-core CPU the oldest records do not name"
+
+
+def machine_of(record: dict) -> str:
+    """Where a run ran, as its record names it (the oldest records do not)."""
+    return record.get("machine") or UNNAMED_MACHINE
 
 
 def set_of(r: dict) -> str:
@@ -788,7 +794,7 @@ def _plot(ok, long_fid, runs, args, path: Path, meta: dict, noise: dict | None =
     bars = ("; bars: one sd of the reference (sampling over seed sets"
             + (", run-to-run over repeats" if noise and noise.get("train_sd") else "") + ")") if noise else ""
     # where the runs plotted ran (not where this report was made): their records name it, the oldest do not
-    where = Counter(r.get("machine") or "a 2-core CPU the oldest records do not name" for r in ok)
+    where = Counter(machine_of(r) for r in ok)
     fig.suptitle(f"proxy vs long distillation, teacher {args.teacher}; float32, evaluation seed {args.seed}; first runs on "
                  + ", ".join(f"{m} ({k})" for m, k in where.most_common()) + f"\n{bars.lstrip('; ')}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
