@@ -109,8 +109,6 @@ def analyse(out: Path, results: Path, args) -> dict:
                 "ema_vs_raw_reference": run.kendall_spearman(ref, raw_ref)})
     if ema_sd:
         rep["ceiling"] = run.repeat_tau(ref, ema_sd["train_sd"], runs=np.array([len(seed_fid[n]) for n in names]))
-    # one-seed references: only over the candidates that have that seed
-    one_seed = {k: [i for i, n in enumerate(names) if k in ema[n]] for k in SEEDS}
     long_cost = run._long_cost(have, L)
     timed = np.array([n not in SHARED_CORES for n in names])
     timed = timed if timed.any() else np.ones(len(names), dtype=bool)
@@ -122,11 +120,7 @@ def analyse(out: Path, results: Path, args) -> dict:
         s.update(run.kendall_spearman(x, ref))
         s.update(run._cost_fields(sc["cost"][timed], long_cost[timed]))
         s["kendall_tau_raw_reference"] = run.kendall_spearman(x, raw_ref)["kendall_tau"]
-        for k, idx in one_seed.items():
-            if len(idx) >= 3:
-                y = np.array([float(np.mean(ema[names[i]][k])) for i in idx])
-                s[f"kendall_tau_seed{k}"] = run.kendall_spearman(x[idx], y)["kendall_tau"]
-                s[f"candidates_seed{k}"] = len(idx)
+        s.update(_one_seed_taus(x, ema, names))
         settings.append(s)
     rep["settings"] = settings
     rep["context"] = _long_run_context(have, L, ref, raw_ref, ema, names)
@@ -156,11 +150,21 @@ def _long_run_context(have: list[dict], L: str, ref, raw_ref, ema, names) -> lis
         x = np.array(x, dtype=float)
         c = {"what": what, "kendall_tau_raw_reference": run.kendall_spearman(x, raw_ref)["kendall_tau"]}
         c.update(run.kendall_spearman(x, ref))
-        for k in SEEDS:
-            idx = [i for i, n in enumerate(names) if k in ema[n]]
-            if len(idx) >= 3:
-                c[f"kendall_tau_seed{k}"] = run.kendall_spearman(x[idx], np.array([float(np.mean(ema[names[i]][k])) for i in idx]))["kendall_tau"]
+        c.update(_one_seed_taus(x, ema, names))
         out.append(c)
+    return out
+
+
+def _one_seed_taus(x: np.ndarray, ema: dict[str, dict[int, list[float]]], names: list[str]) -> dict:
+    """Kendall tau of the score ``x`` against each one-seed reference, over the candidates that have that
+    seed (at least 3), with their count."""
+    out: dict = {}
+    for k in SEEDS:
+        idx = [i for i, n in enumerate(names) if k in ema[n]]
+        if len(idx) >= 3:
+            y = np.array([float(np.mean(ema[names[i]][k])) for i in idx])
+            out[f"kendall_tau_seed{k}"] = run.kendall_spearman(x[idx], y)["kendall_tau"]
+            out[f"candidates_seed{k}"] = len(idx)
     return out
 
 
