@@ -117,10 +117,8 @@ def analyse(out: Path, results: Path, args) -> dict:
     for sc in run.score_vectors(have, args):
         x = sc["score"]
         s = {k: v for k, v in sc.items() if k not in ("score", "cost")}
-        s.update(run.kendall_spearman(x, ref))
+        s.update(_taus(x, ref, raw_ref, ema, names))
         s.update(run._cost_fields(sc["cost"][timed], long_cost[timed]))
-        s["kendall_tau_raw_reference"] = run.kendall_spearman(x, raw_ref)["kendall_tau"]
-        s.update(_one_seed_taus(x, ema, names))
         settings.append(s)
     rep["settings"] = settings
     rep["context"] = _long_run_context(have, L, ref, raw_ref, ema, names)
@@ -147,18 +145,16 @@ def _long_run_context(have: list[dict], L: str, ref, raw_ref, ema, names) -> lis
         x = [get(r) for r in have]
         if any(v is None for v in x):
             continue
-        x = np.array(x, dtype=float)
-        c = {"what": what, "kendall_tau_raw_reference": run.kendall_spearman(x, raw_ref)["kendall_tau"]}
-        c.update(run.kendall_spearman(x, ref))
-        c.update(_one_seed_taus(x, ema, names))
-        out.append(c)
+        out.append({"what": what, **_taus(np.array(x, dtype=float), ref, raw_ref, ema, names)})
     return out
 
 
-def _one_seed_taus(x: np.ndarray, ema: dict[str, dict[int, list[float]]], names: list[str]) -> dict:
-    """Kendall tau of the score ``x`` against each one-seed reference, over the candidates that have that
-    seed (at least 3), with their count."""
-    out: dict = {}
+def _taus(x: np.ndarray, ref: np.ndarray, raw_ref: np.ndarray, ema: dict[str, dict[int, list[float]]], names: list[str]) -> dict:
+    """How the score ``x`` (one value per candidate of ``names``) ranks them: Kendall tau and Spearman rho
+    against the EMA reference ``ref``, tau against the raw reference ``raw_ref``, and tau against each
+    one-seed reference over the candidates that have that seed (at least 3), with their count."""
+    out = run.kendall_spearman(x, ref)
+    out["kendall_tau_raw_reference"] = run.kendall_spearman(x, raw_ref)["kendall_tau"]
     for k in SEEDS:
         idx = [i for i, n in enumerate(names) if k in ema[n]]
         if len(idx) >= 3:
