@@ -226,14 +226,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     arch = describe(args.teacher)
     cand = resolve_candidate(args.candidate, arch)
     p = plan(arch, cand)
+    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every, ema_decay=args.ema_decay,
+                        lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
+                        weights=LossWeights(task=args.w_task, out_kd=args.w_out, feat_kd=args.w_feat, mid=args.w_mid,
+                                            perceptual=args.w_perceptual))
     pipe = load_pipeline(args.teacher, device=args.device)
     base = load_pretrained_unet(args.base, device=args.device) if args.base else None
     student = build_student(p, teacher=pipe.unet, device=args.device, base_unet=base)
     data = _distill_data(pipe, args.data, args.seed)
-    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, ema_decay=args.ema_decay,
-                        weights=LossWeights(task=args.w_task, out_kd=args.w_out, feat_kd=args.w_feat, mid=args.w_mid,
-                                            perceptual=args.w_perceptual))
     work = Path(args.out).with_name(Path(args.out).name + ".work")
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     perc, dec = (None, None)
@@ -344,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", default=None, help="compressed Base U-Net for recombination candidates")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--lr", type=float, default=5e-4)
+    sp.add_argument("--lr-schedule", default="constant",
+                    help="learning rate over the run, one of diffusers' schedules: constant (default), constant_with_warmup, "
+                         "linear, cosine, cosine_with_restarts, polynomial")
+    sp.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps of the schedule (not of constant)")
     sp.add_argument("--w-task", type=float, default=1.0)
     sp.add_argument("--w-out", type=float, default=1.0)
     sp.add_argument("--w-feat", type=float, default=1.0)

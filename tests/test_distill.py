@@ -195,3 +195,40 @@ def test_ema_resumes_exactly_and_a_checkpoint_without_it_is_named(tiny_sd1_teach
     with pytest.raises(ValueError, match="no moving average"):
         with averaged_weights(d):
             pass
+
+
+def test_cosine_schedule_decays_the_rate_to_zero_and_resumes_exactly(tiny_sd1_teacher, tmp_path):
+    """diffusers' cosine schedule over the run: the curve records each step's rate (from lr at step 0
+    towards 0 at the last step); a run resumed from a checkpoint takes the same rates and ends with
+    the same weights; the constant default keeps lr throughout; an unknown schedule is named."""
+    import math
+
+    from hybridsd_nas.errors import ConfigError
+
+    cand = candidate_preset("bk-sdm-small", describe(TINY_SD1))
+    cfg = DistillConfig(steps=4, batch_size=2, checkpoint_every=2, seed=3, lr=1e-3, log_every=1, lr_schedule="cosine")
+    a, p = _student(tiny_sd1_teacher, cand)
+    ra = distill(a, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "a")
+    want = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [c["lr"] for c in ra.curve] == pytest.approx(want) and ra.config["lr_schedule"] == "cosine"
+    # a crash after the step-2 checkpoint; the resumed run takes the schedule's last two rates
+    d, _ = _student(tiny_sd1_teacher, cand)
+
+    def crash(n, st):
+        if n == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill(d, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "d", on_step=crash)
+    e, _ = _student(tiny_sd1_teacher, cand)
+    re_ = distill(e, tiny_sd1_teacher, p, _data(), _sched(), cfg, checkpoint_dir=tmp_path / "d", resume=True)
+    assert re_.status == "ok" and [c_["lr"] for c_ in re_.curve[-2:]] == pytest.approx(want[2:])
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, e.state_dict()[k], atol=1e-6), k
+    plain = distill(_student(tiny_sd1_teacher, cand)[0], tiny_sd1_teacher, p, _data(), _sched(),
+                    DistillConfig(steps=3, batch_size=2, seed=3, lr=1e-3, log_every=1))
+    assert [c_["lr"] for c_ in plain.curve] == [1e-3] * 3
+    with pytest.raises(ConfigError, match=r"unknown lr_schedule 'cosin'; valid: constant, .*cosine"):
+        DistillConfig(lr_schedule="cosin")
+    with pytest.raises(ConfigError, match="lr_warmup_steps -1 is negative"):
+        DistillConfig(lr_schedule="cosine", lr_warmup_steps=-1)

@@ -694,3 +694,63 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     with pytest.raises(SystemExit) as e:
         ref.main(["--out", str(tmp_path / "nowhere")])
     assert e.value.code == 2
+
+
+def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a_variant_that_holds_on_each_seed(tmp_path, monkeypatch):
+    settle = _script_at("proxy_fidelity/settle")
+    monkeypatch.setattr(settle, "STEPS", 10)  # the synthetic first runs score their held-out MSE at step 10
+    out = tmp_path / "pf"
+    _ema_ref_rows(out)  # first runs: held-out MSE 1-4 at step 10 after 1 s of distillation; long runs 60 s
+    # the reference (EMA, two seeds): base 10, small 20, tiny 35.5 (30, 41), drop-mid 39.5 (40, 39): seed 1 alone swaps the last two
+    names = ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "drop-mid")
+
+    def rec(score, secs=0.4, status="ok"):
+        r = {"status": status, "reason": None if status == "ok" else "diverged", "distill_seconds": secs, "config": {}, "ema": None}
+        return r | ({"heldout": {"output_mse": score, "seconds": 0.1}} if status == "ok" else {})
+
+    def write(variants_of):
+        (out / "settle").mkdir(exist_ok=True)
+        for i, n in enumerate(names):
+            (out / "settle" / f"{n}.json").write_text(json.dumps({"candidate": n, "machine": "test CPU", "variants": variants_of(i)}))
+
+    # control: the first runs' training in half their seconds (speed 2), the same held-out MSE but the tiny one's (+1%);
+    # cosine orders the four as the two-seed reference does; ema swaps the first two
+    write(lambda i: {"constant": rec([1.0, 2.0, 3.03, 4.0][i], secs=0.5), "cosine": rec(0.1 * (i + 1)), "ema": rec([2, 1, 3, 4][i] * 0.01)})
+    argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100", "--analyse-only"]
+    assert settle.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_settle.json").read_text())
+    s = {x["variant"]: x for x in rep["settings"]}
+    assert rep["complete"] is True and rep["speed"]["median"] == pytest.approx(2.0)
+    assert s["cosine"]["cost_fraction_mean"] == pytest.approx(2 * 0.5 / 60)  # (0.4 s + 0.1 s held-out) x 2, of 60 s
+    ctl = rep["control"]["without_base"]
+    assert ctl["max_relative_difference"] == pytest.approx(0.01) and ctl["worst"] == "bk-sdm-tiny" and ctl["candidates"] == 4
+    assert "recombinations" not in rep["control"]
+    assert s["cosine"]["kendall_tau"] == pytest.approx(1.0) and s["cosine"]["kendall_tau_seed1"] == pytest.approx(4 / 6)
+    assert s["ema"]["kendall_tau"] == pytest.approx(4 / 6)
+    assert rep["passing"] == [] and rep["picked"] is None  # cosine holds on the mean, not on seed 1 alone
+    assert "no variant passes" in (tmp_path / "r" / "proxy_fidelity_settle.md").read_text()
+    assert (tmp_path / "r" / "proxy_fidelity_settle.png").is_file()
+    # seed 1 in order too: cosine passes; the control, as good, is not a candidate; ema's swap keeps it out
+    (out / "ema_check" / "bk-sdm-tiny.seed1.json").write_text(json.dumps(
+        {"candidate": "bk-sdm-tiny", "train_seed": 1, "status": "ok", "ema": {"decay": 0.99}, "evals": {"100": {"ema": {"proxy_fid": 38.0}}}}))
+    assert settle.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_settle.json").read_text())
+    assert rep["passing"] == ["cosine"] and rep["picked"] == "cosine"
+    assert "picked: **cosine**" in (tmp_path / "r" / "proxy_fidelity_settle.md").read_text()
+    # over the cost budget it does not pass; a failed run ranks last and is named
+    write(lambda i: {"constant": rec(float(i + 1), secs=0.5), "cosine": rec(0.1 * (i + 1), secs=3.5),
+                     "ema": rec(0.01, status="failed") if i == 0 else rec(0.01 * (i + 1))})
+    assert settle.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_settle.json").read_text())
+    s = {x["variant"]: x for x in rep["settings"]}
+    assert s["cosine"]["cost_fraction_mean"] == pytest.approx(2 * 3.6 / 60) and rep["passing"] == []
+    assert s["ema"]["failed"] == ["bk-sdm-base"] and s["ema"]["kendall_tau"] == pytest.approx(0.0)  # base first -> last
+    # a candidate without every variant: interim, nothing picked
+    (out / "settle" / "drop-mid.json").write_text(json.dumps({"candidate": "drop-mid", "variants": {"constant": rec(4.0)}}))
+    assert settle.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_settle.json").read_text())
+    assert rep["complete"] is False and rep["missing"] == ["drop-mid"] and rep["picked"] is None
+    assert "**Interim**" in (tmp_path / "r" / "proxy_fidelity_settle.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        settle.main(["--out", str(out), "--only", "no-such-candidate", "--analyse-only"])
+    assert e.value.code == 2

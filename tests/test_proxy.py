@@ -128,3 +128,7 @@ def test_distill_cli_exports_the_moving_average_and_names_a_bad_decay(tmp_path, 
     assert main(argv[:-4] + ["--ema-decay", "1.5", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ema_decay 1.5 is not a decay" in err and "(0, 1)" in err
+    assert main(argv[:-4] + ["--lr-schedule", "cosin", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown lr_schedule 'cosin'" in err and "cosine" in err
+    assert not (tmp_path / "bad").exists()

@@ -75,6 +75,17 @@ def first_runs(out: Path) -> list[dict]:
     return [r for r in rows if r["status"] == "ok"]
 
 
+def references(have: list[dict], ema: dict[str, dict[int, list[float]]], replicates: dict[str, list[dict]], long_steps: int):
+    """The EMA reference of the first runs ``have`` (the mean over training seeds of each seed's mean EMA
+    long FID) and the raw reference on the same candidates, each with its per-seed FIDs:
+    ``(seed_fid, ref, raw_seed_fid, raw_ref)``, the arrays in the order of ``have``."""
+    names = [r["candidate"] for r in have]
+    seed_fid = run.seed_means({n: ema[n] for n in names})  # one EMA long FID per training seed
+    raw_seed_fid = run.seed_means(run.seed_runs(have, replicates, long_steps))
+    return (seed_fid, np.array([np.mean(seed_fid[n]) for n in names]),
+            raw_seed_fid, np.array([np.mean(raw_seed_fid[n]) for n in names]))
+
+
 def analyse(out: Path, results: Path, args) -> dict:
     """Every score of ``run.score_vectors`` against the EMA reference over the candidates that have one,
     beside the raw reference on the same candidates; the rule of the module docstring applied."""
@@ -85,11 +96,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     have = [r for r in rows if r["candidate"] in ema]
     missing = [r["candidate"] for r in rows if r["candidate"] not in ema]
     names = [r["candidate"] for r in have]
-    seed_fid = run.seed_means({n: ema[n] for n in names})  # one EMA long FID per training seed
-    ref = np.array([np.mean(seed_fid[n]) for n in names])
-    raw_by_seed = run.seed_runs(have, replicates, args.long_steps)
-    raw_seed_fid = run.seed_means(raw_by_seed)
-    raw_ref = np.array([np.mean(raw_seed_fid[n]) for n in names])
+    seed_fid, ref, raw_seed_fid, raw_ref = references(have, ema, replicates, args.long_steps)
     complete = not missing and all(set(SEEDS) <= set(ema[n]) for n in names)
     rep: dict = {"long_steps": args.long_steps, "ema_decay": args.ema_decay, "seeds_required": list(SEEDS),
                  "candidates": len(names), "candidates_without_ema": missing, "complete": complete,

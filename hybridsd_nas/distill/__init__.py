@@ -3,9 +3,10 @@ incubation), used short by the quality proxy and long as the final training."""
 
 from .data import DistillData, encode_images, encode_prompts, fashion_mnist_data, folder_data, teacher_sample_data
 from .losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
-from .trainer import DistillConfig, DistillResult, averaged_weights, distill
+from .trainer import LR_SCHEDULES, DistillConfig, DistillResult, averaged_weights, distill
 
 __all__ = [
+    "LR_SCHEDULES",
     "perceptual_term",
     "DistillConfig",
     "DistillData",

@@ -5,7 +5,8 @@ incubation: frozen parts are excluded). The loop stops itself on a NaN or a dive
 returns ``status="failed"`` with the reason instead of raising. Long runs checkpoint periodically
 (safetensors + JSON, atomically) and resume from the last checkpoint. With ``ema_decay`` the loop
 keeps an exponential moving average of the trainable weights (diffusers' ``EMAModel``, as the
-BK-SDM training scripts do) and hands the student back holding it.
+BK-SDM training scripts do) and hands the student back holding it. The learning rate is constant by
+default; ``lr_schedule`` takes any of diffusers' schedules in ``LR_SCHEDULES`` over the run's steps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from ..errors import ConfigError
 from .data import DistillData
 from .losses import LossWeights, attach_taps, feature_losses
 
+# diffusers' learning-rate schedules (``diffusers.optimization.get_scheduler``) that need no more than
+# the run's length and warm-up steps
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
 
 @dataclass
 class DistillConfig:
@@ -48,6 +53,16 @@ class DistillConfig:
     # 0 = off; else the decay of an EMA of the trainable weights (diffusers' EMAModel, whose decay also
     # ramps up as (1 + n) / (10 + n) over the first steps), which the student holds at the end of an ok run
     ema_decay: float = 0.0
+    # the learning rate over the run (one of LR_SCHEDULES: e.g. "cosine" decays lr to 0 at the last
+    # step) after ``lr_warmup_steps`` of linear warm-up from 0; "constant" ignores the warm-up
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"lr_warmup_steps {self.lr_warmup_steps} is negative; use 0 or more steps")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,6 +147,17 @@ def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer,
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _lr_scheduler(opt: torch.optim.Optimizer, cfg: DistillConfig, start: int):
+    """diffusers' ``cfg.lr_schedule`` from ``cfg.lr`` over ``cfg.steps``, positioned at step ``start``
+    (a resumed run: the rate is a function of the step, so a checkpoint need not hold the schedule)."""
+    from diffusers.optimization import get_scheduler
+
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg.lr
+    return get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps,
+                         last_epoch=start - 1)
+
+
 def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator,
                      ema=None, ema_names: list[str] | None = None) -> tuple[int, list]:
     from safetensors.torch import load_file
@@ -172,9 +198,10 @@ def distill(
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` (built from ``plan``) on ``data`` for ``cfg.steps`` steps.
 
-    The learning rate is constant and the data, noise and timestep draws come from one generator
-    seeded with ``cfg.seed``, so the student after ``n`` steps of a longer run is the student of a
-    run of ``n`` steps. ``on_step(steps_done, student)`` is called after every optimizer step
+    The data, noise and timestep draws come from one generator seeded with ``cfg.seed``; with the
+    constant learning rate (``cfg.lr_schedule``, the default) the student after ``n`` steps of a
+    longer run is therefore the student of a run of ``n`` steps (a decaying schedule depends on the
+    run's length, so it is not). ``on_step(steps_done, student)`` is called after every optimizer step
     (e.g. to evaluate intermediate students); it must leave the student as it found it. With
     ``cfg.ema_decay`` it may evaluate the moving average inside ``with averaged_weights(student):``;
     an ok run returns the student holding the average (``DistillResult.ema`` says so).
@@ -211,6 +238,7 @@ def distill(
     start, curve = 0, []
     if resume and ckpt is not None and ckpt.is_dir():
         start, curve = _load_checkpoint(ckpt, student, opt, g, ema, ema_names)
+    lr_sched = _lr_scheduler(opt, cfg, start)
     teacher.eval().requires_grad_(False)  # from here on the finally below hands it back as it came
     taps = attach_taps(student, teacher, plan)
     if ema is not None:
@@ -269,13 +297,15 @@ def distill(
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            lr_now = opt.param_groups[0]["lr"]  # this step's rate (the schedule moves it after the step)
             opt.step()
+            lr_sched.step()
             if ema is not None:
                 ema.step(params)
             if on_step is not None:
                 on_step(step + 1, student)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                curve.append({"step": step, "loss": lv, **{k: float(v.detach()) for k, v in parts.items()}})
+                curve.append({"step": step, "loss": lv, "lr": lr_now, **{k: float(v.detach()) for k, v in parts.items()}})
                 bar.set_postfix(loss=f"{lv:.4f}")
             if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 _save_checkpoint(ckpt, student, opt, step + 1, curve, g, ema, ema_names)
