@@ -754,3 +754,53 @@ def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a
     with pytest.raises(SystemExit) as e:
         settle.main(["--out", str(out), "--only", "no-such-candidate", "--analyse-only"])
     assert e.value.code == 2
+
+
+def test_extrapolate_reads_the_power_law_of_each_run_at_the_later_step_by_the_same_rule(tmp_path, monkeypatch):
+    ext = _script_at("proxy_fidelity/extrapolate")
+    monkeypatch.setattr(ext, "AT", 100)  # the synthetic long runs are 100 steps
+    out = tmp_path / "pf"
+    _ema_ref_rows(out)
+    # the reference (EMA): base 10, small 20, tiny 35.5, drop-mid 39.5; seed 1 alone in the same order (tiny 38 < 39)
+    (out / "ema_check" / "bk-sdm-tiny.seed1.json").write_text(json.dumps(
+        {"candidate": "bk-sdm-tiny", "train_seed": 1, "status": "ok", "ema": {"decay": 0.99}, "evals": {"100": {"ema": {"proxy_fid": 38.0}}}}))
+    # exact power laws: at step 40 the base is behind the small one (0.15 > 0.126), at step 100 ahead (0.06 < 0.08)
+    laws = {"bk-sdm-base": (6.0, -1.0), "bk-sdm-small": (0.8, -0.5), "bk-sdm-tiny": (0.5, -0.2), "drop-mid": (0.3, 0.0)}
+
+    def write(distill_40=2.0):
+        for name, (c, b) in laws.items():
+            f = out / "runs" / f"{name}.json"
+            r = json.loads(f.read_text())
+            for n in (10, 20, 40, 100):
+                r["evals"].setdefault(str(n), {})["heldout"] = {"output_mse": c * n ** b, "seconds": 0.5}
+            r["evals"]["40"]["distill_seconds"] = distill_40
+            f.write_text(json.dumps(r))
+
+    write()
+    argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100"]
+    assert ext.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_extrapolate.json").read_text())
+    pc = {p["candidate"]: p for p in rep["per_candidate"]}
+    assert pc["bk-sdm-base"]["extrapolated"] == pytest.approx(0.06) and pc["bk-sdm-base"]["slope"] == pytest.approx(-1.0)
+    assert rep["fit_error_at"]["max_abs_log_ratio"] == pytest.approx(0.0, abs=1e-9)
+    s = rep["score"]
+    assert s["kendall_tau"] == pytest.approx(1.0) and s["kendall_tau_seed1"] == pytest.approx(1.0)
+    assert s["cost_fraction_mean"] == pytest.approx(3.5 / 60)  # 2 s to step 40 and three 0.5 s evaluations, of 60 s
+    ctx = {c["what"]: c for c in rep["context"]}
+    assert ctx["held-out output MSE measured after 40 steps"]["kendall_tau"] == pytest.approx(4 / 6)
+    assert rep["complete"] is True and rep["passes"] is True
+    assert "passes; it becomes the default's quality score only after a third fresh list" in (tmp_path / "r" / "proxy_fidelity_extrapolate.md").read_text()
+    write(distill_40=10.0)  # 11.5 s of 60: over the budget
+    assert ext.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_extrapolate.json").read_text())
+    assert rep["passes"] is False and "does not pass." in (tmp_path / "r" / "proxy_fidelity_extrapolate.md").read_text()
+    # a run without one of the fitted steps: left out, the reading interim
+    r = json.loads((out / "runs" / "drop-mid.json").read_text())
+    del r["evals"]["20"]
+    (out / "runs" / "drop-mid.json").write_text(json.dumps(r))
+    assert ext.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_extrapolate.json").read_text())
+    assert rep["missing"] == ["drop-mid"] and rep["complete"] is False and rep["passes"] is None
+    with pytest.raises(SystemExit) as e:
+        ext.main(["--out", str(tmp_path / "nowhere")])
+    assert e.value.code == 2

@@ -75,6 +75,13 @@ def first_runs(out: Path) -> list[dict]:
     return [r for r in rows if r["status"] == "ok"]
 
 
+def timed_mask(names: list[str]) -> np.ndarray:
+    """Which candidates' first-run seconds the cost fractions use: all but ``SHARED_CORES`` (all, if that
+    would leave none)."""
+    timed = np.array([n not in SHARED_CORES for n in names])
+    return timed if timed.any() else np.ones(len(names), dtype=bool)
+
+
 def references(have: list[dict], ema: dict[str, dict[int, list[float]]], replicates: dict[str, list[dict]], long_steps: int):
     """The EMA reference of the first runs ``have`` (the mean over training seeds of each seed's mean EMA
     long FID) and the raw reference on the same candidates, each with its per-seed FIDs:
@@ -117,8 +124,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     if ema_sd:
         rep["ceiling"] = run.repeat_tau(ref, ema_sd["train_sd"], runs=np.array([len(seed_fid[n]) for n in names]))
     long_cost = run._long_cost(have, L)
-    timed = np.array([n not in SHARED_CORES for n in names])
-    timed = timed if timed.any() else np.ones(len(names), dtype=bool)
+    timed = timed_mask(names)
     rep["cost_left_out"] = [n for n, t in zip(names, timed) if not t]
     settings = []
     for sc in run.score_vectors(have, args):

@@ -122,8 +122,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     # seconds on the first run's machine per second here: the same training to step 40 (the control)
     speed = np.array([r["evals"][str(STEPS)]["distill_seconds"] / max(settled[r["candidate"]]["variants"][CONTROL]["distill_seconds"], 1e-9)
                       for r in have])
-    timed = np.array([n not in ema_reference.SHARED_CORES for n in names])
-    timed = timed if timed.any() else np.ones(len(names), dtype=bool)
+    timed = ema_reference.timed_mask(names)
     rep["cost_left_out"] = [n for n, t in zip(names, timed) if not t]
     rep["speed"] = {"median": float(np.median(speed[timed])), "min": float(np.min(speed[timed])), "max": float(np.max(speed[timed]))}
     # the control against the first runs: the same training, so the same held-out MSE up to float32 rounding
