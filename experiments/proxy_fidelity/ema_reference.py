@@ -186,12 +186,37 @@ def passes(s: dict) -> bool:
     return all(np.isfinite(t) and t >= TARGET_TAU for t in taus)
 
 
-def _write(rep: dict, results: Path) -> None:
+# what the later readings (settle.py, extrapolate.py) read against, in words
+REFERENCE_WORDS = ("the EMA reference of `results/proxy_fidelity_ema_reference.md` (long FID of the moving average, decay 0.99, "
+                   "after 400 steps, 128 samples, PNDM 25 steps, guidance 4, 32 px; mean over training seeds 0 and 1)")
+
+
+def cost_words(rep: dict) -> str:
+    """The cost exclusion of ``rep`` (its ``cost_left_out``) in words, or nothing."""
+    left = rep.get("cost_left_out")
+    return f"; costs leave out {', '.join(left)} (first runs that shared the cores)" if left else ""
+
+
+def interim_words(rep: dict) -> list[str]:
+    """The interim line of a later reading (its ``complete``, ``candidates``, ``missing``), or none."""
+    if rep["complete"]:
+        return []
+    return [f"**Interim**: {rep['candidates']} candidates" + (f"; not yet: {', '.join(rep['missing'])}" if rep["missing"] else "")
+            + ". Nothing is adopted on this reading.", ""]
+
+
+def write_report(rep: dict, results: Path, stem: str, markdown, plot=None) -> None:
+    """``rep`` as ``<results>/<stem>.json``, ``markdown(rep)`` as ``.md`` and, when given, ``plot(rep, path)``
+    as ``.png``."""
     results.mkdir(parents=True, exist_ok=True)
-    (results / "proxy_fidelity_ema_reference.json").write_text(json.dumps(rep, indent=1))
-    (results / "proxy_fidelity_ema_reference.md").write_text(_markdown(rep))
-    if len(rep["per_candidate"]) >= 3:
-        _plot(rep, results / "proxy_fidelity_ema_reference.png")
+    (results / f"{stem}.json").write_text(json.dumps(rep, indent=1))
+    (results / f"{stem}.md").write_text(markdown(rep))
+    if plot is not None:
+        plot(rep, results / f"{stem}.png")
+
+
+def _write(rep: dict, results: Path) -> None:
+    write_report(rep, results, "proxy_fidelity_ema_reference", _markdown, _plot if len(rep["per_candidate"]) >= 3 else None)
 
 
 def _plot(rep: dict, path: Path) -> None:

@@ -22,7 +22,6 @@ at >= 0.8. Beside it, as context: the measured held-out MSE at the last fitted s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -97,9 +96,7 @@ def analyse(out: Path, results: Path, args) -> dict:
 
 
 def _write(rep: dict, results: Path) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "proxy_fidelity_extrapolate.json").write_text(json.dumps(rep, indent=1))
-    (results / "proxy_fidelity_extrapolate.md").write_text(_markdown(rep))
+    ema_reference.write_report(rep, results, "proxy_fidelity_extrapolate", _markdown)
 
 
 def _markdown(rep: dict) -> str:
@@ -107,16 +104,12 @@ def _markdown(rep: dict) -> str:
     lines = ["# The held-out output MSE extrapolated along its own curve, against the EMA reference", "",
              f"Per candidate, the least-squares line log(MSE) = a + b log(n) through the first run's held-out output MSE (64 fixed "
              f"held-out noisy latents, evaluation seed 0) at steps {', '.join(map(str, rep['fit_steps']))} (batch 16, lr 5e-4, "
-             f"training seed 0, float32), read at step {rep['at']}. Reference: the EMA reference of "
-             "`results/proxy_fidelity_ema_reference.md` (long FID of the moving average, decay 0.99, after 400 steps, 128 samples, "
-             "PNDM 25 steps, guidance 4, 32 px; mean over training seeds 0 and 1). First runs on "
+             f"training seed 0, float32), read at step {rep['at']}. Reference: " + ema_reference.REFERENCE_WORDS + ". First runs on "
              f"{'; '.join(rep['machines']) or '-'}"
-             + (f"; costs leave out {', '.join(rep['cost_left_out'])} (first runs that shared the cores)" if rep.get("cost_left_out") else "")
+             + ema_reference.cost_words(rep)
              + ". Made by `experiments/proxy_fidelity/extrapolate.py`; the form, the steps and the rule were fixed in "
              "`results/proxy_fidelity/notes.md` before it was computed.", ""]
-    if not rep["complete"]:
-        lines += [f"**Interim**: {rep['candidates']} candidates" + (f"; not yet: {', '.join(rep['missing'])}" if rep["missing"] else "")
-                  + ". Nothing is adopted on this reading.", ""]
+    lines += ema_reference.interim_words(rep)
     if rep.get("score"):
         at = rep["at"]
         lines += ["| score | cost, % of a long run | Kendall tau, EMA reference | Spearman rho | tau, raw reference | "

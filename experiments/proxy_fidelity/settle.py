@@ -164,11 +164,7 @@ def analyse(out: Path, results: Path, args) -> dict:
 
 
 def _write(rep: dict, results: Path) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "proxy_fidelity_settle.json").write_text(json.dumps(rep, indent=1))
-    (results / "proxy_fidelity_settle.md").write_text(_markdown(rep))
-    if rep.get("settings"):
-        _plot(rep, results / "proxy_fidelity_settle.png")
+    ema_reference.write_report(rep, results, "proxy_fidelity_settle", _markdown, _plot if rep.get("settings") else None)
 
 
 def _plot(rep: dict, path: Path) -> None:
@@ -201,17 +197,13 @@ def _markdown(rep: dict) -> str:
     lines = ["# A 40-step run whose last weights settle, against the EMA reference", "",
              f"Each candidate distilled again from the start for {STEPS} steps (batch 16, lr 5e-4, training seed 0, float32; "
              "recombinations on the first runs' Base) in each variant below, and scored by the output MSE against the teacher "
-             "on 64 fixed held-out noisy latents (evaluation seed 0). Reference: the EMA reference of "
-             "`results/proxy_fidelity_ema_reference.md` (long FID of the moving average, decay 0.99, after 400 steps, 128 samples, "
-             "PNDM 25 steps, guidance 4, 32 px; mean over training seeds 0 and 1). Short runs on "
+             "on 64 fixed held-out noisy latents (evaluation seed 0). Reference: " + ema_reference.REFERENCE_WORDS + ". Short runs on "
              f"{'; '.join(rep['machines']) or '-'}; costs are fractions of the first runs' long runs (on "
              f"{'; '.join(rep['first_run_machines']) or '-'}), this machine's seconds scaled by the control"
-             + (f"; they leave out {', '.join(rep['cost_left_out'])} (first runs that shared the cores)" if rep.get("cost_left_out") else "")
+             + ema_reference.cost_words(rep)
              + ". Made by `experiments/proxy_fidelity/settle.py`; the variants and the rule were fixed in "
              "`results/proxy_fidelity/notes.md` before any was run.", ""]
-    if not rep["complete"]:
-        lines += [f"**Interim**: {rep['candidates']} candidates" + (f"; not yet: {', '.join(rep['missing'])}" if rep["missing"] else "")
-                  + ". Nothing is picked on this reading.", ""]
+    lines += ema_reference.interim_words(rep)
     if rep.get("settings"):
         lines += ["| score | cost, % of a long run | Kendall tau, EMA reference | Spearman rho | tau, raw reference | "
                   "tau, seed 0 alone | tau, seed 1 alone | failed runs |", "|---|---|---|---|---|---|---|---|"]
