@@ -345,9 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", default=None, help="compressed Base U-Net for recombination candidates")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--lr", type=float, default=5e-4)
+    from .distill import LR_SCHEDULES
+
     sp.add_argument("--lr-schedule", default="constant",
-                    help="learning rate over the run, one of diffusers' schedules: constant (default), constant_with_warmup, "
-                         "linear, cosine, cosine_with_restarts, polynomial")
+                    help=f"learning rate over the run, one of diffusers' schedules: {', '.join(LR_SCHEDULES)} (default: constant)")
     sp.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps of the schedule (not of constant)")
     sp.add_argument("--w-task", type=float, default=1.0)
     sp.add_argument("--w-out", type=float, default=1.0)
