@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -75,6 +76,27 @@ def first_runs(out: Path) -> list[dict]:
     return [r for r in rows if r["status"] == "ok"]
 
 
+class Reading(NamedTuple):
+    """What a reading against the EMA reference reads (this one's, ``settle.py``'s, ``extrapolate.py``'s)."""
+    replicates: dict[str, list[dict]]  # run.py's repeats (run.load_replicates)
+    ema: dict[str, dict[int, list[float]]]  # the EMA long FIDs by candidate and seed (ema_runs)
+    have: list[dict]  # the first runs read: with an EMA reference and usable by the reading
+    names: list[str]  # their candidates
+    missing: list[str]  # the first runs' candidates left out
+    complete: bool  # none left out, and every one read has every seed of SEEDS
+
+
+def reading(out: Path, long_steps: int, decay: float, usable: Callable[[dict], bool] = lambda r: True) -> Reading:
+    """The first runs of ``out`` that have an EMA reference (decay ``decay``) and that ``usable`` accepts."""
+    rows = first_runs(out)
+    replicates = run.load_replicates(out, long_steps)
+    ema = ema_runs(out, replicates, long_steps, decay)
+    have = [r for r in rows if r["candidate"] in ema and usable(r)]
+    names = [r["candidate"] for r in have]
+    missing = [r["candidate"] for r in rows if r["candidate"] not in names]
+    return Reading(replicates, ema, have, names, missing, not missing and all(set(SEEDS) <= set(ema[n]) for n in names))
+
+
 def timed_mask(names: list[str]) -> np.ndarray:
     """Which candidates' first-run seconds the cost fractions use: all but ``SHARED_CORES`` (all, if that
     would leave none)."""
@@ -97,14 +119,9 @@ def analyse(out: Path, results: Path, args) -> dict:
     """Every score of ``run.score_vectors`` against the EMA reference over the candidates that have one,
     beside the raw reference on the same candidates; the rule of the module docstring applied."""
     L = str(args.long_steps)
-    rows = first_runs(out)
-    replicates = run.load_replicates(out, args.long_steps)  # the raw reference's repeats, and the EMA's run.py runs
-    ema = ema_runs(out, replicates, args.long_steps, args.ema_decay)
-    have = [r for r in rows if r["candidate"] in ema]
-    missing = [r["candidate"] for r in rows if r["candidate"] not in ema]
-    names = [r["candidate"] for r in have]
+    # replicates: the raw reference's repeats, and the EMA's run.py runs
+    replicates, ema, have, names, missing, complete = reading(out, args.long_steps, args.ema_decay)
     seed_fid, ref, raw_seed_fid, raw_ref = references(have, ema, replicates, args.long_steps)
-    complete = not missing and all(set(SEEDS) <= set(ema[n]) for n in names)
     rep: dict = {"long_steps": args.long_steps, "ema_decay": args.ema_decay, "seeds_required": list(SEEDS),
                  "candidates": len(names), "candidates_without_ema": missing, "complete": complete,
                  "machines": sorted({run.machine_of(r) for r in have}),

@@ -46,9 +46,9 @@ def fit(r: dict, fit_steps=FIT_STEPS) -> tuple[float, float]:
     return float(b), float(a)
 
 
-def extrapolated(r: dict, fit_steps=FIT_STEPS, at: int | None = None) -> float:
-    """The held-out MSE at step ``at`` (default ``AT``) of the power law ``fit`` gives."""
-    b, a = fit(r, fit_steps)
+def extrapolated(fitted: tuple[float, float], at: int | None = None) -> float:
+    """The held-out MSE at step ``at`` (default ``AT``) of the power law ``fitted`` (``fit``'s slope and intercept)."""
+    b, a = fitted
     return float(np.exp(a + b * np.log(AT if at is None else at)))
 
 
@@ -59,14 +59,8 @@ def cost_seconds(r: dict, fit_steps=FIT_STEPS) -> float:
 
 def analyse(out: Path, results: Path, args) -> dict:
     L = str(args.long_steps)
-    rows = ema_reference.first_runs(out)
-    replicates = run.load_replicates(out, args.long_steps)
-    ema = ema_reference.ema_runs(out, replicates, args.long_steps, args.ema_decay)
-    usable = lambda r: all("heldout" in r["evals"].get(str(n), {}) for n in (*FIT_STEPS, AT))  # noqa: E731
-    have = [r for r in rows if r["candidate"] in ema and usable(r)]
-    names = [r["candidate"] for r in have]
-    missing = [r["candidate"] for r in rows if r["candidate"] not in names]
-    complete = not missing and all(set(ema_reference.SEEDS) <= set(ema[n]) for n in names)
+    replicates, ema, have, names, missing, complete = ema_reference.reading(
+        out, args.long_steps, args.ema_decay, lambda r: all("heldout" in r["evals"].get(str(n), {}) for n in (*FIT_STEPS, AT)))
     rep: dict = {"fit_steps": list(FIT_STEPS), "at": AT, "candidates": len(names), "missing": missing, "complete": complete,
                  "machines": sorted({run.machine_of(r) for r in have}), "per_candidate": []}
     if len(names) < 3:
@@ -76,7 +70,8 @@ def analyse(out: Path, results: Path, args) -> dict:
     timed = ema_reference.timed_mask(names)
     rep["cost_left_out"] = [n for n, t in zip(names, timed) if not t]
     long_cost = run._long_cost(have, L)
-    x = np.array([extrapolated(r) for r in have])
+    fits = [fit(r) for r in have]
+    x = np.array([extrapolated(f) for f in fits])
     s = {"what": f"held-out output MSE fitted on steps {', '.join(map(str, FIT_STEPS))} (power law), read at step {AT}",
          **ema_reference._taus(x, ref, raw_ref, ema, names),
          **run._cost_fields(np.array([cost_seconds(r) for r in have])[timed], long_cost[timed])}
@@ -87,7 +82,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     rep["passes"] = ema_reference.passes(s) if complete else None
     rep["per_candidate"] = [{"candidate": n, "space": r["space"], "ema_reference": float(m), "slope": float(f[0]),
                              **{f"mse_{k}": _mse(r, k) for k in (*FIT_STEPS, AT)}, "extrapolated": float(e)}
-                            for n, r, m, f, e in zip(names, have, ref, map(fit, have), x)]
+                            for n, r, m, f, e in zip(names, have, ref, fits, x)]
     # how close the fit comes to the measured value at AT (log ratio), a check of the form, not a score
     err = np.log(x / np.array([_mse(r, AT) for r in have]))
     rep["fit_error_at"] = {"median_abs_log_ratio": float(np.median(np.abs(err))), "max_abs_log_ratio": float(np.max(np.abs(err)))}

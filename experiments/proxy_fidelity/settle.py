@@ -101,18 +101,13 @@ def analyse(out: Path, results: Path, args) -> dict:
     the first runs' long runs (this machine's seconds scaled by the control), the control against the
     first runs, and the rule of the module docstring applied."""
     L = str(args.long_steps)
-    rows = ema_reference.first_runs(out)
-    replicates = run.load_replicates(out, args.long_steps)
-    ema = ema_reference.ema_runs(out, replicates, args.long_steps, args.ema_decay)
     settled = {f.stem: json.loads(f.read_text()) for f in sorted((out / "settle").glob("*.json"))}
-    have = [r for r in rows if r["candidate"] in ema and r["candidate"] in settled
-            and all(v in settled[r["candidate"]]["variants"] for v in VARIANTS)]
-    names = [r["candidate"] for r in have]
-    missing = [r["candidate"] for r in rows if r["candidate"] not in names]
-    complete = not missing and all(set(ema_reference.SEEDS) <= set(ema[n]) for n in names)
+    replicates, ema, have, names, missing, complete = ema_reference.reading(
+        out, args.long_steps, args.ema_decay,
+        lambda r: r["candidate"] in settled and all(v in settled[r["candidate"]]["variants"] for v in VARIANTS))
     rep: dict = {"steps": STEPS, "variants": {v: {"label": LABELS[v], "fields": VARIANTS[v]} for v in VARIANTS},
                  "candidates": len(names), "missing": missing, "complete": complete,
-                 "machines": sorted({settled[n].get("machine", run.UNNAMED_MACHINE) for n in names}),
+                 "machines": sorted({run.machine_of(settled[n]) for n in names}),
                  "first_run_machines": sorted({run.machine_of(r) for r in have}), "per_candidate": []}
     if len(names) < 3:
         _write(rep, results)
