@@ -12,8 +12,9 @@ Spearman rho between proxy FID and long FID (both against the teacher's samples,
 seeds), and the proxy's cost (its distillation seconds up to step n plus its evaluation seconds) as
 a fraction of the long run's cost (distillation to the end plus the long evaluation).
 
-Two more lists check a choice made on those candidates on candidates it was not made on: ``--fresh`` (FRESH)
-and ``--fresh-b`` (FRESH_B, fixed after the first check was read).
+Three more lists check a choice made on those candidates on candidates it was not made on: ``--fresh`` (FRESH),
+``--fresh-b`` (FRESH_B, fixed after the first check was read) and ``--fresh-c`` (FRESH_C, fixed after the complete
+reading against the EMA reference, ``ema_reference.py``, which reads it).
 
 Recombinations (M1-M6) take their Base blocks from this experiment's long-distilled BK-SDM-Base,
 as A-SDM assembles from a trained compressed U-Net; their proxies use the same Base.
@@ -31,9 +32,10 @@ on this machine against the same cached teacher samples and reference features:
     python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --device cuda --defer-fid  # there
     python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --score-deferred           # here
 
-With ``--ema-decay D`` a repeat also keeps an exponential moving average of the trained weights and
-gives it the long evaluation (``long_ema`` beside ``long``; deferred alike); the last weights, which the
-analysis reads, and the Base export stay as without it (``ema_check.py`` says why one would).
+With ``--ema-decay D`` a run (a first run or a repeat) also keeps an exponential moving average of the
+trained weights and gives it the long evaluation (``long_ema`` beside ``long``; deferred alike); the
+proxies, the last weights, which this analysis reads, and the Base export stay as without it (the average
+does not touch the training; ``ema_check.py`` says why one would keep it).
 
 ``noise_floor.py`` then re-evaluates two exported long students on other seed sets; with its report
 in ``<out>/noise_floor.json``, ``run.py --analyse-only`` also counts how many of the candidate pairs the
@@ -134,7 +136,31 @@ FRESH_B: list[tuple[str, object]] = [
     ("inner-from-base-trainable", _inner_from_base_trainable),
     ("small-prune-ff-half", _small_prune_ff_half),  # layer removal and channel pruning together
 ]
-LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B}  # a run's "set": the list it came from
+
+
+# A third fresh list (``--fresh-c``), fixed in results/proxy_fidelity/notes.md after the complete reading
+# against the EMA reference and before any of it was run: the check that rule asks of a score before it
+# becomes the default, and of the held-out MSE after 40 steps against the default FID proxy. Its first
+# runs keep the EMA (``--ema-decay 0.99``), so they give the seed-0 reference too.
+def _middle_from_base(arch):
+    from hybridsd_nas.arch.candidate import recombine
+
+    return recombine(arch, (arch.down[1].name, arch.down[2].name, arch.up[1].name, arch.up[2].name), frozen_original=True,
+                     name="middle-from-base")
+
+
+FRESH_C: list[tuple[str, object]] = [
+    # unit removal in the encoder: every Transformer of the down path
+    ("drop-down-attentions", {"name": "drop-down-attentions",
+                              "drop_units": ["down0.0.attn", "down0.1.attn", "down1.0.attn", "down1.1.attn", "down2.0.attn", "down2.1.attn"]}),
+    # BK-SDM-Base's layer drops in the two middle stages only (down1/up2, down2/up1)
+    ("bk-base-middle-stages", {"name": "bk-base-middle-stages", "drop_layers": ["down1.1", "down2.1", "up1.1", "up2.1"]}),
+    ("prune-ff-mild", {"name": "prune-ff-mild", "prune": {"all": {"ff": 0.75}}}),
+    ("prune-heads-ff-half", {"name": "prune-heads-ff-half", "prune": {"all": {"heads": 0.5, "ff": 0.5}}}),
+    # A-SDM-style recombination: the two middle stages from the Base, the rest of the original frozen
+    ("middle-from-base", _middle_from_base),
+]
+LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B, "fresh-c": FRESH_C}  # a run's "set": the list it came from
 UNNAMED_MACHINE = "a 2-core CPU the oldest records do not name"
 
 
@@ -1116,8 +1142,8 @@ def main(argv=None) -> int:
                     help="with --replicate: save each long run's samples instead of scoring them (for a machine without the "
                          "FID feature network, e.g. an accelerator the network's weights cannot travel to); score with --score-deferred")
     ap.add_argument("--ema-decay", type=float, default=0.0,
-                    help="with --replicate: keep an EMA of the trained weights (diffusers' EMAModel) and give it the long "
-                         "evaluation too (long_ema, beside the last weights' long); 0 = off")
+                    help="keep an EMA of the trained weights (diffusers' EMAModel) and give it the long evaluation too "
+                         "(long_ema, beside the last weights' long; the proxies are the raw weights' either way); 0 = off")
     ap.add_argument("--score-deferred", action="store_true",
                     help="with --replicate: score the samples that --defer-fid saved, on this machine, and update the records")
     ap.add_argument("--seed", type=int, default=0, help="seed of every evaluation (prompts' noise, held-out latents) and the data")
@@ -1140,6 +1166,8 @@ def main(argv=None) -> int:
                        help="run the fresh candidates (FRESH), which check on new candidates a score chosen on the first ones")
     which.add_argument("--fresh-b", action="store_true",
                        help="run the second fresh list (FRESH_B), fixed before it was run, which checks the scores the first check left open")
+    which.add_argument("--fresh-c", action="store_true",
+                       help="run the third fresh list (FRESH_C), fixed before it was run, read by ema_reference.py (with --ema-decay)")
     ap.add_argument("--rescore", action="store_true",
                     help="for candidates already run: repeat only the first max(--score-checkpoints) steps and add the "
                          "cheap scores (held-out profile, paired samples) to their record, under evals[n]['rescore']")
@@ -1153,7 +1181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-checkpoints", type=_ints, default=_ints("10,20,30,40"),
                     help="steps (among --score-checkpoints) at which the paired sample score is taken")
     args = ap.parse_args(argv)
-    args.list = "fresh" if args.fresh else "fresh-b" if args.fresh_b else "first"
+    args.list = "fresh" if args.fresh else "fresh-b" if args.fresh_b else "fresh-c" if args.fresh_c else "first"
     args.base_used = None
     args.base_rebuilt = None
     if args.train_seed is None:
@@ -1162,8 +1190,6 @@ def main(argv=None) -> int:
         ap.error(f"--train-seed {args.train_seed} needs --replicate TAG: the first runs (with the proxy evaluations) train with --seed {args.seed}")
     if (args.defer_fid or args.score_deferred) and not args.replicate:
         ap.error("--defer-fid and --score-deferred need --replicate TAG: the first runs score their proxies as they train")
-    if args.ema_decay and not args.replicate:
-        ap.error(f"--ema-decay {args.ema_decay} needs --replicate TAG: the first runs' records stay as the analysis reads them")
     if args.ema_decay and not 0.0 < args.ema_decay < 1.0:
         ap.error(f"--ema-decay {args.ema_decay} is not a decay: use a value in (0, 1), e.g. 0.99, or 0 for none")
     # a crash inside a native kernel (seen once per long series on this CPU, not reproduced by rerunning
