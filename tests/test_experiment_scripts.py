@@ -298,7 +298,7 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         run.main(["--defer-fid"])
     assert e.value.code == 2
-    for bad in (["--ema-decay", "0.99"], ["--ema-decay", "1.5", "--replicate", "x"]):  # an EMA only in repeats, and a decay
+    for bad in (["--ema-decay", "1.5", "--replicate", "x"], ["--ema-decay", "-0.5"]):  # a decay is in (0, 1)
         with pytest.raises(SystemExit) as e:
             run.main(bad)
         assert e.value.code == 2
@@ -599,23 +599,30 @@ def test_ema_check_scores_both_weights_and_the_average_starts_as_the_weights(tmp
         check.check_candidate("asdm-m1", args, pipe, describe("tiny"), None, None)
 
 
+def _first_run(name, proxy, raw, heldout=None):
+    """A synthetic first run of run.py: proxy FID ``proxy`` and held-out MSE ``heldout`` (default: the
+    proxy's figure) at 10 steps costing 5% of a 100-step long run with raw long FID ``raw``."""
+    heldout = proxy if heldout is None else heldout
+    ev = lambda fid, secs: {"proxy_fid": fid, "kid": 0.0, "fid_real": 100.0, "adherence": 0.5, "eval_seconds": secs}  # noqa: E731
+    return {"candidate": name, "candidate_key": name, "space": "layer-removal", "params": 1e6, "macs": 1e8 / proxy,
+            "trainable_params": 1e6, "frozen_params": 0, "zero_cost": {"output_mse": heldout, "latent_stat_shift": 0.1},
+            "zero_cost_seconds": 0.1, "status": "ok", "train_seed": 0,
+            "evals": {"10": {"distill_seconds": 1.0, "heldout": {"output_mse": heldout, "seconds": 0.5}, "proxy": ev(proxy, 1.5)},
+                      "100": {"distill_seconds": 50.0, "heldout": {"output_mse": heldout, "seconds": 0.5}, "long": ev(raw, 10.0)}}}
+
+
+def _repeat(name, tag, seed, raw, ema, decay=0.99):
+    """A synthetic run.py repeat (``--replicate tag``): raw long FID ``raw`` and, unless None, the EMA's ``ema``."""
+    at = {"long": {"proxy_fid": raw}} | ({"long_ema": {"proxy_fid": ema}} if ema is not None else {})
+    return name, tag, {"candidate": name, "status": "ok", "train_seed": seed, "ema": {"decay": decay} if ema is not None else None,
+                       "evals": {"100": {"distill_seconds": 50.0, **at}}}
+
+
 def _ema_ref_rows(out):
     """First runs of four real candidate names (the reader takes names from run.py's lists), proxy FIDs
     1-4 at 10 steps costing 5% of a 100-step long run, and their EMA repeats (two run.py repeats per
     candidate, the tiny one from ema_check.py records instead)."""
-    def first(name, proxy, raw):
-        ev = lambda fid, secs: {"proxy_fid": fid, "kid": 0.0, "fid_real": 100.0, "adherence": 0.5, "eval_seconds": secs}  # noqa: E731
-        return {"candidate": name, "candidate_key": name, "space": "layer-removal", "params": 1e6, "macs": 1e8 / proxy,
-                "trainable_params": 1e6, "frozen_params": 0, "zero_cost": {"output_mse": proxy, "latent_stat_shift": 0.1},
-                "zero_cost_seconds": 0.1, "status": "ok", "train_seed": 0,
-                "evals": {"10": {"distill_seconds": 1.0, "heldout": {"output_mse": proxy, "seconds": 0.5}, "proxy": ev(proxy, 1.5)},
-                          "100": {"distill_seconds": 50.0, "heldout": {"output_mse": proxy, "seconds": 0.5}, "long": ev(raw, 10.0)}}}
-
-    def rep(name, tag, seed, raw, ema, decay=0.99):
-        at = {"long": {"proxy_fid": raw}} | ({"long_ema": {"proxy_fid": ema}} if ema is not None else {})
-        return name, tag, {"candidate": name, "status": "ok", "train_seed": seed, "ema": {"decay": decay} if ema is not None else None,
-                           "evals": {"100": {"distill_seconds": 50.0, **at}}}
-
+    first, rep = _first_run, _repeat
     (out / "runs").mkdir(parents=True)
     (out / "replicates").mkdir()
     (out / "ema_check").mkdir()
@@ -694,6 +701,66 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     with pytest.raises(SystemExit) as e:
         ref.main(["--out", str(tmp_path / "nowhere")])
     assert e.value.code == 2
+
+
+def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_average_and_decides_by_its_rule(tmp_path, monkeypatch):
+    ref = _script_at("proxy_fidelity/ema_reference")
+    out = tmp_path / "pf"
+    _ema_ref_rows(out)  # EMA reference: base 10, small 20, tiny 35.5 (30, 41), drop-mid 39.5 (40, 39); proxy = MSE = 1..4
+    monkeypatch.setattr(ref, "RANKING_STEPS", 10)  # the synthetic runs take the held-out MSE at step 10
+    # three of the third list: the first run kept the average (seed 0), a repeat gives seed 1. References 15, 17, 50
+    # (between base and small, then last); the held-out MSE orders them so, the default FID proxy swaps the first two
+    third = {"drop-down-attentions": (1.8, 1.4, 15.0, 15.0), "bk-base-middle-stages": (1.5, 1.6, 16.0, 18.0),
+             "prune-ff-mild": (5.0, 5.0, 50.0, 50.0)}  # name: (proxy FID, held-out MSE, EMA seed 0, EMA seed 1)
+
+    def write(scores):
+        for name, (proxy, held, ema0, ema1) in scores.items():
+            r = _first_run(name, proxy, 60.0, heldout=held) | {"set": "fresh-c", "ema": {"decay": 0.99}}
+            r["evals"]["100"]["long_ema"] = {"proxy_fid": ema0}
+            (out / "runs" / f"{name}.json").write_text(json.dumps(r))
+            _, tag, rr = _repeat(name, "ema-seed1", 1, 61.0, ema1)
+            (out / "replicates" / f"{name}.{tag}.json").write_text(json.dumps(rr))
+
+    write(third)
+    argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100", "--checkpoints", "10",
+            "--proxy-samples", "8", "--default-steps", "10"]
+    result = lambda: json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())  # noqa: E731
+    md = lambda: (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()  # noqa: E731
+    # 3 of the list's 5 run: interim, though every candidate there has both seeds
+    assert ref.main(argv) == 0
+    rep = result()
+    pc = {c["candidate"]: c for c in rep["per_candidate"]}
+    assert pc["drop-down-attentions"]["ema_by_seed"] == {"0": [15.0], "1": [15.0]}  # seed 0 from the first run itself
+    assert pc["bk-base-middle-stages"]["ema_reference"] == 17.0
+    assert rep["third_list"] == {"candidates": list(third), "of": 5, "all_run": False}
+    assert rep["complete"] is False and rep["adoptable"] is None and rep["ranking_decision"] is None
+    s = {x["what"]: x for x in rep["settings"]}
+    held, d = s["held-out output MSE after 10 steps (no sampling)"], s["10 steps, 8 samples (FID)"]
+    assert held["kendall_tau_third"] == pytest.approx(1.0) and d["kendall_tau_third"] == pytest.approx(1 / 3)
+    assert "tau, third fresh list alone (3)" in md() and "3 of 5 run so far" in md()
+    # the whole list run (here: the three): the rule reads
+    monkeypatch.setitem(ref.run.LISTS, "fresh-c", [(n, None) for n in third])
+    assert ref.main(argv) == 0
+    rep = result()
+    s = {x["what"]: x for x in rep["settings"]}
+    held, d = s["held-out output MSE after 10 steps (no sampling)"], s["10 steps, 8 samples (FID)"]
+    assert rep["complete"] is True
+    # over the 7 the held-out MSE is in the reference's order (seed 1 alone swaps tiny and drop-mid: 20 of 21 pairs);
+    # the default swaps the third list's first two too: 0.905 over all and on seed 0, 0.81 on seed 1, all >= 0.8 ...
+    assert held["kendall_tau"] == pytest.approx(1.0) and held["kendall_tau_seed1"] == pytest.approx(19 / 21)
+    assert d["kendall_tau"] == pytest.approx(19 / 21) and d["kendall_tau_seed0"] == pytest.approx(19 / 21)
+    assert d["kendall_tau_seed1"] == pytest.approx(17 / 21)
+    # ... but 1/3 over the third list alone: no target met, and not a score that passes
+    assert rep["target_met"] is False and d["what"] not in rep["adoptable"] and held["what"] in rep["adoptable"]
+    rd = rep["ranking_decision"]
+    assert rd["adopted"] is True and all(rd["checks"].values()) and rd["against"] == d["what"]
+    assert "and over the third fresh list alone" in md() and "It becomes the default way to rank candidates" in md()
+    # the held-out MSE ranking the third list worse than the default: the decision keeps the default
+    write({n: (h, p, e0, e1) for n, (p, h, e0, e1) in third.items()})  # the two scores' figures exchanged
+    assert ref.main(argv) == 0
+    rd = result()["ranking_decision"]
+    assert rd["adopted"] is False and rd["checks"]["third_list_at_least_as_well"] is False
+    assert "The default stays." in md()
 
 
 def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a_variant_that_holds_on_each_seed(tmp_path, monkeypatch):

@@ -18,6 +18,14 @@ reference. Another score replaces the default only if it costs at most 10% of a 
 every candidate at tau >= 0.8 against the reference and against each one-seed reference. Until every
 candidate has every seed, the report is interim and adopts or drops nothing.
 
+The third fresh list (``run.py --fresh-c``, THIRD_LIST; its first runs keep the average, so they give
+their seed-0 reference themselves), fixed before it was run, adds two things once all of it has run:
+a passing score (and the default, for the target) must also rank its candidates alone at tau >= 0.8;
+and the ranking decision (``ranking_decision``): the held-out output MSE after RANKING_STEPS steps
+becomes the default way to rank candidates if it ranks the third list at least as well as the default
+FID proxy, and every candidate better than it against the reference and each one-seed reference, at
+no more cost.
+
     python experiments/proxy_fidelity/ema_reference.py --out results/proxy_fidelity
 """
 
@@ -40,17 +48,28 @@ SEEDS = (0, 1)  # the training seeds the reference is to have for every candidat
 # First runs that shared the 2 cores with other work for part of their time (notes.md, the second fresh
 # list): their seconds are stretched, so the cost fractions leave them out; their ranks count as any.
 SHARED_CORES = ("bk-base-inner-stages", "prune-mixed", "drop-second-down-resnets")
+# The third fresh list (run.py --fresh-c, notes.md): a score that passes over every candidate must also rank
+# these alone at tau >= TARGET_TAU; and the ranking decision between the held-out output MSE after
+# RANKING_STEPS steps and the default FID proxy is read on them.
+THIRD_LIST = "fresh-c"
+RANKING_STEPS = 40
 
 
-def ema_runs(out: Path, replicates: dict[str, list[dict]], long_steps: int, decay: float) -> dict[str, dict[int, list[float]]]:
+def ema_runs(out: Path, replicates: dict[str, list[dict]], long_steps: int, decay: float,
+             firsts: list[dict] = ()) -> dict[str, dict[int, list[float]]]:
     """Every EMA long FID at step ``long_steps`` kept with decay ``decay``, by candidate and training
-    seed: ``run.py``'s repeats (``replicates``, from ``run.load_replicates``: their ``long_ema``) and
+    seed: ``run.py``'s repeats (``replicates``, from ``run.load_replicates``: their ``long_ema``), its
+    first runs that kept one (``firsts``, ``run.py --ema-decay`` without ``--replicate``) and
     ``ema_check.py``'s runs (``<out>/ema_check``, ``ema``). Runs with another decay, another length,
     unscored deferred samples or a failed status are left out with a warning; exact repeats count once
     (``run.distinct_runs``)."""
     found: list[tuple[str, str, int, float | None, float | None]] = [  # (where, candidate, seed, decay, FID)
         (f"{name}.{x['tag']}", name, x["train_seed"], x["ema_decay"], x["long_ema_fid"])
         for name, xs in replicates.items() for x in xs]
+    for r in firsts:
+        ev = r.get("evals", {}).get(str(long_steps), {}).get("long_ema")
+        found.append((f"runs/{r['candidate']}.json", r["candidate"], r.get("train_seed", run.UNRECORDED_TRAIN_SEED),
+                      (r.get("ema") or {}).get("decay"), None if ev is None else float(ev["proxy_fid"])))
     for f in sorted((out / "ema_check").glob("*.json")):
         r = json.loads(f.read_text())
         ev = r.get("evals", {}).get(str(long_steps), {}).get("ema") if r.get("status") == "ok" else None
@@ -86,11 +105,19 @@ class Reading(NamedTuple):
     complete: bool  # none left out, and every one read has every seed of SEEDS
 
 
-def reading(out: Path, long_steps: int, decay: float, usable: Callable[[dict], bool] = lambda r: True) -> Reading:
-    """The first runs of ``out`` that have an EMA reference (decay ``decay``) and that ``usable`` accepts."""
-    rows = first_runs(out)
+def before_third_list(r: dict) -> bool:
+    """Whether a first run belongs to the 25 candidates read before the third fresh list: the scope of the
+    readings fixed on them (``settle.py``, ``extrapolate.py``)."""
+    return run.set_of(r) != THIRD_LIST
+
+
+def reading(out: Path, long_steps: int, decay: float, usable: Callable[[dict], bool] = lambda r: True,
+            scope: Callable[[dict], bool] = lambda r: True) -> Reading:
+    """The first runs of ``out`` within ``scope`` that have an EMA reference (decay ``decay``) and that
+    ``usable`` accepts; those in scope that lack either are ``missing``."""
+    rows = [r for r in first_runs(out) if scope(r)]
     replicates = run.load_replicates(out, long_steps)
-    ema = ema_runs(out, replicates, long_steps, decay)
+    ema = ema_runs(out, replicates, long_steps, decay, rows)
     have = [r for r in rows if r["candidate"] in ema and usable(r)]
     names = [r["candidate"] for r in have]
     missing = [r["candidate"] for r in rows if r["candidate"] not in names]
@@ -143,25 +170,54 @@ def analyse(out: Path, results: Path, args) -> dict:
     long_cost = run._long_cost(have, L)
     timed = timed_mask(names)
     rep["cost_left_out"] = [n for n, t in zip(names, timed) if not t]
+    third = [i for i, r in enumerate(have) if run.set_of(r) == THIRD_LIST]
+    third_list = [n for n, _ in run.LISTS[THIRD_LIST]]
+    rep["third_list"] = {"candidates": [names[i] for i in third], "of": len(third_list),
+                         "all_run": bool(third) and set(third_list) <= set(names)}
+    # once any of the third list has run, the reading is complete only with all of it
+    rep["complete"] = complete = complete and (not third or rep["third_list"]["all_run"])
     settings = []
     for sc in run.score_vectors(have, args):
         x = sc["score"]
         s = {k: v for k, v in sc.items() if k not in ("score", "cost")}
         s.update(_taus(x, ref, raw_ref, ema, names))
+        if len(third) >= 3:  # the third fresh list alone
+            s["kendall_tau_third"] = run.kendall_spearman(x[third], ref[third])["kendall_tau"]
         s.update(run._cost_fields(sc["cost"][timed], long_cost[timed]))
         settings.append(s)
     rep["settings"] = settings
     rep["context"] = _long_run_context(have, L, ref, raw_ref, ema, names)
     default = next((s for s in settings if s.get("samples") and s["distill_steps"] == args.default_steps), None)
     rep["default"] = default["what"] if default else None
+    # the rule reads a complete reference, and the third list whole once any of it has run
     if complete and default:
-        rep["target_met"] = bool(default["kendall_tau"] >= TARGET_TAU and default["cost_fraction_mean"] <= MAX_COST)
-        rep["adoptable"] = [s["what"] for s in settings if passes(s)]
+        holds = (lambda s: s["kendall_tau_third"] >= TARGET_TAU) if third else (lambda s: True)
+        rep["target_met"] = bool(default["kendall_tau"] >= TARGET_TAU and default["cost_fraction_mean"] <= MAX_COST
+                                 and (not third or (all(default[f"kendall_tau_seed{k}"] >= TARGET_TAU for k in SEEDS)
+                                                    and holds(default))))
+        rep["adoptable"] = [s["what"] for s in settings if passes(s) and holds(s)]
+        rep["ranking_decision"] = ranking_decision(settings, default) if third else None
     else:  # interim: nothing is adopted or dropped
         rep["target_met"] = None
         rep["adoptable"] = None
+        rep["ranking_decision"] = None
     _write(rep, results)
     return rep
+
+
+def ranking_decision(settings: list[dict], default: dict) -> dict | None:
+    """The decision fixed with the third fresh list (notes.md): the held-out output MSE after
+    RANKING_STEPS steps becomes the default way to rank candidates if it ranks the third list at least as
+    well as the default FID proxy, and every candidate better than it against the reference and each
+    one-seed reference, at no more cost. None where that score was not taken."""
+    m = next((s for s in settings if s["what"] == f"held-out output MSE after {RANKING_STEPS} steps (no sampling)"), None)
+    if m is None:
+        return None
+    checks = {"third_list_at_least_as_well": m["kendall_tau_third"] >= default["kendall_tau_third"],
+              "all_better": m["kendall_tau"] > default["kendall_tau"],
+              **{f"all_better_seed{k}": m[f"kendall_tau_seed{k}"] > default[f"kendall_tau_seed{k}"] for k in SEEDS},
+              "no_more_cost": m["cost_fraction_mean"] <= default["cost_fraction_mean"]}
+    return {"score": m["what"], "against": default["what"], "checks": checks, "adopted": all(checks.values())}
 
 
 def _long_run_context(have: list[dict], L: str, ref, raw_ref, ema, names) -> list[dict]:
@@ -281,16 +337,22 @@ def _markdown(rep: dict) -> str:
                   + (f"; without one: {', '.join(rep['candidates_without_ema'])}" if rep["candidates_without_ema"] else "")
                   + ". Nothing is adopted or dropped on this reading.", ""]
     if rep.get("settings"):
+        third = (rep.get("third_list") or {}).get("candidates", [])
+        has_third = any("kendall_tau_third" in s for s in rep["settings"])
         lines += [f"| score | cost, % of a long run | Kendall tau, EMA reference | Spearman rho | tau, raw reference (same candidates) | "
-                  + " | ".join(f"tau, seed {k} alone" for k in rep["seeds_required"]) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(rep["seeds_required"])]
+                  + " | ".join(f"tau, seed {k} alone" for k in rep["seeds_required"])
+                  + (f" | tau, third fresh list alone ({len(third)})" if has_third else "") + " |",
+                  "|---|---|---|---|---|" + "---|" * (len(rep["seeds_required"]) + has_third)]
         for s in rep["settings"]:
             name = s["what"] + (" **(default)**" if s["what"] == rep.get("default") else "")
             seeds = " | ".join(f2(s.get(f"kendall_tau_seed{k}")) + (f" ({s[f'candidates_seed{k}']})" if f"candidates_seed{k}" in s else "")
                                for k in rep["seeds_required"])
             lines.append(f"| {name} | {100 * s['cost_fraction_mean']:.1f} | {f2(s['kendall_tau'])} | {f2(s['spearman_rho'])} | "
-                         f"{f2(s['kendall_tau_raw_reference'])} | {seeds} |")
+                         f"{f2(s['kendall_tau_raw_reference'])} | {seeds}" + (f" | {f2(s.get('kendall_tau_third'))}" if has_third else "") + " |")
         lines.append("")
+        if third:
+            lines += [f"The third fresh list (`run.py --fresh-c`, fixed in notes.md before it was run): {', '.join(third)}"
+                      + (f" ({len(third)} of {rep['third_list']['of']} run so far)" if not rep["third_list"]["all_run"] else "") + ".", ""]
         d = next((s for s in rep["settings"] if s["what"] == rep.get("default")), None)
         es, rs = rep.get("ema_seed_sd"), rep.get("raw_seed_sd")
         lines += [f"- Over {len(pc)} candidates: the default proxy ranks them at tau {f2(d['kendall_tau'])} against the EMA reference "
@@ -313,8 +375,20 @@ def _markdown(rep: dict) -> str:
         if rep["complete"]:
             lines.append(f"- Target (default tau >= {TARGET_TAU} at <= {100 * MAX_COST:.0f}% of a long run): "
                          + ("met." if rep["target_met"] else "not met."))
+        if rep["complete"] and rep.get("adoptable") is not None:
             lines.append("- Scores that pass the rule for replacing the default (tau >= 0.8 against the reference and each one-seed "
-                         "reference, within the cost): " + (", ".join(rep["adoptable"]) or "none") + ".")
+                         "reference, within the cost" + (", and over the third fresh list alone" if third else "") + "): "
+                         + (", ".join(rep["adoptable"]) or "none") + ".")
+        rd = rep.get("ranking_decision")
+        if rd:
+            c = rd["checks"]
+            lines.append(f"- The ranking decision (notes.md): {rd['score']} against {rd['against']}: the third list at least as well "
+                         f"{'yes' if c['third_list_at_least_as_well'] else 'no'}; every candidate better "
+                         f"{'yes' if c['all_better'] else 'no'}"
+                         + "".join(f", seed {k} alone {'yes' if c[f'all_better_seed{k}'] else 'no'}" for k in rep["seeds_required"])
+                         + f"; no more cost {'yes' if c['no_more_cost'] else 'no'}. "
+                         + ("It becomes the default way to rank candidates (the target is a separate question)." if rd["adopted"]
+                            else "The default stays."))
         lines.append("")
     lines += ["| candidate | set | space | EMA long FID by training seed | EMA reference | raw reference (seeds) | default proxy FID |",
               "|---|---|---|---|---|---|---|"]

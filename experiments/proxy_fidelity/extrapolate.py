@@ -59,8 +59,10 @@ def cost_seconds(r: dict, fit_steps=FIT_STEPS) -> float:
 
 def analyse(out: Path, results: Path, args) -> dict:
     L = str(args.long_steps)
+    # the 25 this reading was fixed on: the third fresh list came after it
     replicates, ema, have, names, missing, complete = ema_reference.reading(
-        out, args.long_steps, args.ema_decay, lambda r: all("heldout" in r["evals"].get(str(n), {}) for n in (*FIT_STEPS, AT)))
+        out, args.long_steps, args.ema_decay, lambda r: all("heldout" in r["evals"].get(str(n), {}) for n in (*FIT_STEPS, AT)),
+        scope=ema_reference.before_third_list)
     rep: dict = {"fit_steps": list(FIT_STEPS), "at": AT, "candidates": len(names), "missing": missing, "complete": complete,
                  "machines": sorted({run.machine_of(r) for r in have}), "per_candidate": []}
     if len(names) < 3:
