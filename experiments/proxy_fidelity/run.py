@@ -1086,7 +1086,8 @@ def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sc
     print(f"bk-sdm-base: {bf} is missing; distilling it again ({args.long_steps} steps, training seed {seed})",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    sub = argparse.Namespace(**{**vars(args), "rescore": False, "list": "first"})
+    # no moving average: the export, all the recombinations take, is the last weights either way
+    sub = argparse.Namespace(**{**vars(args), "rescore": False, "list": "first", "ema_decay": 0.0})
     row = run_candidate("bk-sdm-base", "bk-sdm-base", sub, pipe, arch, data, heldout, sched, None, export_dir)
     if row["status"] != "ok":
         raise SystemExit(f"error: --rebuild-base: the Base's distillation ended {row['status']}: {row['reason']}")
