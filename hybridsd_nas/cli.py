@@ -265,7 +265,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
                        sampler_steps=args.sampler_steps, guidance=args.guidance, batch_size=args.batch_size,
                        weights=LossWeights(mid=args.w_mid), reference_images=args.reference_images,
                        data_images=args.data_images, kid_subset=args.kid_subset)
-    r = run_proxy(args.teacher, args.candidate, st, base=args.base, device=args.device, progress=not args.json)
+    r = run_proxy(args.teacher, args.candidate, st, base=args.base, device=args.device, progress=not args.json,
+                  evaluate=not args.no_sampling)
     if args.json:
         print(json.dumps(r, indent=1, default=str))
     else:
@@ -274,10 +275,14 @@ def cmd_proxy(args: argparse.Namespace) -> int:
               + (f" ({r['reason']})" if r.get("reason") else ""))
         print(f"  zero-cost: output MSE {zc['output_mse']:.4g}, latent-stat shift {zc['latent_stat_shift']:.4g}")
         if r["status"] == "ok":
-            print(f"  proxy FID {r['proxy_fid']:.2f} (vs teacher samples), paired MSE {r['paired_mse']:.5f}, held-out output MSE "
-                  f"{r['heldout_mse']:.5f}, FID real {r['fid_real']:.2f}, KID {r['kid']:.4f}, "
+            print(f"  held-out output MSE {r['heldout_mse']:.5f} (the ranking score: {st.heldout_latents} held-out noisy latents, "
+                  f"after {st.distill_steps} steps at batch {st.batch_size}); distill {r['distill_seconds']:.1f} s, "
+                  f"held-out {r['heldout_seconds']:.1f} s")
+        if r["status"] == "ok" and not args.no_sampling:
+            print(f"  proxy FID {r['proxy_fid']:.2f} (vs teacher samples), paired MSE {r['paired_mse']:.5f}, "
+                  f"FID real {r['fid_real']:.2f}, KID {r['kid']:.4f}, "
                   f"adherence {100 * r['adherence']:.1f}% (teacher {100 * r['adherence_teacher']:.1f}%)")
-            print(f"  distill {r['distill_seconds']:.1f} s, eval {r['eval_seconds']:.1f} s; {r['samples']} samples, "
+            print(f"  eval {r['eval_seconds']:.1f} s; {r['samples']} samples, "
                   f"{r['settings']['sampler_steps']} {r['settings']['sampler']} steps, guidance {r['settings']['guidance']}, "
                   f"seed {args.seed}, {args.device} float32")
     if r["status"] != "ok":
@@ -367,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_distill)
 
-    sp = sub.add_parser("proxy", help="quality proxy of a candidate: short distillation, then proxy FID, KID, adherence")
+    sp = sub.add_parser("proxy", help="quality proxy of a candidate: short distillation, the held-out output MSE, then proxy FID, KID, adherence")
     sp.add_argument("--teacher", default="tiny", help="teacher pipeline (default: the embedded tiny teacher)")
     sp.add_argument("--candidate", required=True)
     sp.add_argument("--distill-steps", type=int, default=ProxySettings.distill_steps)
+    sp.add_argument("--no-sampling", action="store_true",
+                    help="stop after the held-out output MSE (the ranking score): no samples, no FID, KID or adherence")
     sp.add_argument("--samples", type=int, default=ProxySettings.samples)
     sp.add_argument("--sampler-steps", type=int, default=None)
     sp.add_argument("--guidance", type=float, default=None)

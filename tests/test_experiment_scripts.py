@@ -755,12 +755,14 @@ def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_
     rd = rep["ranking_decision"]
     assert rd["adopted"] is True and all(rd["checks"].values()) and rd["against"] == d["what"]
     assert "and over the third fresh list alone" in md() and "It becomes the default way to rank candidates" in md()
+    assert f"| {held['what']} **(adopted: the default way to rank)** |" in md()
+    assert f"| {d['what']} **(the default read: the earlier one)** |" in md()
     # the held-out MSE ranking the third list worse than the default: the decision keeps the default
     write({n: (h, p, e0, e1) for n, (p, h, e0, e1) in third.items()})  # the two scores' figures exchanged
     assert ref.main(argv) == 0
     rd = result()["ranking_decision"]
     assert rd["adopted"] is False and rd["checks"]["third_list_at_least_as_well"] is False
-    assert "The default stays." in md()
+    assert "The default stays." in md() and f"| {d['what']} **(default)** |" in md() and "(adopted" not in md()
 
 
 def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a_variant_that_holds_on_each_seed(tmp_path, monkeypatch):

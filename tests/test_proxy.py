@@ -52,6 +52,14 @@ def test_proxy_cli_json(capsys):
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["status"] == "ok" and {"proxy_fid", "fid_real", "kid", "adherence", "distill_seconds", "eval_seconds"} <= set(r)
+    # --no-sampling stops at the ranking score: the same held-out MSE, no samples and no sample figures
+    assert main(argv + ["--no-sampling"]) == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["status"] == "ok" and q["heldout_mse"] == pytest.approx(r["heldout_mse"], rel=1e-5)
+    assert not {"proxy_fid", "kid", "adherence", "eval_seconds"} & set(q)
+    assert main(argv[:-1] + ["--no-sampling"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out output MSE" in text and "the ranking score" in text and "proxy FID" not in text
 
 
 def test_perceptual_term_trains_through_a_frozen_classifier(tmp_path):

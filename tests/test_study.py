@@ -192,6 +192,20 @@ def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     assert failed[0].user_attrs["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
+def test_the_example_studies_load_and_the_quickstart_ranks_by_the_default_ranking_score():
+    from hybridsd_nas.proxy import ProxySettings
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    examples = sorted(root.glob("*.yaml"))
+    assert {p.name for p in examples} >= {"quickstart.yaml", "hybrid_schedule.yaml"}
+    for p in examples:
+        load_study_config(p)  # every example is a valid study
+    q = load_study_config(root / "quickstart.yaml")
+    # the decision of results/proxy_fidelity/notes.md: rank by heldout_mse at the default proxy settings (40 steps)
+    assert [o.metric for o in q.objectives][0] == "heldout_mse" and not q.needs_sampling()
+    assert ProxySettings(**q.proxy) == ProxySettings() and ProxySettings().distill_steps == 40
+
+
 @pytest.mark.slow
 def test_a_study_ranked_by_the_held_out_score_distils_but_never_samples(tmp_path, monkeypatch):
     from hybridsd_nas import proxy

@@ -344,8 +344,12 @@ def _markdown(rep: dict) -> str:
                   + " | ".join(f"tau, seed {k} alone" for k in rep["seeds_required"])
                   + (f" | tau, third fresh list alone ({len(third)})" if has_third else "") + " |",
                   "|---|---|---|---|---|" + "---|" * (len(rep["seeds_required"]) + has_third)]
+        rd = rep.get("ranking_decision") or {}
         for s in rep["settings"]:
-            name = s["what"] + (" **(default)**" if s["what"] == rep.get("default") else "")
+            # once the ranking decision is adopted the default read here is the earlier one, and the adopted score ranks
+            name = s["what"] + (" **(default)**" if s["what"] == rep.get("default") and not rd.get("adopted") else
+                                " **(the default read: the earlier one)**" if s["what"] == rep.get("default") else
+                                " **(adopted: the default way to rank)**" if rd.get("adopted") and s["what"] == rd["score"] else "")
             seeds = " | ".join(f2(s.get(f"kendall_tau_seed{k}")) + (f" ({s[f'candidates_seed{k}']})" if f"candidates_seed{k}" in s else "")
                                for k in rep["seeds_required"])
             lines.append(f"| {name} | {100 * s['cost_fraction_mean']:.1f} | {f2(s['kendall_tau'])} | {f2(s['spearman_rho'])} | "
