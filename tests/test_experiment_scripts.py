@@ -825,6 +825,52 @@ def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a
     assert e.value.code == 2
 
 
+def test_bound_combines_the_measured_scores_post_hoc_and_finds_the_best_within_the_cost(tmp_path, monkeypatch):
+    bnd = _script_at("proxy_fidelity/bound")
+    # leave-one-out least squares on an exact line predicts every point
+    x = np.arange(6.0)
+    assert np.allclose(bnd.loo_fit(np.c_[np.ones(6), x], 1 + 2 * x), 1 + 2 * x)
+    out = tmp_path / "pf"
+    _ema_ref_rows(out)  # reference: base 10, small 20, tiny 35.5, drop-mid 39.5; MACs 1e8 / (1, 2, 3, 4)
+    mse40 = {"bk-sdm-base": 0.45, "bk-sdm-small": 0.1, "bk-sdm-tiny": 0.3, "drop-mid": 0.5}
+
+    def write(distill_40=2.0):
+        for name, m in mse40.items():
+            f = out / "runs" / f"{name}.json"
+            r = json.loads(f.read_text())
+            for n, v in ((10, 2 * m), (20, 1.5 * m), (40, m)):
+                r["evals"].setdefault(str(n), {})["heldout"] = {"output_mse": v, "seconds": 0.5}
+            r["evals"]["40"]["distill_seconds"] = distill_40
+            f.write_text(json.dumps(r))
+
+    write()
+    argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100"]
+    assert bnd.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_bound.json").read_text())
+    s = {x["what"]: x for x in rep["scores"]}
+    # the held-out MSE alone puts small, tiny, base, drop-mid: 2 of 6 pairs the wrong way
+    adopted = s["held-out output MSE after 40 steps (the adopted ranking score)"]
+    assert adopted["kendall_tau"] == pytest.approx(1 / 3) and adopted["cost_fraction_mean"] == pytest.approx(2.5 / 60)
+    # log MSE - 3 log MACs orders them as the reference; with weight 2 small and base swap
+    assert s["log MSE@40 - 3 log MACs"]["kendall_tau"] == pytest.approx(1.0)
+    assert s["log MSE@40 - 2 log MACs"]["kendall_tau"] == pytest.approx(4 / 6) and s["log MSE@40 - 2 log MACs"]["searched"] is True
+    assert s["log MSE@40 + 1 x its slope over steps 10-40"]["cost_fraction_mean"] == pytest.approx(3.0 / 60)
+    # 4 candidates: the small fit (3 regressors) is there, the large one (7) is not
+    assert any(w.startswith("leave-one-out least squares of the reference") for w in s)
+    assert not any(w.startswith("leave-one-out least squares on log MSE@10") for w in s)
+    assert rep["best_tau"] == pytest.approx(1.0) and rep["reaches_target"] is True and rep["complete"] is True
+    md = (tmp_path / "r" / "proxy_fidelity_bound.md").read_text()
+    assert "**Post hoc**" in md and "a fresh list fixed before it is run would have to confirm it" in md
+    assert rep["context"][0]["what"].startswith("held-out output MSE at step 100")
+    write(distill_40=10.0)  # 10.5 s of 60: every combination over the budget
+    assert bnd.main(argv) == 0
+    rep = json.loads((tmp_path / "r" / "proxy_fidelity_bound.json").read_text())
+    assert rep["best"] is None and rep["reaches_target"] is False
+    with pytest.raises(SystemExit) as e:
+        bnd.main(["--out", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
+
+
 def test_extrapolate_reads_the_power_law_of_each_run_at_the_later_step_by_the_same_rule(tmp_path, monkeypatch):
     ext = _script_at("proxy_fidelity/extrapolate")
     monkeypatch.setattr(ext, "AT", 100)  # the synthetic long runs are 100 steps
