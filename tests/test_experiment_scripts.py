@@ -825,6 +825,18 @@ def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a
     assert e.value.code == 2
 
 
+def _set_heldout(out, mse: dict, distill_40: float) -> None:
+    """Set the synthetic first runs' held-out MSE (``mse[name][step]``, 0.5 s per evaluation) and their
+    distillation seconds to step 40."""
+    for name, by_step in mse.items():
+        f = out / "runs" / f"{name}.json"
+        r = json.loads(f.read_text())
+        for n, v in by_step.items():
+            r["evals"].setdefault(str(n), {})["heldout"] = {"output_mse": v, "seconds": 0.5}
+        r["evals"]["40"]["distill_seconds"] = distill_40
+        f.write_text(json.dumps(r))
+
+
 def test_bound_combines_the_measured_scores_post_hoc_and_finds_the_best_within_the_cost(tmp_path, monkeypatch):
     bnd = _script_at("proxy_fidelity/bound")
     # leave-one-out least squares on an exact line predicts every point
@@ -835,13 +847,7 @@ def test_bound_combines_the_measured_scores_post_hoc_and_finds_the_best_within_t
     mse40 = {"bk-sdm-base": 0.45, "bk-sdm-small": 0.1, "bk-sdm-tiny": 0.3, "drop-mid": 0.5}
 
     def write(distill_40=2.0):
-        for name, m in mse40.items():
-            f = out / "runs" / f"{name}.json"
-            r = json.loads(f.read_text())
-            for n, v in ((10, 2 * m), (20, 1.5 * m), (40, m)):
-                r["evals"].setdefault(str(n), {})["heldout"] = {"output_mse": v, "seconds": 0.5}
-            r["evals"]["40"]["distill_seconds"] = distill_40
-            f.write_text(json.dumps(r))
+        _set_heldout(out, {name: {10: 2 * m, 20: 1.5 * m, 40: m} for name, m in mse40.items()}, distill_40)
 
     write()
     argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100"]
@@ -883,13 +889,7 @@ def test_extrapolate_reads_the_power_law_of_each_run_at_the_later_step_by_the_sa
     laws = {"bk-sdm-base": (6.0, -1.0), "bk-sdm-small": (0.8, -0.5), "bk-sdm-tiny": (0.5, -0.2), "drop-mid": (0.3, 0.0)}
 
     def write(distill_40=2.0):
-        for name, (c, b) in laws.items():
-            f = out / "runs" / f"{name}.json"
-            r = json.loads(f.read_text())
-            for n in (10, 20, 40, 100):
-                r["evals"].setdefault(str(n), {})["heldout"] = {"output_mse": c * n ** b, "seconds": 0.5}
-            r["evals"]["40"]["distill_seconds"] = distill_40
-            f.write_text(json.dumps(r))
+        _set_heldout(out, {name: {n: c * n ** b for n in (10, 20, 40, 100)} for name, (c, b) in laws.items()}, distill_40)
 
     write()
     argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100"]

@@ -1,5 +1,7 @@
-"""How far the scores already measured could go: post-hoc combinations of the 40-step held-out output
-MSE with the cost figures and the zero-cost scores, against the EMA reference, over all candidates.
+"""How far the scores already measured go: post-hoc combinations, against the EMA reference.
+
+Over all candidates: the 40-step held-out output MSE combined with the cost figures and the zero-cost
+scores.
 
 The complete reading (``ema_reference.py``, 30 candidates) left no score at Kendall tau >= 0.8 within 10%
 of a long run; the best, the held-out output MSE after 40 steps, reads 0.752. Before fixing a fourth
@@ -19,7 +21,6 @@ MACs and the trainable share are free, the zero-cost score is part of every prox
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,11 +32,11 @@ import ema_reference  # noqa: E402  (the reference, its taus and its rule's numb
 import run  # noqa: E402  (the first runs, rank statistics)
 
 STEPS = (10, 20, 40)
+STEM = "proxy_fidelity_bound"  # the report's file names
 WEIGHTS = (0.25, 0.5, 1.0, 2.0, 3.0)  # the grid of each weighted combination
 
 
-def _mse(r: dict, n: int) -> float:
-    return float(r["evals"][str(n)]["heldout"]["output_mse"])
+_mse = ema_reference.heldout_at
 
 
 def loo_fit(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -79,7 +80,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     rep: dict = {"candidates": len(names), "missing": missing, "complete": complete,
                  "machines": sorted({run.machine_of(r) for r in have}), "scores": []}
     if len(names) < 3:
-        _write(rep, results)
+        ema_reference.write_report(rep, results, STEM, _markdown)
         return rep
     _, ref, _, raw_ref = ema_reference.references(have, ema, replicates, args.long_steps)
     timed = ema_reference.timed_mask(names)
@@ -102,16 +103,12 @@ def analyse(out: Path, results: Path, args) -> dict:
     rep["context"] = [{"what": f"held-out output MSE at step {L} of one long run (a whole long run)",
                        **ema_reference._taus(np.array([_mse(r, int(L)) for r in have]), ref, raw_ref, ema, names)}
                       ] if all("heldout" in r["evals"].get(L, {}) for r in have) else []
-    _write(rep, results)
+    ema_reference.write_report(rep, results, STEM, _markdown)
     return rep
 
 
-def _write(rep: dict, results: Path) -> None:
-    ema_reference.write_report(rep, results, "proxy_fidelity_bound", _markdown)
-
-
 def _markdown(rep: dict) -> str:
-    f3 = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    f3 = ema_reference.f3
     lines = ["# How far the measured scores go: post-hoc combinations against the EMA reference", "",
              "Per candidate, the first run's held-out output MSE (64 fixed held-out noisy latents, evaluation seed 0; batch 16, "
              "lr 5e-4, training seed 0, float32) at steps 10, 20, 40, its MACs (32 px, batch 1), the trainable share of its "
@@ -142,15 +139,7 @@ def _markdown(rep: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="results/proxy_fidelity", help="run.py's work directory (its first runs and repeats are read)")
-    ap.add_argument("--results", default="results", help="where proxy_fidelity_bound.md/.json go")
-    ap.add_argument("--long-steps", type=int, default=400)
-    ap.add_argument("--ema-decay", type=float, default=0.99, help="the decay of the EMA reference read")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    if not (out / "runs").is_dir():
-        ap.error(f"--out {out}: no runs/ directory of run.py's first runs there")
+    args, out = ema_reference.parse_reader(ema_reference.reader_arguments(__doc__, STEM), argv)
     rep = analyse(out, Path(args.results), args)
     print(f"{rep['candidates']} candidates ({'complete' if rep['complete'] else 'interim'})"
           + (f": best within the cost {rep['best_tau']:.3f} ({rep['best']})" if rep.get("best") else ""), file=sys.stderr)

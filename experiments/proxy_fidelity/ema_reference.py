@@ -251,6 +251,16 @@ def _taus(x: np.ndarray, ref: np.ndarray, raw_ref: np.ndarray, ema: dict[str, di
     return out
 
 
+def heldout_at(r: dict, n: int) -> float:
+    """The first run ``r``'s held-out output MSE after ``n`` steps."""
+    return float(r["evals"][str(n)]["heldout"]["output_mse"])
+
+
+def f3(v) -> str:
+    """A tau (or any figure) in a report: three decimals, a dash where there is none."""
+    return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
 def passes(s: dict) -> bool:
     """The rule for a score to replace the default: within the cost budget, not a baseline, and tau >=
     TARGET_TAU against the reference and against every one-seed reference."""
@@ -318,7 +328,7 @@ def _plot(rep: dict, path: Path) -> None:
 
 
 def _markdown(rep: dict) -> str:
-    f2 = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    f2 = f3
     L = rep["long_steps"]
     pc = rep["per_candidate"]
     lines = ["# Proxy rank fidelity against the EMA reference", "",
@@ -404,20 +414,34 @@ def _markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="results/proxy_fidelity", help="run.py's work directory (its records are read)")
-    ap.add_argument("--results", default="results", help="where proxy_fidelity_ema_reference.md/.json/.png go")
-    ap.add_argument("--ema-decay", type=float, default=0.99, help="the decay of the averages read (others are left out)")
-    # the settings of run.py's runs being read (its scores are named by them)
+def reader_arguments(doc: str, stem: str) -> argparse.ArgumentParser:
+    """The arguments every reading against the EMA reference takes (this one, ``extrapolate.py``,
+    ``bound.py``): run.py's work directory, where the report ``stem`` goes, the long runs' steps and
+    the decay of the averages read."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default="results/proxy_fidelity", help="run.py's work directory (its first runs and repeats are read)")
+    ap.add_argument("--results", default="results", help=f"where {stem}.md/.json go")
     ap.add_argument("--long-steps", type=int, default=400)
-    ap.add_argument("--checkpoints", type=run._ints, default=run._ints("10,20,40"))
-    ap.add_argument("--proxy-samples", type=int, default=32)
-    ap.add_argument("--default-steps", type=int, default=10)
+    ap.add_argument("--ema-decay", type=float, default=0.99, help="the decay of the averages read (others are left out)")
+    return ap
+
+
+def parse_reader(ap: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, Path]:
+    """``ap``'s arguments and run.py's work directory; exit 2 naming it when it holds no first runs."""
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not (out / "runs").is_dir():
         ap.error(f"--out {out}: no runs/ directory of run.py's first runs there")
+    return args, out
+
+
+def main(argv=None) -> int:
+    ap = reader_arguments(__doc__, "proxy_fidelity_ema_reference")
+    # the settings of run.py's runs being read (its scores are named by them)
+    ap.add_argument("--checkpoints", type=run._ints, default=run._ints("10,20,40"))
+    ap.add_argument("--proxy-samples", type=int, default=32)
+    ap.add_argument("--default-steps", type=int, default=10)
+    args, out = parse_reader(ap, argv)
     rep = analyse(out, Path(args.results), args)
     d = next((s for s in rep.get("settings", []) if s["what"] == rep.get("default")), None)
     print(f"{rep['candidates']} candidates with an EMA reference ({'complete' if rep['complete'] else 'interim'})"

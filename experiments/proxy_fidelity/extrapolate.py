@@ -21,7 +21,6 @@ at >= 0.8. Beside it, as context: the measured held-out MSE at the last fitted s
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,8 +34,7 @@ FIT_STEPS = (10, 20, 40)
 AT = 400
 
 
-def _mse(r: dict, n: int) -> float:
-    return float(r["evals"][str(n)]["heldout"]["output_mse"])
+_mse = ema_reference.heldout_at
 
 
 def fit(r: dict, fit_steps=FIT_STEPS) -> tuple[float, float]:
@@ -97,7 +95,7 @@ def _write(rep: dict, results: Path) -> None:
 
 
 def _markdown(rep: dict) -> str:
-    f3 = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    f3 = ema_reference.f3
     lines = ["# The held-out output MSE extrapolated along its own curve, against the EMA reference", "",
              f"Per candidate, the least-squares line log(MSE) = a + b log(n) through the first run's held-out output MSE (64 fixed "
              f"held-out noisy latents, evaluation seed 0) at steps {', '.join(map(str, rep['fit_steps']))} (batch 16, lr 5e-4, "
@@ -133,15 +131,7 @@ def _markdown(rep: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="results/proxy_fidelity", help="run.py's work directory (its first runs and repeats are read)")
-    ap.add_argument("--results", default="results", help="where proxy_fidelity_extrapolate.md/.json go")
-    ap.add_argument("--long-steps", type=int, default=400)
-    ap.add_argument("--ema-decay", type=float, default=0.99, help="the decay of the EMA reference read")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    if not (out / "runs").is_dir():
-        ap.error(f"--out {out}: no runs/ directory of run.py's first runs there")
+    args, out = ema_reference.parse_reader(ema_reference.reader_arguments(__doc__, "proxy_fidelity_extrapolate"), argv)
     rep = analyse(out, Path(args.results), args)
     s = rep.get("score")
     print(f"{rep['candidates']} candidates ({'complete' if rep['complete'] else 'interim'})"

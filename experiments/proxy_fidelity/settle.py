@@ -189,7 +189,7 @@ def _plot(rep: dict, path: Path) -> None:
 
 
 def _markdown(rep: dict) -> str:
-    f3 = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    f3 = ema_reference.f3
     lines = ["# A 40-step run whose last weights settle, against the EMA reference", "",
              f"Each candidate distilled again from the start for {STEPS} steps (batch 16, lr 5e-4, training seed 0, float32; "
              "recombinations on the first runs' Base) in each variant below, and scored by the output MSE against the teacher "
