@@ -1,5 +1,7 @@
-"""The quality proxy: a short distillation from the teacher, then proxy FID against the teacher's own
-samples (same prompts, same seeds), FID against real held-out images, KID and prompt adherence.
+"""The quality proxy: a short distillation from the teacher, then the student's output MSE against the
+teacher on fixed held-out noisy latents (``heldout_mse``, the ranking score: no sampling), then proxy
+FID against the teacher's own samples (same prompts, same seeds), FID against real held-out images,
+KID and prompt adherence.
 
 Zero-cost pre-filters are computed first, before any training, from the student as inherited:
 the output error against the teacher on fixed noisy latents, and the latent-statistics score of
