@@ -76,7 +76,7 @@ def combinations(have: list[dict], ref: np.ndarray) -> list[dict]:
 def analyse(out: Path, results: Path, args) -> dict:
     L = str(args.long_steps)
     replicates, ema, have, names, missing, complete = ema_reference.reading(
-        out, args.long_steps, args.ema_decay, lambda r: all("heldout" in r["evals"].get(str(n), {}) for n in STEPS))
+        out, args.long_steps, args.ema_decay, lambda r: ema_reference.has_heldout(r, STEPS))
     rep: dict = {"candidates": len(names), "missing": missing, "complete": complete,
                  "machines": sorted({run.machine_of(r) for r in have}), "scores": []}
     if len(names) < 3:
@@ -88,8 +88,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     long_cost = run._long_cost(have, L)
     third = np.array([run.set_of(r) == ema_reference.THIRD_LIST for r in have])
     for c in combinations(have, ref):
-        cost = np.array([r["evals"]["40"]["distill_seconds"] + sum(r["evals"][str(n)]["heldout"]["seconds"] for n in c["steps"])
-                         for r in have])
+        cost = np.array([ema_reference.heldout_cost(r, c["steps"]) for r in have])
         s = {"what": c["what"], "searched": c["searched"], **ema_reference._taus(np.asarray(c["x"], float), ref, raw_ref, ema, names),
              **run._cost_fields(cost[timed], long_cost[timed])}
         if third.sum() >= 3:
@@ -102,7 +101,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     rep["reaches_target"] = bool(best and best["kendall_tau"] >= ema_reference.TARGET_TAU)
     rep["context"] = [{"what": f"held-out output MSE at step {L} of one long run (a whole long run)",
                        **ema_reference._taus(np.array([_mse(r, int(L)) for r in have]), ref, raw_ref, ema, names)}
-                      ] if all("heldout" in r["evals"].get(L, {}) for r in have) else []
+                      ] if all(ema_reference.has_heldout(r, (int(L),)) for r in have) else []
     ema_reference.write_report(rep, results, STEM, _markdown)
     return rep
 

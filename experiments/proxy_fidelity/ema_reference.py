@@ -256,6 +256,17 @@ def heldout_at(r: dict, n: int) -> float:
     return float(r["evals"][str(n)]["heldout"]["output_mse"])
 
 
+def has_heldout(r: dict, steps) -> bool:
+    """Whether the first run ``r`` recorded its held-out output MSE at each of ``steps``."""
+    return all("heldout" in r["evals"].get(str(n), {}) for n in steps)
+
+
+def heldout_cost(r: dict, steps) -> float:
+    """Seconds of a score read from the first run ``r``'s held-out output MSE at ``steps``: its distillation
+    to the last of them and the held-out evaluation at each."""
+    return r["evals"][str(max(steps))]["distill_seconds"] + sum(r["evals"][str(n)]["heldout"]["seconds"] for n in steps)
+
+
 def f3(v) -> str:
     """A tau (or any figure) in a report: three decimals, a dash where there is none."""
     return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
@@ -328,7 +339,6 @@ def _plot(rep: dict, path: Path) -> None:
 
 
 def _markdown(rep: dict) -> str:
-    f2 = f3
     L = rep["long_steps"]
     pc = rep["per_candidate"]
     lines = ["# Proxy rank fidelity against the EMA reference", "",
@@ -360,27 +370,27 @@ def _markdown(rep: dict) -> str:
             name = s["what"] + (" **(default)**" if s["what"] == rep.get("default") and not rd.get("adopted") else
                                 " **(the default read: the earlier one)**" if s["what"] == rep.get("default") else
                                 " **(adopted: the default way to rank)**" if rd.get("adopted") and s["what"] == rd["score"] else "")
-            seeds = " | ".join(f2(s.get(f"kendall_tau_seed{k}")) + (f" ({s[f'candidates_seed{k}']})" if f"candidates_seed{k}" in s else "")
+            seeds = " | ".join(f3(s.get(f"kendall_tau_seed{k}")) + (f" ({s[f'candidates_seed{k}']})" if f"candidates_seed{k}" in s else "")
                                for k in rep["seeds_required"])
-            lines.append(f"| {name} | {100 * s['cost_fraction_mean']:.1f} | {f2(s['kendall_tau'])} | {f2(s['spearman_rho'])} | "
-                         f"{f2(s['kendall_tau_raw_reference'])} | {seeds}" + (f" | {f2(s.get('kendall_tau_third'))}" if has_third else "") + " |")
+            lines.append(f"| {name} | {100 * s['cost_fraction_mean']:.1f} | {f3(s['kendall_tau'])} | {f3(s['spearman_rho'])} | "
+                         f"{f3(s['kendall_tau_raw_reference'])} | {seeds}" + (f" | {f3(s.get('kendall_tau_third'))}" if has_third else "") + " |")
         lines.append("")
         if third:
             lines += [f"The third fresh list (`run.py --fresh-c`, fixed in notes.md before it was run): {', '.join(third)}"
                       + (f" ({len(third)} of {rep['third_list']['of']} run so far)" if not rep["third_list"]["all_run"] else "") + ".", ""]
         d = next((s for s in rep["settings"] if s["what"] == rep.get("default")), None)
         es, rs = rep.get("ema_seed_sd"), rep.get("raw_seed_sd")
-        lines += [f"- Over {len(pc)} candidates: the default proxy ranks them at tau {f2(d['kendall_tau'])} against the EMA reference "
-                  f"and {f2(d['kendall_tau_raw_reference'])} against the raw one." if d else "- The default proxy is not among the scores.",
-                  f"- The EMA reference against the raw one: tau {f2(rep['ema_vs_raw_reference']['kendall_tau'])}, Spearman "
-                  f"{f2(rep['ema_vs_raw_reference']['spearman_rho'])}.",
+        lines += [f"- Over {len(pc)} candidates: the default proxy ranks them at tau {f3(d['kendall_tau'])} against the EMA reference "
+                  f"and {f3(d['kendall_tau_raw_reference'])} against the raw one." if d else "- The default proxy is not among the scores.",
+                  f"- The EMA reference against the raw one: tau {f3(rep['ema_vs_raw_reference']['kendall_tau'])}, Spearman "
+                  f"{f3(rep['ema_vs_raw_reference']['spearman_rho'])}.",
                   "- Seed-to-seed sd of one long FID, pooled over these candidates' seeds: EMA "
                   + (f"{es['train_sd']:.2f} ({es['df']} df, {es['candidates_repeated']} candidates)" if es else "- (no candidate has two seeds)")
                   + ", raw " + (f"{rs['train_sd']:.2f} ({rs['df']} df)" if rs else "-") + "."]
         for c in rep.get("context", []):
-            lines.append(f"- Context, a whole long run as the score: {c['what']} ranks them at tau {f2(c['kendall_tau'])} against the "
-                         f"EMA reference (raw reference {f2(c['kendall_tau_raw_reference'])}"
-                         + "".join(f", seed {k} alone {f2(c[f'kendall_tau_seed{k}'])}" for k in rep["seeds_required"]
+            lines.append(f"- Context, a whole long run as the score: {c['what']} ranks them at tau {f3(c['kendall_tau'])} against the "
+                         f"EMA reference (raw reference {f3(c['kendall_tau_raw_reference'])}"
+                         + "".join(f", seed {k} alone {f3(c[f'kendall_tau_seed{k}'])}" for k in rep["seeds_required"]
                                    if f"kendall_tau_seed{k}" in c) + ").")
         if rep.get("ceiling"):
             c = rep["ceiling"]

@@ -50,16 +50,11 @@ def extrapolated(fitted: tuple[float, float], at: int | None = None) -> float:
     return float(np.exp(a + b * np.log(AT if at is None else at)))
 
 
-def cost_seconds(r: dict, fit_steps=FIT_STEPS) -> float:
-    """The run's distillation seconds to the last fitted step and its held-out evaluations at each."""
-    return r["evals"][str(max(fit_steps))]["distill_seconds"] + sum(r["evals"][str(n)]["heldout"]["seconds"] for n in fit_steps)
-
-
 def analyse(out: Path, results: Path, args) -> dict:
     L = str(args.long_steps)
     # the 25 this reading was fixed on: the third fresh list came after it
     replicates, ema, have, names, missing, complete = ema_reference.reading(
-        out, args.long_steps, args.ema_decay, lambda r: all("heldout" in r["evals"].get(str(n), {}) for n in (*FIT_STEPS, AT)),
+        out, args.long_steps, args.ema_decay, lambda r: ema_reference.has_heldout(r, (*FIT_STEPS, AT)),
         scope=ema_reference.before_third_list)
     rep: dict = {"fit_steps": list(FIT_STEPS), "at": AT, "candidates": len(names), "missing": missing, "complete": complete,
                  "machines": sorted({run.machine_of(r) for r in have}), "per_candidate": []}
@@ -74,7 +69,7 @@ def analyse(out: Path, results: Path, args) -> dict:
     x = np.array([extrapolated(f) for f in fits])
     s = {"what": f"held-out output MSE fitted on steps {', '.join(map(str, FIT_STEPS))} (power law), read at step {AT}",
          **ema_reference._taus(x, ref, raw_ref, ema, names),
-         **run._cost_fields(np.array([cost_seconds(r) for r in have])[timed], long_cost[timed])}
+         **run._cost_fields(np.array([ema_reference.heldout_cost(r, FIT_STEPS) for r in have])[timed], long_cost[timed])}
     rep["score"] = s
     rep["context"] = [{"what": f"held-out output MSE measured after {n} steps" + (" (a whole long run)" if n == AT else ""),
                        **ema_reference._taus(np.array([_mse(r, n) for r in have]), ref, raw_ref, ema, names)}
