@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from hybridsd_nas.arch import build_student, candidate_preset, describe, plan
+from hybridsd_nas.build import build_student
+from hybridsd_nas.arch import candidate_preset, describe, plan
 from hybridsd_nas.cost import estimate_cost, unet_inputs
 from hybridsd_nas.cost.latency import device_label
 

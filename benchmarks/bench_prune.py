@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from hybridsd_nas.arch import Candidate, build_student, candidate_preset, describe, plan
+from hybridsd_nas.arch import Candidate, candidate_preset, describe, plan
+from hybridsd_nas.build import build_student
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.cost.latency import device_label
 from hybridsd_nas.prune import IMPORTANCE, prune_student, register_importance
@@ -53,7 +54,7 @@ def cost_rows(resolution: int) -> list[dict]:
 
 def tiny_rows(calib: int, calib_size: int, eval_batches: int, ratios, starts) -> tuple[list[dict], dict]:
     from hybridsd_nas.distill import fashion_mnist_data
-    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.sources import load_pipeline
 
     pipe = load_pipeline("tiny")
     teacher = pipe.unet.eval()

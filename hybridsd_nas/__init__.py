@@ -1,32 +1,24 @@
-"""hybridsd_nas: architecture search and structural pruning of Stable Diffusion U-Nets."""
+"""hybridsd_nas: architecture search and structural pruning of Stable Diffusion U-Nets.
 
-from __future__ import annotations
+The layers, bottom to top, are written in ``docs/architecture.md``; this root only re-exports the
+error tree, the version and :func:`load_unet` (what an export's metadata tells a user to call)."""
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from hybridsd_nas.core import (
     ConfigError,
     HybridSDError,
     InvalidCandidateError,
     NotExpressibleError,
     UnknownNameError,
+    __version__,
 )
-
-
-
-def load_unet(path, device="cpu", dtype=None):
-    """Load a U-Net exported by ``hybridsd-nas prune`` / ``export`` (see :mod:`hybridsd_nas.export`)."""
-    from .export import load_unet as _load
-
-    return _load(path, device=device, dtype=dtype)
-
+from hybridsd_nas.export import load_unet
 
 __all__ = [
-    "load_unet",
-    "__version__",
     "ConfigError",
     "HybridSDError",
     "InvalidCandidateError",
     "NotExpressibleError",
     "UnknownNameError",
+    "__version__",
+    "load_unet",
 ]

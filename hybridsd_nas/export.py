@@ -25,11 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
-from .arch import Candidate, Plan, build_student, describe, plan
-from .errors import ConfigError, HybridSDError
+from hybridsd_nas.arch import Candidate, Plan, describe, plan, resolve_candidate
+from hybridsd_nas.build import build_student
+from hybridsd_nas.core.errors import ConfigError, HybridSDError
+from hybridsd_nas.core.runtime import __version__
+from hybridsd_nas.cost import estimate_cost, unet_inputs
+from hybridsd_nas.prune import PruneRecord, replay
+from hybridsd_nas.sources import load_pretrained_unet, vae_scale_factor
 
 METADATA = "hybridsd_nas.json"
 PRUNE_RECORD = "prune_record.json"
@@ -128,19 +134,13 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     meta = read_metadata(p)
     cand = Candidate.from_dict(meta["candidate"], source=str(p / METADATA))
     if meta["format"] == "diffusers":
-        from diffusers import UNet2DConditionModel
-
         model = UNet2DConditionModel.from_pretrained(p, use_safetensors=True)
     elif meta["format"] == "hybridsd":
-        from safetensors.torch import load_file
-
         pl = plan(describe(meta["base_config"]), cand)
         model = build_student(pl, device="meta", prune=False)
         model = model.to_empty(device="cpu")
         rec_file = p / PRUNE_RECORD
         if rec_file.is_file():
-            from .prune import PruneRecord, replay
-
             record = PruneRecord.from_dict(json.loads(rec_file.read_text()))
             replay(model, record)
             model.hybridsd_prune_record = record
@@ -175,21 +175,19 @@ def export_candidate(
     """Build ``candidate`` with the teacher's weights (layer removal, recombination, channel
     pruning), check its size against the cost engine, and export it. Returns (path, cost).
     ``card`` turns the cost dict into a model card (README.md)."""
-    from .arch import load_pretrained_unet, resolve_candidate
-    from .cost import estimate_cost, unet_inputs, vae_scale_of
 
     arch = describe(teacher)
     cand = resolve_candidate(candidate, arch)
     p = plan(arch, cand)  # rejects impossible candidates before any weight is read
     t = load_pretrained_unet(teacher, device=device)
     b = load_pretrained_unet(base, device=device) if base else None
-    vs = vae_scale_of(teacher)
+    vs = vae_scale_factor(teacher)
     res = int(arch.config.get("sample_size") or 64) * vs
     prune_kwargs = None
     if cand.prune:
         prune_kwargs = {"teacher": t, "example_inputs": unet_inputs(arch.config, res, 2, 77, vs, device=device), "seed": seed}
     student = build_student(p, teacher=t, device=device, base_unet=b, prune_kwargs=prune_kwargs)
-    cost = estimate_cost(teacher, cand, arch=arch, resolution=res)
+    cost = estimate_cost(teacher, cand, arch=arch, resolution=res).to_dict()
     real = sum(x.numel() for x in student.parameters())
     if real != cost["params"]:
         raise HybridSDError(f"built student has {real} params but the cost engine predicted {cost['params']}; please report this candidate")

@@ -1,7 +1,9 @@
-"""The U-Net architecture model: configs, typed description, candidates, plans and builds."""
+"""The U-Net architecture model: typed description (blocks, layers, units), candidates, plans.
 
-from .build import SkippedResnet, SkippedTransformer, apply_frozen, apply_surgery, build_student, build_unet, load_base_blocks
-from .candidate import (
+Reads configs through :mod:`hybridsd_nas.sources`; building a module from a plan is
+:mod:`hybridsd_nas.build`."""
+
+from hybridsd_nas.arch.candidate import (
     CANDIDATE_PRESETS,
     IDENTITY,
     Candidate,
@@ -10,10 +12,8 @@ from .candidate import (
     recombine,
     resolve_candidate,
 )
-from .config import load_pretrained_unet, load_unet_config
-from .model import BlockDesc, LayerDesc, UNetArch, UnitDesc, describe, describe_module, instantiate
-from .plan import BlockPlan, Plan, plan
-from .presets import UNET_PRESETS, list_unet_presets, unet_preset
+from hybridsd_nas.arch.model import BlockDesc, LayerDesc, UNetArch, UnitDesc, describe, describe_module, instantiate
+from hybridsd_nas.arch.plan import BlockPlan, Plan, plan
 
 __all__ = [
     "BlockDesc",
@@ -23,26 +23,14 @@ __all__ = [
     "IDENTITY",
     "LayerDesc",
     "Plan",
-    "SkippedResnet",
-    "SkippedTransformer",
-    "UNET_PRESETS",
     "UNetArch",
     "UnitDesc",
-    "apply_frozen",
-    "apply_surgery",
-    "load_base_blocks",
-    "recombine",
-    "build_student",
-    "build_unet",
     "candidate_preset",
     "describe",
     "describe_module",
     "instantiate",
     "list_candidate_presets",
-    "list_unet_presets",
-    "load_pretrained_unet",
-    "load_unet_config",
     "plan",
+    "recombine",
     "resolve_candidate",
-    "unet_preset",
 ]

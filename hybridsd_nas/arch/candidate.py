@@ -28,12 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InvalidCandidateError, UnknownNameError
+import yaml
+
+from hybridsd_nas.core.errors import ConfigError, InvalidCandidateError, UnknownNameError
+from hybridsd_nas.core.registry import Registry
+from hybridsd_nas.prune import IMPORTANCE, TARGETS
 
 SCHEMA_VERSION = 1
 
@@ -42,8 +46,6 @@ _UNIT_RE = re.compile(r"^(?:(?:down|up)\d+|mid)\.\d+\.(?:resnet|attn)$")
 _DEPTH_RE = re.compile(r"^(?:(?:down|up)\d+|mid)(?:\.\d+)?$")
 _BLOCK_RE = re.compile(r"^(?:(?:down|up)\d+|mid|conv_in|time_embedding|conv_out)$")
 _PRUNE_KEY_RE = re.compile(r"^(?:stage\d+|mid|all)$")
-PRUNE_TARGETS = ("resnet", "heads", "ff")
-IMPORTANCE_CRITERIA = ("magnitude", "taylor", "latent-stats")
 
 
 def _sorted_names(names: Any, what: str, pattern: re.Pattern[str], example: str) -> tuple[str, ...]:
@@ -98,16 +100,16 @@ class Candidate:
                 raise InvalidCandidateError(f"prune: {k!r} is not a stage key; use stageN, mid or all")
             r = dict(ratios.items()) if isinstance(ratios, Mapping) else dict(ratios)
             for t, v in r.items():
-                if t not in PRUNE_TARGETS:
-                    raise InvalidCandidateError(f"prune[{k!r}]: unknown target {t!r}; targets: {', '.join(PRUNE_TARGETS)}")
+                if t not in TARGETS:
+                    raise InvalidCandidateError(f"prune[{k!r}]: unknown target {t!r}; targets: {', '.join(TARGETS)}")
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                     raise InvalidCandidateError(f"prune[{k!r}][{t!r}] must be a keep ratio in (0, 1], got {v!r}")
             r = {t: float(v) for t, v in r.items() if float(v) != 1.0}
             if r:
                 canon.append((k, tuple(sorted(r.items()))))
         set_(self, "prune", tuple(sorted(canon, key=lambda kv: _natural(kv[0]))))
-        if self.importance is not None and self.importance not in IMPORTANCE_CRITERIA:
-            raise InvalidCandidateError(f"importance {self.importance!r} is unknown; known: {', '.join(IMPORTANCE_CRITERIA)}")
+        if self.importance is not None and self.importance not in IMPORTANCE:
+            raise InvalidCandidateError(f"importance {self.importance!r} is unknown; known: {', '.join(IMPORTANCE.names())}")
         if not self.prune:
             set_(self, "importance", None)  # no pruning, nothing to choose
         elif self.importance is None:
@@ -151,7 +153,7 @@ class Candidate:
     def prune_ratios(self, stage_key: str) -> dict[str, float]:
         """Keep ratios of one stage key (``stageN`` or ``mid``): its own, else ``all``, else 1."""
         table = {k: dict(v) for k, v in self.prune}
-        base = {t: 1.0 for t in PRUNE_TARGETS}
+        base = {t: 1.0 for t in TARGETS}
         base.update(table.get("all", {}))
         base.update(table.get(stage_key, {}))
         return base
@@ -192,8 +194,6 @@ class Candidate:
         text = p.read_text()
         try:
             if p.suffix in (".yaml", ".yml"):
-                import yaml
-
                 data = yaml.safe_load(text)
             else:
                 data = json.loads(text)
@@ -254,25 +254,23 @@ def _asdm(i: int):
     return lambda arch: recombine(arch, _ASDM_BASE_BLOCKS[(i - 1) % 3 + 1], frozen_original=i <= 3, name=f"asdm-m{i}")
 
 
-CANDIDATE_PRESETS = {
-    "identity": lambda arch: IDENTITY,
-    "bk-sdm-base": _bk_base,
-    "bk-sdm-small": _bk_small,
-    "bk-sdm-tiny": _bk_tiny,
-    **{f"asdm-m{i}": _asdm(i) for i in range(1, 7)},
-}
+# name -> factory(arch) -> Candidate, defined on any SD-style base
+CANDIDATE_PRESETS: Registry[Callable[[Any], Candidate]] = Registry("candidate preset")
+CANDIDATE_PRESETS.register("identity", lambda arch: IDENTITY, help="the base itself (no edit)")
+CANDIDATE_PRESETS.register("bk-sdm-base", _bk_base, help="BK-SDM-Base: one layer per down block, two per up block")
+CANDIDATE_PRESETS.register("bk-sdm-small", _bk_small, help="BK-SDM-Small: BK-SDM-Base without the mid block")
+CANDIDATE_PRESETS.register("bk-sdm-tiny", _bk_tiny, help="BK-SDM-Tiny: BK-SDM-Small without the innermost stage")
+for _i in range(1, 7):
+    CANDIDATE_PRESETS.register(f"asdm-m{_i}", _asdm(_i), help=f"A-SDM M{_i}: Base blocks {', '.join(_ASDM_BASE_BLOCKS[(_i - 1) % 3 + 1])}"
+                               + (", the original parts frozen" if _i <= 3 else ", all trainable"))
 
 
 def list_candidate_presets() -> list[str]:
-    return list(CANDIDATE_PRESETS)
+    return list(CANDIDATE_PRESETS.names())
 
 
 def candidate_preset(name: str, arch) -> Candidate:
-    try:
-        fn = CANDIDATE_PRESETS[name]
-    except KeyError:
-        raise UnknownNameError("candidate preset", name, CANDIDATE_PRESETS) from None
-    return fn(arch)
+    return CANDIDATE_PRESETS.get(name)(arch)
 
 
 def resolve_candidate(spec: "str | Path | Mapping[str, Any] | Candidate | None", arch) -> Candidate:
@@ -288,4 +286,4 @@ def resolve_candidate(spec: "str | Path | Mapping[str, Any] | Candidate | None",
         return candidate_preset(s, arch)
     if Path(s).suffix in (".json", ".yaml", ".yml") or Path(s).exists():
         return Candidate.load(s)
-    raise UnknownNameError("candidate (preset or JSON/YAML file)", s, CANDIDATE_PRESETS)
+    raise UnknownNameError("candidate (preset or JSON/YAML file)", s, CANDIDATE_PRESETS.names())

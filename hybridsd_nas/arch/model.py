@@ -12,15 +12,16 @@ block 1. Units are ``down1.0.resnet`` and ``down1.0.attn``. The mid block
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from diffusers import UNet2DConditionModel
 
-from ..errors import ConfigError
+from hybridsd_nas.core.errors import ConfigError, InvalidCandidateError
+from hybridsd_nas.core.runtime import quiet
+from hybridsd_nas.sources import load_unet_config
 
 UnitKind = Literal["resnet", "attn"]
 
@@ -104,8 +105,6 @@ class UNetArch:
         for b in self.blocks:
             if b.name == name:
                 return b
-        from ..errors import InvalidCandidateError
-
         raise InvalidCandidateError(f"block {name!r} does not exist in {self.source}; blocks: {', '.join(self.block_names)}")
 
     @property
@@ -127,27 +126,11 @@ class UNetArch:
         return "\n".join(rows)
 
 
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from diffusers.utils import logging as dlog
-
-        old = dlog.get_verbosity()
-        dlog.set_verbosity_error()
-        try:
-            yield
-        finally:
-            dlog.set_verbosity(old)
-
-
 def instantiate(config: Mapping[str, Any], device: str | torch.device = "meta", dtype: torch.dtype | None = None):
     """Build a ``UNet2DConditionModel`` from a config; on ``meta`` this costs no memory."""
-    from diffusers import UNet2DConditionModel
-
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
-        with _quiet(), torch.device(device):
+        with quiet(), torch.device(device):
             model = UNet2DConditionModel.from_config(cfg)
     except (ValueError, TypeError, AssertionError, KeyError) as e:
         raise ConfigError(f"diffusers cannot build this U-Net config: {str(e).splitlines()[0]}") from None
@@ -241,7 +224,5 @@ def describe_module(model: torch.nn.Module, config: Mapping[str, Any], source: s
 
 def describe(spec: Any) -> UNetArch:
     """The architecture of a U-Net spec (preset, zoo name, dict, config.json, directory, hub id)."""
-    from .config import load_unet_config
-
     cfg, source = load_unet_config(spec)
     return describe_module(instantiate(cfg), cfg, source)

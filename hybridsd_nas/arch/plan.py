@@ -18,9 +18,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidCandidateError, NotExpressibleError
-from .candidate import Candidate
-from .model import BlockDesc, UNetArch
+from hybridsd_nas.arch.candidate import Candidate
+from hybridsd_nas.arch.model import BlockDesc, UNetArch
+from hybridsd_nas.core.errors import InvalidCandidateError, NotExpressibleError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, HybridSDError
+from hybridsd_nas.core.errors import ConfigError, HybridSDError
 
 
 def latent_size(resolution: int, vae_scale: int = 8) -> int:

@@ -30,8 +30,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.core.paths import cache_dir
+from hybridsd_nas.core.runtime import quiet
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -142,9 +145,7 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed
             if hasattr(m, "reset_parameters") and isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.reset_parameters()
     if dtype != torch.float32:
-        from ..arch.model import _quiet
-
-        with _quiet():
+        with quiet():
             model = model.to(dtype=dtype)
     return model.eval()
 
@@ -175,9 +176,7 @@ def measure_latency(
     if any(p.is_meta for p in model.parameters()):
         model = materialize(copy.deepcopy(model), dev, dtype, seed)
     else:
-        from ..arch.model import _quiet
-
-        with _quiet():
+        with quiet():
             model = model.to(device=dev, dtype=dtype).eval()
     x = _to_device_inputs(inputs, dev, dtype, torch.Generator().manual_seed(seed))
     return time_fn(lambda: model(**x, return_dict=False), dev, warmup, repeats, dtype_name(dtype))
@@ -272,10 +271,6 @@ def trace_units(model: nn.Module, inputs: dict[str, Any]) -> list[UnitCall]:
     return calls
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HYBRIDSD_NAS_CACHE", Path.home() / ".cache" / "hybridsd_nas"))
-
-
 class LatencyTable:
     """Per-unit latency lookup table for one device, dtype, resolution and batch."""
 
@@ -325,8 +320,6 @@ class LatencyTable:
         calls = trace_units(model, inputs)
         missing = {c.key: c for c in calls if c.key not in self.units}
         if missing:
-            from tqdm.auto import tqdm
-
             for key, c in tqdm(missing.items(), desc="timing units", disable=not progress, leave=False):
                 self.units[key] = self._time_unit(c)
             self.save()

@@ -1,6 +1,6 @@
 """Real image sets that install offline, and the prompts built from their class names."""
 
-from .fashion_mnist import (
+from hybridsd_nas.data.fashion_mnist import (
     CLASS_NAMES,
     DEFAULT_DIR,
     ENV_DIR,
@@ -9,7 +9,7 @@ from .fashion_mnist import (
     load_fashion_mnist,
     to_rgb_uint8,
 )
-from .prompts import PROMPT_TEMPLATES, class_prompt, eval_prompts, prompt_for_label
+from hybridsd_nas.data.prompts import PROMPT_TEMPLATES, class_prompt, eval_prompts, prompt_for_label
 
 __all__ = [
     "CLASS_NAMES",

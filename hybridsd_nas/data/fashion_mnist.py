@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_DIR = "HYBRIDSD_NAS_FASHION_MNIST"

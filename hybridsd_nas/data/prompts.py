@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fashion_mnist import CLASS_NAMES
+from hybridsd_nas.data.fashion_mnist import CLASS_NAMES
 
 # "{}" is the class name; "{a}" its indefinite article.
 PROMPT_TEMPLATES: tuple[str, ...] = (

@@ -1,12 +1,24 @@
 """Distillation of a candidate from its teacher (BK-SDM losses, A-SDM mid supervision and progressive
 incubation), used short by the quality proxy and long as the final training."""
 
-from .data import DistillData, encode_images, encode_prompts, fashion_mnist_data, folder_data, teacher_sample_data
-from .losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
-from .trainer import LR_SCHEDULES, DistillConfig, DistillResult, averaged_weights, distill
+from hybridsd_nas.distill.data import (
+    DistillData,
+    encode_images,
+    encode_prompts,
+    fashion_mnist_data,
+    folder_data,
+    teacher_sample_data,
+)
+from hybridsd_nas.distill.final import DATA_SOURCES, FinalTraining, distill_candidate, distill_data
+from hybridsd_nas.distill.losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
+from hybridsd_nas.distill.trainer import LR_SCHEDULES, DistillConfig, DistillResult, averaged_weights, distill
 
 __all__ = [
+    "DATA_SOURCES",
+    "FinalTraining",
     "LR_SCHEDULES",
+    "distill_candidate",
+    "distill_data",
     "perceptual_term",
     "DistillConfig",
     "DistillData",

@@ -16,8 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, HybridSDError
+from hybridsd_nas.core.errors import ConfigError, HybridSDError
+from hybridsd_nas.core.paths import cache_dir as root
+from hybridsd_nas.data import load_fashion_mnist, prompt_for_label, to_rgb_uint8
+from hybridsd_nas.sources import pipeline_fingerprint
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -42,8 +47,6 @@ class DistillData:
 
 
 def cache_dir() -> Path:
-    from ..cost.latency import cache_dir as root
-
     return root() / "distill_data"
 
 
@@ -71,8 +74,6 @@ def encode_images(pipe, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor
 
 
 def _cached(key: dict[str, Any], build) -> DistillData:
-    from safetensors.torch import load_file, save_file
-
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     d = cache_dir() / h
     if (d / "data.safetensors").is_file() and (d / "meta.json").is_file():
@@ -90,7 +91,6 @@ def _cached(key: dict[str, Any], build) -> DistillData:
 def _pipe_key(pipe) -> str:
     """The cache key of the latents and embeddings a pipeline makes: its directory's content
     fingerprint, its hub id, or (built in memory) a hash of its text encoder's and VAE's weights."""
-    from ..pipeline import pipeline_fingerprint
 
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
     if name:
@@ -109,7 +109,6 @@ def fashion_mnist_data(pipe, n: int = 2048, seed: int = 0, resolution: int | Non
                        split: str = "train") -> DistillData:
     """``n`` Fashion-MNIST images of ``split`` (``train``; ``test`` for held-out scores) with prompts
     from the class names (random templates)."""
-    from ..data import load_fashion_mnist, prompt_for_label, to_rgb_uint8
 
     if split not in ("train", "test"):
         raise ConfigError(f"unknown Fashion-MNIST split {split!r}; valid: train, test")
@@ -136,7 +135,6 @@ def fashion_mnist_data(pipe, n: int = 2048, seed: int = 0, resolution: int | Non
 
 def folder_data(pipe, folder: str | Path, resolution: int | None = None) -> DistillData:
     """Image-caption pairs from a folder: captions.jsonl / captions.json, or a .txt beside each image."""
-    from PIL import Image
 
     root = Path(folder)
     if not root.is_dir():

@@ -11,13 +11,17 @@ shapes and stay paired.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Plan
+from hybridsd_nas.arch import Plan
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.metrics.adherence import load_classifier
+from hybridsd_nas.sources import Teacher, resolve_teacher
 
 
 @dataclass
@@ -117,7 +121,7 @@ def feature_losses(taps: FeatureTaps) -> tuple[torch.Tensor | None, torch.Tensor
     return feat, mid
 
 
-def perceptual_term(pipe, teacher: str, net: str | None = None, device: str | torch.device = "cpu"):
+def perceptual_term(pipe, teacher: "Teacher | str", net: str | None = None, device: str | torch.device = "cpu"):
     """``(perceptual, decode)`` for :func:`hybridsd_nas.distill.distill`'s perceptual loss.
 
     ``decode`` maps latents to images in [0, 1] through the pipeline's VAE decoder (frozen);
@@ -126,14 +130,10 @@ def perceptual_term(pipe, teacher: str, net: str | None = None, device: str | to
     default is the one in the ``teacher`` pipeline's directory). The loss is the MSE between the features of the student's and
     the teacher's predicted clean images.
     """
-    from pathlib import Path
-
-    from ..errors import HybridSDError
-    from ..metrics.adherence import load_classifier
-    from ..pipeline import pipeline_path
 
     if net is None:
-        net = str(Path(pipeline_path(teacher)) / "eval_classifier")
+        default = resolve_teacher(teacher).classifier_dir
+        net = str(default) if default is not None else f"{teacher}/eval_classifier"
     if not Path(net).is_dir():
         raise HybridSDError(f"perceptual network {net!r} is not a directory; give a classifier directory "
                             "(model.safetensors + config.json, e.g. the tiny teacher's eval_classifier)")

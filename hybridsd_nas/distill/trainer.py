@@ -24,12 +24,18 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..arch import Plan, apply_frozen
-from ..errors import ConfigError
-from .data import DistillData
-from .losses import LossWeights, attach_taps, feature_losses
+from hybridsd_nas.arch import Plan
+from hybridsd_nas.build import apply_frozen
+from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.core.status import RunStatus
+from hybridsd_nas.distill.data import DistillData
+from hybridsd_nas.distill.losses import LossWeights, attach_taps, feature_losses
 
 # diffusers' learning-rate schedules (``diffusers.optimization.get_scheduler``) that need no more than
 # the run's length and warm-up steps
@@ -49,7 +55,7 @@ class DistillConfig:
     divergence_factor: float = 20.0  # loss above this x its early median for `divergence_patience` steps
     divergence_patience: int = 20
     log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0 = no periodic checkpoints
+    checkpoint_every: int = 500  # steps between checkpoints when a checkpoint directory is given; 0 = none
     # 0 = off; else the decay of an EMA of the trainable weights (diffusers' EMAModel, whose decay also
     # ramps up as (1 + n) / (10 + n) over the first steps), which the student holds at the end of an ok run
     ema_decay: float = 0.0
@@ -72,7 +78,7 @@ class DistillConfig:
 
 @dataclass
 class DistillResult:
-    status: str  # "ok", "failed", "interrupted"
+    status: RunStatus
     reason: str | None
     steps_done: int
     seconds: float
@@ -118,7 +124,6 @@ def _target(scheduler, latents, noise, t):
 
 def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, curve: list, rng: torch.Generator,
                      ema=None, ema_names: list[str] | None = None) -> None:
-    from safetensors.torch import save_file
 
     tmp = ckpt.parent / f".{ckpt.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +155,6 @@ def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer,
 def _lr_scheduler(opt: torch.optim.Optimizer, cfg: DistillConfig, start: int):
     """diffusers' ``cfg.lr_schedule`` from ``cfg.lr`` over ``cfg.steps``, positioned at step ``start``
     (a resumed run: the rate is a function of the step, so a checkpoint need not hold the schedule)."""
-    from diffusers.optimization import get_scheduler
 
     for group in opt.param_groups:
         group["initial_lr"] = cfg.lr
@@ -160,7 +164,6 @@ def _lr_scheduler(opt: torch.optim.Optimizer, cfg: DistillConfig, start: int):
 
 def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator,
                      ema=None, ema_names: list[str] | None = None) -> tuple[int, list]:
-    from safetensors.torch import load_file
 
     student.load_state_dict(load_file(str(ckpt / "student.safetensors")), strict=True)
     meta = json.loads((ckpt / "state.json").read_text())
@@ -231,8 +234,6 @@ def distill(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema, ema_names = None, [n for n, _ in named]
     if cfg.ema_decay:
-        from diffusers.training_utils import EMAModel
-
         ema = EMAModel(params, decay=cfg.ema_decay)
     ckpt = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
     start, curve = 0, []
@@ -247,8 +248,7 @@ def distill(
     n_t = scheduler.config.num_train_timesteps
     early: list[float] = []
     over = 0
-    status, reason = "ok", None
-    from tqdm.auto import tqdm
+    status, reason = RunStatus.OK, None
 
     bar = tqdm(range(start, cfg.steps), desc="distill", disable=not progress, initial=start, total=cfg.steps, leave=False)
     step = start
@@ -283,7 +283,7 @@ def distill(
             loss = sum(getattr(w, k) * v for k, v in parts.items())
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                status, reason = "failed", f"loss is {lv} at step {step} ({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())})"
+                status, reason = RunStatus.FAILED, f"loss is {lv} at step {step} ({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())})"
                 break
             if len(early) < 20:
                 early.append(lv)
@@ -291,7 +291,7 @@ def distill(
                 ref = sorted(early)[len(early) // 2]
                 over = over + 1 if lv > cfg.divergence_factor * ref else 0
                 if over >= cfg.divergence_patience:
-                    status, reason = "failed", f"diverged: loss {lv:.4g} above {cfg.divergence_factor}x its early median {ref:.4g} for {over} steps (step {step})"
+                    status, reason = RunStatus.FAILED, f"diverged: loss {lv:.4g} above {cfg.divergence_factor}x its early median {ref:.4g} for {over} steps (step {step})"
                     break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -312,7 +312,7 @@ def distill(
         else:
             step = cfg.steps
     except KeyboardInterrupt:
-        status, reason = "interrupted", f"interrupted at step {step}"
+        status, reason = RunStatus.INTERRUPTED, f"interrupted at step {step}"
         if ckpt is not None:
             _save_checkpoint(ckpt, student, opt, step, curve, g, ema, ema_names)
     finally:
@@ -323,13 +323,13 @@ def distill(
         teacher.train(teacher_state[0])
         for p_, flag in zip(teacher.parameters(), teacher_state[1]):
             p_.requires_grad_(flag)
-    if status == "ok" and ckpt is not None and cfg.checkpoint_every:
+    if status == RunStatus.OK and ckpt is not None and cfg.checkpoint_every:
         _save_checkpoint(ckpt, student, opt, cfg.steps, curve, g, ema, ema_names)
     ema_info = None
     if ema is not None:
         ema_info = {"decay": cfg.ema_decay, "last_decay": ema.cur_decay_value, "steps": ema.optimization_step,
-                    "held_by_student": status == "ok"}
-        if status == "ok":  # a failed or interrupted run hands back its own last weights (the checkpoint keeps both)
+                    "held_by_student": status == RunStatus.OK}
+        if status == RunStatus.OK:  # a failed or interrupted run hands back its own last weights (the checkpoint keeps both)
             ema.copy_to(params)
-    return DistillResult(status, reason, step if status != "ok" else cfg.steps, time.perf_counter() - t0, curve,
+    return DistillResult(status, reason, step if status != RunStatus.OK else cfg.steps, time.perf_counter() - t0, curve,
                          taps.report(), n_train, n_frozen, cfg.as_dict(), ema_info)

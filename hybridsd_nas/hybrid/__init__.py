@@ -1,7 +1,7 @@
-"""Hybrid inference: several U-Nets over one denoising run (Hybrid SD, A-SDM multi-U-Net), with
-cloud/edge cost accounting and a schedule sweep."""
+"""Hybrid inference: several U-Nets over one denoising run (Hybrid SD, A-SDM multi-U-Net) and a
+sweep of the switch step. The cost side (cloud/edge accounting) is :mod:`hybridsd_nas.cost.pipeline`."""
 
-from ._pipeline import (
+from hybridsd_nas.hybrid.pipeline import (
     LOCATIONS,
     HybridModel,
     HybridModelError,
@@ -13,6 +13,8 @@ from ._pipeline import (
     step_groups,
     tiny_random_vae,
 )
+from hybridsd_nas.hybrid.quality import Scorer
+from hybridsd_nas.hybrid.sweep import SweepSettings, generate, plot, run_sweep, switch_points, write_csv
 
 __all__ = [
     "LOCATIONS",
@@ -20,43 +22,16 @@ __all__ = [
     "HybridModelError",
     "HybridPipeline",
     "HybridScheduleError",
+    "Scorer",
+    "SweepSettings",
+    "generate",
     "parse_steps",
+    "plot",
     "resolve_unet",
     "resolve_vae",
+    "run_sweep",
     "step_groups",
+    "switch_points",
     "tiny_random_vae",
+    "write_csv",
 ]
-
-from ._cost import (  # noqa: E402
-    SD15_TEXT_CONFIG,
-    SD15_VAE_CONFIG,
-    Component,
-    Link,
-    Segment,
-    account,
-    cloud_share_table,
-    decoder_macs,
-    decoder_scale,
-    pipeline_cost,
-    text_encoder_macs,
-    unet_macs,
-)
-
-__all__ += [
-    "SD15_TEXT_CONFIG",
-    "SD15_VAE_CONFIG",
-    "Component",
-    "Link",
-    "Segment",
-    "account",
-    "cloud_share_table",
-    "decoder_macs",
-    "decoder_scale",
-    "pipeline_cost",
-    "text_encoder_macs",
-    "unet_macs",
-]
-
-from ._sweep import SweepSettings, plot, run_sweep, switch_points, write_csv  # noqa: E402
-
-__all__ += ["SweepSettings", "plot", "run_sweep", "switch_points", "write_csv"]

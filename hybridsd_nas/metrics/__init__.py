@@ -1,7 +1,14 @@
 """Quality metrics: offline FID / KID on Inception features, and prompt adherence by a classifier."""
 
-from .adherence import SmallCNN, load_classifier, predict, prompt_adherence, save_classifier, train_classifier
-from .fid import (
+from hybridsd_nas.metrics.adherence import (
+    SmallCNN,
+    load_classifier,
+    predict,
+    prompt_adherence,
+    save_classifier,
+    train_classifier,
+)
+from hybridsd_nas.metrics.fid import (
     CACHE_ENV,
     FEATURE_ID,
     FeatureExtractor,

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.zoo import model_path
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -139,8 +141,6 @@ def prompt_adherence(model: SmallCNN, images, class_indices, device: str = "cpu"
 
 
 def save_classifier(model: SmallCNN, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_NAME))
@@ -150,11 +150,8 @@ def save_classifier(model: SmallCNN, out_dir: str | Path, extra: dict[str, Any] 
 
 def load_classifier(path: str | Path | None = None) -> SmallCNN:
     """Load a classifier directory (safetensors + JSON); by default the one shipped with the ``tiny`` teacher."""
-    from safetensors.torch import load_file
 
     if path is None:
-        from ..zoo import model_path
-
         path = model_path("tiny") / "eval_classifier"
     p = Path(path)
     if not (p / WEIGHTS_NAME).is_file() or not (p / CONFIG_NAME).is_file():

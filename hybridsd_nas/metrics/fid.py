@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
 
 NUM_FEATURES = 2048
 FEATURE_ID = "inception-2015-12-05-pool3:fid-helper-default_1:nv_bilinear_float-299"
@@ -105,7 +107,6 @@ def _cache_file(name: str, resolution: int, count: int, digest: str) -> Path:
 def reference_features(images: Any, name: str, resolution: int | None = None, extractor: FeatureExtractor | None = None,
                        use_cache: bool = True) -> torch.Tensor:
     """Features of a reference image set, cached by content (name, resolution, count, hash of the images)."""
-    from safetensors.torch import load_file, save_file
 
     x = _as_uint8_nchw(images)
     res = int(resolution if resolution is not None else x.shape[-1])
@@ -182,7 +183,6 @@ def load_image_folder(folder: str | os.PathLike, resolution: int | None = None, 
     Images are converted to RGB; with ``resolution`` they are resized (bicubic, PIL) to R x R, else
     all must share the first image's size.
     """
-    from PIL import Image
 
     files = _image_files(Path(folder))[: limit or None]
     out = []

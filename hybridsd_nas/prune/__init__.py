@@ -13,7 +13,7 @@ predicts the params and MACs of the really pruned model without weights or data.
 :class:`PruneRecord` (JSON) lists every cut and replays it on a fresh student (:func:`replay`).
 """
 
-from ._engine import (
+from hybridsd_nas.prune._engine import (
     Group,
     collect_groups,
     fix_and_check,
@@ -23,9 +23,9 @@ from ._engine import (
     replay,
     stage_of,
 )
-from ._importance import IMPORTANCE, Context, get_importance, register_importance
-from ._record import ROUNDING, GroupRecord, PruneRecord
-from ._targets import TARGETS, Target, UnsupportedModuleError
+from hybridsd_nas.prune._importance import IMPORTANCE, Context, get_importance, register_importance
+from hybridsd_nas.prune._record import ROUNDING, GroupRecord, PruneRecord
+from hybridsd_nas.prune._targets import TARGETS, Target, UnsupportedModuleError
 
 __all__ = [
     "IMPORTANCE",

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from ..errors import ConfigError, HybridSDError
-from ._importance import Context, _mask_shape, _masks, get_importance
-from ._record import GroupRecord, PruneRecord
-from ._targets import TARGETS, Target, channels_of
+from hybridsd_nas.core.errors import ConfigError, HybridSDError
+from hybridsd_nas.prune._importance import Context, _mask_shape, _masks, get_importance
+from hybridsd_nas.prune._record import GroupRecord, PruneRecord
+from hybridsd_nas.prune._targets import TARGETS, Target, channels_of
 
 
 @dataclass
@@ -109,9 +112,6 @@ def fix_and_check(model: nn.Module) -> None:
     ``num_channels`` from their weights; raises if an ``Attention``'s heads no longer split its
     projections (``heads * dim_head != to_q.out_features``), a GroupNorm's groups do not divide its
     channels, or a conv/linear's declared widths differ from its weight."""
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
 
     problems = []
     for name, m in model.named_modules():

@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import HybridSDError, UnknownNameError
-from ._targets import param_of, per_channel
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.core.registry import Registry
+from hybridsd_nas.prune._targets import param_of, per_channel
 
 ImportanceFn = Callable[[nn.Module, list, "Context"], list[torch.Tensor]]
-IMPORTANCE: dict[str, ImportanceFn] = {}
+IMPORTANCE: Registry[ImportanceFn] = Registry("importance criterion")
 
 
 @dataclass
@@ -55,19 +56,13 @@ class Context:
     notes: list[str] = field(default_factory=list)
 
 
-def register_importance(name: str):
-    def deco(fn: ImportanceFn) -> ImportanceFn:
-        IMPORTANCE[name] = fn
-        return fn
-
-    return deco
+def register_importance(name: str, *, help: str = "", replace: bool = False):
+    """Decorator: register a criterion under ``name``; candidates, spaces and the CLI accept it at once."""
+    return IMPORTANCE.register(name, help=help, replace=replace)
 
 
 def get_importance(name: str) -> ImportanceFn:
-    try:
-        return IMPORTANCE[name]
-    except KeyError:
-        raise UnknownNameError("importance criterion", name, IMPORTANCE) from None
+    return IMPORTANCE.get(name)
 
 
 def _per_unit(channel_scores: torch.Tensor, units: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from hybridsd_nas.core.errors import ConfigError
 
 RECORD_FORMAT = "hybridsd-prune-record"
 RECORD_VERSION = 1

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
 
 
 class UnsupportedModuleError(HybridSDError, ValueError):
@@ -89,8 +92,6 @@ class ResnetTarget(Target):
     name = "resnet"
 
     def matches(self, m: nn.Module) -> bool:
-        from diffusers.models.resnet import ResnetBlock2D
-
         return isinstance(m, ResnetBlock2D)
 
     def units(self, m: nn.Module) -> tuple[int, int]:
@@ -143,8 +144,6 @@ class HeadsTarget(Target):
     name = "heads"
 
     def matches(self, m: nn.Module) -> bool:
-        from diffusers.models.attention_processor import Attention
-
         return isinstance(m, Attention)
 
     def units(self, m: nn.Module) -> tuple[int, int]:
@@ -203,8 +202,6 @@ class FFTarget(Target):
     name = "ff"
 
     def matches(self, m: nn.Module) -> bool:
-        from diffusers.models.attention import FeedForward
-
         return isinstance(m, FeedForward)
 
     def _parts(self, m: nn.Module) -> tuple[nn.Module, nn.Linear, bool]:

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..arch import Candidate, UNetArch
-from ..errors import ConfigError, InvalidCandidateError
+from hybridsd_nas.arch import Candidate, UNetArch
+from hybridsd_nas.core.errors import ConfigError, InvalidCandidateError
 
 
 @dataclass(frozen=True)

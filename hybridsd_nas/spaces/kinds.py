@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from ..arch import Candidate, UNetArch, candidate_preset, plan, recombine, resolve_candidate
-from ..arch.candidate import IMPORTANCE_CRITERIA, PRUNE_TARGETS
-from ..errors import ConfigError, InvalidCandidateError
-from .base import Categorical, Dimension, Float, SearchSpace, SpacePoint
+from hybridsd_nas.arch import Candidate, UNetArch, candidate_preset, plan, recombine, resolve_candidate
+from hybridsd_nas.core.errors import ConfigError, InvalidCandidateError
+from hybridsd_nas.core.registry import Registry
+from hybridsd_nas.prune import IMPORTANCE, TARGETS
+from hybridsd_nas.spaces.base import Categorical, Dimension, Float, SearchSpace, SpacePoint
 
 
 def _stage_pairs(arch: UNetArch) -> list[tuple[int, str, str]]:
@@ -184,12 +185,12 @@ class ChannelPruningSpace(SearchSpace):
             r = o.setdefault("ratios", [0.25, 0.5, 0.75, 1.0])
             if not isinstance(r, list) or not r or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in r):
                 raise ConfigError(f"{self.source}: options.ratios must be keep ratios in (0, 1], got {r!r}")
-        t = o.setdefault("targets", list(PRUNE_TARGETS))
-        if not isinstance(t, list) or not t or not set(t) <= set(PRUNE_TARGETS):
-            raise ConfigError(f"{self.source}: options.targets must be a subset of {', '.join(PRUNE_TARGETS)}, got {t!r}")
+        t = o.setdefault("targets", list(TARGETS))
+        if not isinstance(t, list) or not t or not set(t) <= set(TARGETS):
+            raise ConfigError(f"{self.source}: options.targets must be a subset of {', '.join(TARGETS)}, got {t!r}")
         imp = o.setdefault("importance", ["magnitude"])
-        if not isinstance(imp, list) or not imp or not set(imp) <= set(IMPORTANCE_CRITERIA):
-            raise ConfigError(f"{self.source}: options.importance must be a subset of {', '.join(IMPORTANCE_CRITERIA)}, got {imp!r}")
+        if not isinstance(imp, list) or not imp or not set(imp) <= set(IMPORTANCE.names()):
+            raise ConfigError(f"{self.source}: options.importance must be a subset of {', '.join(IMPORTANCE.names())}, got {imp!r}")
 
     def start(self, arch: UNetArch) -> Candidate:
         return resolve_candidate(self.options["start"], arch)
@@ -276,6 +277,7 @@ class HybridScheduleSpace(SearchSpace):
         return repr((runs, pt.candidate.key if any(m == "small" for m, _ in runs) else None))
 
 
-SPACE_KINDS: dict[str, type[SearchSpace]] = {
-    c.kind: c for c in (LayerRemovalSpace, RecombinationSpace, ChannelPruningSpace, HybridScheduleSpace)
-}
+# the ``kind:`` of a space YAML -> the class that reads its options and draws its candidates
+SPACE_KINDS: Registry[type[SearchSpace]] = Registry("space kind")
+for _cls in (LayerRemovalSpace, RecombinationSpace, ChannelPruningSpace, HybridScheduleSpace):
+    SPACE_KINDS.register(_cls.kind, _cls, help=(_cls.__doc__ or "").strip().split("\n")[0])

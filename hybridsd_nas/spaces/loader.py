@@ -2,29 +2,68 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, UnknownNameError
-from .base import SearchSpace
-from .kinds import SPACE_KINDS
+import yaml
+
+from hybridsd_nas.core.errors import ConfigError, UnknownNameError
+from hybridsd_nas.core.registry import Registry
+from hybridsd_nas.spaces.base import SearchSpace
+from hybridsd_nas.spaces.kinds import SPACE_KINDS
 
 _TOP_KEYS = ("name", "version", "kind", "description", "options")
 
 
 def spaces_dir() -> Path:
-    """``$HYBRIDSD_NAS_SPACES``, else the repository's ``search_spaces/``, else ``./search_spaces``."""
+    """``$HYBRIDSD_NAS_SPACES``, else the spaces shipped with the package (the repository's
+    ``search_spaces/``, installed as the package data ``hybridsd_nas.search_spaces``)."""
     env = os.environ.get("HYBRIDSD_NAS_SPACES")
     if env:
         return Path(env)
     repo = Path(__file__).resolve().parents[2] / "search_spaces"
-    return repo if repo.is_dir() else Path.cwd() / "search_spaces"
+    if repo.is_dir():  # a source checkout, installed in editable mode or not
+        return repo
+    spec = importlib.util.find_spec("hybridsd_nas.search_spaces")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the shipped search spaces are missing (no search_spaces/ beside the package and no "
+                          "hybridsd_nas.search_spaces package data); set HYBRIDSD_NAS_SPACES to a folder of space YAMLs")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# space name -> its YAML file: the shipped ones, plus any a user registers (register_space)
+SPACES: Registry[Path] = Registry("search space")
+
+
+def register_space(path: str | Path, name: str | None = None) -> str:
+    """Make a space YAML loadable by name (``load_space(name)``, a study's ``space:``); returns the name."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"space file {str(p)!r} does not exist")
+    name = name or p.stem
+    SPACES.register(name, p, replace=True)
+    return name
+
+
+def _shipped() -> dict[str, Path]:
+    d = spaces_dir()
+    return {p.stem: p for p in sorted(d.glob("*.yaml"))} if d.is_dir() else {}
 
 
 def list_spaces() -> list[str]:
-    d = spaces_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return sorted(set(_shipped()) | set(SPACES.names()))
+
+
+def space_file(name: str) -> Path:
+    """The YAML file of a space name (a registered one first, then the shipped ones)."""
+    if name in SPACES:
+        return SPACES.get(name)
+    shipped = _shipped()
+    if name not in shipped:
+        raise UnknownNameError("search space", name, list_spaces())
+    return shipped[name]
 
 
 def space_from_dict(data: Any, source: str) -> SearchSpace:
@@ -37,7 +76,7 @@ def space_from_dict(data: Any, source: str) -> SearchSpace:
         if key not in data:
             raise ConfigError(f"{source}: missing key {key!r}")
     if data["kind"] not in SPACE_KINDS:
-        raise ConfigError(f"{source}: kind {data['kind']!r} is unknown; allowed: {', '.join(SPACE_KINDS)}")
+        raise ConfigError(f"{source}: kind {data['kind']!r} is unknown; allowed: {', '.join(SPACE_KINDS.names())}")
     if not isinstance(data["version"], int) or data["version"] < 1:
         raise ConfigError(f"{source}: version must be a positive integer, got {data['version']!r}")
     if not isinstance(data["name"], str) or not data["name"]:
@@ -45,16 +84,14 @@ def space_from_dict(data: Any, source: str) -> SearchSpace:
     options = data.get("options") or {}
     if not isinstance(options, dict):
         raise ConfigError(f"{source}: options must be a mapping, got {type(options).__name__}")
-    return SPACE_KINDS[data["kind"]](data["name"], data["version"], data.get("description", ""), options, source)
+    return SPACE_KINDS.get(data["kind"])(data["name"], data["version"], data.get("description", ""), options, source)
 
 
 def load_space(spec: str | Path) -> SearchSpace:
     """A space by name (``search_spaces/NAME.yaml``) or by path to a YAML file."""
     p = Path(spec)
     if not p.suffix:
-        p = spaces_dir() / f"{spec}.yaml"
-        if not p.is_file():
-            raise UnknownNameError("search space", str(spec), list_spaces())
+        p = space_file(str(spec))
     if not p.is_file():
         raise ConfigError(f"space file {str(spec)!r} does not exist")
     return space_from_dict(read_yaml(p), str(p))
@@ -62,7 +99,6 @@ def load_space(spec: str | Path) -> SearchSpace:
 
 def read_yaml(p: Path) -> Any:
     """The content of YAML file ``p`` (safe loader); malformed YAML is a one-line ConfigError with the line."""
-    import yaml
 
     try:
         return yaml.safe_load(p.read_text())

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnknownNameError
+from hybridsd_nas.core.errors import UnknownNameError
 
 _ROOT = Path(__file__).resolve().parent
 

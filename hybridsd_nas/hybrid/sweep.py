@@ -11,12 +11,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ..errors import HybridSDError
-from ._cost import Segment, account, decoder_macs, text_encoder_macs, unet_macs, Component
-from ._pipeline import HybridPipeline, resolve_unet
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.cost.pipeline import Component, Segment, account, decoder_macs, text_encoder_macs, unet_macs
+from hybridsd_nas.hybrid.pipeline import HybridPipeline, resolve_unet
+from hybridsd_nas.hybrid.quality import Scorer
+from hybridsd_nas.sources import load_pipeline, pipeline_path
 
 
 @dataclass
@@ -72,8 +76,6 @@ def eval_prompts(teacher_dir: Path, n: int) -> list[dict[str, Any]]:
 def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None = None,
               progress: bool = True, reference_cache: dict | None = None) -> dict[str, Any]:
     """Sweep the switch between ``unets[0]`` (the large, cloud model) and ``unets[1]`` (the small, edge model)."""
-    from ..pipeline import load_pipeline, pipeline_path
-    from ._quality import Scorer
 
     s = settings or SweepSettings()
     if len(unets) != 2:
@@ -179,10 +181,8 @@ def write_csv(result: dict[str, Any], path: str | Path) -> Path:
 
 def plot(results: Sequence[dict[str, Any]], path: str | Path, metric: str = "fid") -> Path:
     """Quality (``metric``) against the cloud share of U-Net MACs, one line per (small model, order)."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for res in results:

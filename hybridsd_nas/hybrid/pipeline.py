@@ -15,15 +15,25 @@ second-order solver (Heun) belong to the step of their timestep, and the steps o
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import AutoencoderTiny
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from torch import nn
 
-from ..errors import HybridSDError
+from hybridsd_nas.arch import describe, list_candidate_presets, plan, resolve_candidate
+from hybridsd_nas.build import build_student
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.core.runtime import quiet
+from hybridsd_nas.cost.pipeline import pipeline_cost
+from hybridsd_nas.export import load_unet
+from hybridsd_nas.sources import load_pretrained_unet
 
 
 class HybridScheduleError(HybridSDError, ValueError):
@@ -191,7 +201,6 @@ class HybridPipeline:
         pipe = self.pipe
         user_cb = kwargs.pop("callback_on_step_end", None)
         user_inputs = list(kwargs.pop("callback_on_step_end_tensor_inputs", ["latents"]))
-        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
         if isinstance(user_cb, (PipelineCallback, MultiPipelineCallbacks)):
             user_inputs = list(user_cb.tensor_inputs)
@@ -233,7 +242,6 @@ class HybridPipeline:
 
     def cost(self, **kwargs: Any) -> dict[str, Any]:
         """Cost summary of one request (see :func:`hybridsd_nas.hybrid.pipeline_cost` for the arguments)."""
-        from ._cost import pipeline_cost
 
         return pipeline_cost(self, **kwargs)
 
@@ -253,8 +261,6 @@ def _check_compatible(pipe: Any, models: list[HybridModel]) -> None:
 
 
 def _preset_names() -> set[str]:
-    from ..arch import list_candidate_presets
-
     return set(list_candidate_presets())
 
 
@@ -284,15 +290,12 @@ def resolve_unet(spec: Any, pipe: Any = None, teacher: str | None = None, device
         return HybridModel(pipe.unet, "teacher", origin="pipeline", info={"teacher": teacher})
     p = Path(s)
     if p.is_dir() and (p / "hybridsd_nas.json").is_file():
-        from .. import load_unet
-
         m = load_unet(p, device=device, dtype=dtype)
         return HybridModel(m, p.name, origin="export", info={"path": str(p)})
     is_cand_file = p.is_file() and p.suffix in (".json", ".yaml", ".yml")
     if s in _preset_names() or is_cand_file:
         if pipe is None:
             raise HybridModelError(f"candidate {s!r} is built from the teacher: give a pipeline")
-        from ..arch import build_student, describe, plan, resolve_candidate
 
         arch = describe({k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")})
         cand = resolve_candidate(s, arch)
@@ -304,7 +307,6 @@ def resolve_unet(spec: Any, pipe: Any = None, teacher: str | None = None, device
         name = f"{s} (weight inheritance, not distilled)" if not is_cand_file else f"{p.stem} (weight inheritance, not distilled)"
         return HybridModel(m, name, origin="candidate preset (weight inheritance)",
                            info={"candidate": cand.to_dict(), "teacher": teacher, "distilled": False})
-    from ..arch import load_pretrained_unet
 
     m = load_pretrained_unet(s, device=str(device) if device is not None else "cpu", dtype=dtype)
     return HybridModel(m, s, origin="directory" if p.exists() else "zoo or hub", info={"path": s})
@@ -313,7 +315,6 @@ def resolve_unet(spec: Any, pipe: Any = None, teacher: str | None = None, device
 def tiny_random_vae(latent_channels: int = 4, upsample: int = 8, seed: int = 0, width: int = 16) -> nn.Module:
     """A randomly initialised ``AutoencoderTiny`` (TAESD layout, narrow) with ``latent_channels`` and
     an ``upsample`` factor (a power of two): a stand-in for an edge decoder in tests and cost figures."""
-    from diffusers import AutoencoderTiny
 
     n_up = int(upsample).bit_length() - 1
     if upsample < 1 or 2 ** n_up != upsample:
@@ -344,10 +345,8 @@ def resolve_vae(spec: Any, pipe: Any) -> tuple[nn.Module | None, str]:
         p = Path(str(spec))
         if not p.is_dir() or not (p / "config.json").is_file():
             raise HybridModelError(f"VAE {spec!r}: give 'teacher', 'tiny-random' or a diffusers VAE directory (config.json)")
-        import json
 
         cls_name = json.loads((p / "config.json").read_text()).get("_class_name", "AutoencoderKL")
-        import diffusers
 
         cls = getattr(diffusers, cls_name, None)
         if cls is None:
@@ -357,8 +356,6 @@ def resolve_vae(spec: Any, pipe: Any) -> tuple[nn.Module | None, str]:
     if getattr(vae.config, "latent_channels", lat) != lat:
         raise HybridModelError(f"VAE {name} has {vae.config.latent_channels} latent channels, the pipeline's U-Nets {lat}")
     if vae.device != pipe.vae.device or vae.dtype != pipe.vae.dtype:
-        from ..arch.model import _quiet
-
-        with _quiet():
+        with quiet():
             vae = vae.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
     return vae, name

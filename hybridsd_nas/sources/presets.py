@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..errors import UnknownNameError
+from hybridsd_nas.core.registry import Registry
 
 _SD_V1: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
@@ -82,32 +82,19 @@ _SDXL = {
     "use_linear_projection": True,
 }
 
-UNET_PRESETS: dict[str, dict[str, Any]] = {
-    "sd-v1": _SD_V1,
-    "bk-sdm-base": _BK_BASE,
-    "bk-sdm-small": _BK_SMALL,
-    "bk-sdm-tiny": _BK_TINY,
-    "sd-v2": _SD_V2,
-    "sdxl": _SDXL,
-}
-
-PRESET_DESCRIPTIONS: dict[str, str] = {
-    "sd-v1": "SD-1.4/1.5 U-Net (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5)",
-    "bk-sdm-base": "BK-SDM-Base: one layer per down block, two per up block, mid block kept",
-    "bk-sdm-small": "BK-SDM-Small: BK-SDM-Base without the mid block",
-    "bk-sdm-tiny": "BK-SDM-Tiny: BK-SDM-Small without the innermost stage",
-    "sd-v2": "SD-2.x U-Net (768-v): linear projections, per-block head counts",
-    "sdxl": "SDXL-base U-Net: per-block transformer depth 1/2/10, text_time embedding",
-}
+UNET_PRESETS: Registry[dict[str, Any]] = Registry("U-Net preset")
+UNET_PRESETS.register("sd-v1", _SD_V1, help="SD-1.4/1.5 U-Net (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5)")
+UNET_PRESETS.register("bk-sdm-base", _BK_BASE, help="BK-SDM-Base: one layer per down block, two per up block, mid block kept")
+UNET_PRESETS.register("bk-sdm-small", _BK_SMALL, help="BK-SDM-Small: BK-SDM-Base without the mid block")
+UNET_PRESETS.register("bk-sdm-tiny", _BK_TINY, help="BK-SDM-Tiny: BK-SDM-Small without the innermost stage")
+UNET_PRESETS.register("sd-v2", _SD_V2, help="SD-2.x U-Net (768-v): linear projections, per-block head counts")
+UNET_PRESETS.register("sdxl", _SDXL, help="SDXL-base U-Net: per-block transformer depth 1/2/10, text_time embedding")
 
 
 def list_unet_presets() -> list[str]:
-    return list(UNET_PRESETS)
+    return list(UNET_PRESETS.names())
 
 
 def unet_preset(name: str) -> dict[str, Any]:
     """A deep copy of the named preset's diffusers config."""
-    try:
-        return copy.deepcopy(UNET_PRESETS[name])
-    except KeyError:
-        raise UnknownNameError("U-Net preset", name, UNET_PRESETS) from None
+    return copy.deepcopy(UNET_PRESETS.get(name))

@@ -27,9 +27,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.core.runtime import quiet
+from hybridsd_nas.cost.engine import estimate_cost
+from hybridsd_nas.cost.latency import time_fn
+from hybridsd_nas.sources import vae_scale_factor
 
 # Published component configs of Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 vae/ and
 # text_encoder/config.json), for weight-free MAC counts of the text encoder and decoder.
@@ -83,8 +90,6 @@ class Component:
 
 
 def _flop_macs(fn, *args) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         fn(*args)
     return int(fc.get_total_flops() // 2)
@@ -92,7 +97,6 @@ def _flop_macs(fn, *args) -> int:
 
 def text_encoder_macs(config: Mapping[str, Any] | Any, text_len: int = 77) -> int:
     """MACs of one CLIP text-encoder call on ``text_len`` tokens, counted on the meta device."""
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = config if isinstance(config, CLIPTextConfig) else CLIPTextConfig(**dict(config))
     with torch.device("meta"):
@@ -103,15 +107,13 @@ def text_encoder_macs(config: Mapping[str, Any] | Any, text_len: int = 77) -> in
 
 def decoder_macs(vae: nn.Module | Mapping[str, Any], latent_hw: tuple[int, int]) -> int:
     """MACs of decoding one latent of ``latent_hw`` with a diffusers VAE (a module or an AutoencoderKL config)."""
-    from diffusers import AutoencoderKL
 
     if isinstance(vae, nn.Module):
         cls, cfg = type(vae), {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     else:
         cls, cfg = AutoencoderKL, dict(vae)
-    from ..arch.model import _quiet
 
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), quiet():
         model = cls.from_config(cfg)
     ch = cfg.get("latent_channels", 4)
     z = torch.empty(1, ch, *latent_hw, device="meta")
@@ -253,8 +255,6 @@ def unet_macs(module: nn.Module, base_config: Mapping[str, Any], resolution: int
               dtype: torch.dtype | None = None, lut: Any = None) -> dict[str, Any]:
     """Cost-engine figures of one U-Net module: a student built by ``build_student`` (its
     ``.hybridsd_candidate`` on ``base_config``), an export (``.hybridsd_metadata``), else its own config."""
-    from ..cost import estimate_cost
-
     meta = getattr(module, "hybridsd_metadata", None)
     cand = getattr(module, "hybridsd_candidate", None)
     if meta is not None and "base_config" in meta:
@@ -266,13 +266,13 @@ def unet_macs(module: nn.Module, base_config: Mapping[str, Any], resolution: int
     spec = {k: v for k, v in dict(spec).items() if not k.startswith("_")}
     r = estimate_cost(spec, cand, resolution=resolution, vae_scale=vae_scale, text_len=text_len, batch=batch,
                       latency=latency, device=device, dtype=dtype, lut=lut)
-    out = {"params": r["params"], "macs": r["macs"], "macs_conv_linear": r["macs_conv_linear"], "source": how}
+    out = {"params": r.params, "macs": r.macs, "macs_conv_linear": r.macs_conv_linear, "source": how}
     if batch != 1:  # MACs are linear in batch; report the batch-1 forward
         out["macs"] //= batch
         out["macs_conv_linear"] //= batch
-    if "latency_ms" in r:
-        out["latency_ms"] = r["latency_ms"]
-        out["latency"] = r["latency"]
+    if r.latency is not None:
+        out["latency_ms"] = r.latency_ms
+        out["latency"] = r.latency
     return out
 
 
@@ -285,23 +285,15 @@ def decoder_scale(vae: nn.Module) -> int:
 
 
 def _time_text_encoder(pipe: Any, text_len: int, calls: int) -> float:
-    from ..cost.latency import time_fn
-
     te = pipe.text_encoder
     ids = torch.zeros(1, text_len, dtype=torch.long, device=te.device)
     return calls * time_fn(lambda: te(ids), te.device, warmup=2, repeats=10).median_ms
 
 
 def _time_decoder(vae: nn.Module, latent_shape: tuple[int, int, int], batch: int) -> float:
-    from ..cost.latency import time_fn
-
     p = next(vae.parameters())
     z = torch.randn(batch, *latent_shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
     return time_fn(lambda: vae.decode(z, return_dict=False), p.device, warmup=2, repeats=10).median_ms
-
-
-def _pipe_vae_scale(pipe: Any) -> int:
-    return int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def pipeline_cost(
@@ -326,7 +318,7 @@ def pipeline_cost(
     on that model's device), with optional keys ``"text_encoder"``, ``"decoder"`` and ``"baseline"``.
     """
     pipe = hp.pipe
-    vs = _pipe_vae_scale(pipe)
+    vs = vae_scale_factor(pipe)
     res = resolution or int(pipe.unet.config.sample_size) * vs
     base_cfg = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
     fwd = batch * (2 if guidance else 1)

@@ -15,31 +15,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, UnknownNameError
-from .presets import UNET_PRESETS, unet_preset
+from diffusers import UNet2DConditionModel
+from huggingface_hub import hf_hub_download
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+from hybridsd_nas import zoo
+from hybridsd_nas.core.errors import ConfigError, UnknownNameError
+from hybridsd_nas.sources.presets import UNET_PRESETS, unet_preset
 
-UNetSpec = "str | Path | Mapping[str, Any]"
-
-
-def zoo_module():
-    """The model zoo, or None where it is not installed (the architecture model works without)."""
-    try:
-        from .. import zoo
-    except ImportError:
-        return None
-    return zoo if hasattr(zoo, "is_zoo_name") else None
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def _zoo_path(name: str) -> Path | None:
-    zoo = zoo_module()
-    return zoo.model_path(name) if zoo is not None and zoo.is_zoo_name(name) else None
+def zoo_path(name: str) -> Path | None:
+    """The directory of an embedded model, or None where ``name`` names none."""
+    return zoo.model_path(name) if zoo.is_zoo_name(name) else None
 
 
-def _known_names() -> list[str]:
-    zoo = zoo_module()
-    return list(UNET_PRESETS) + (zoo.list_models() if zoo is not None else [])
+def known_names() -> list[str]:
+    """Every name a U-Net spec may take without a path: config presets and embedded models."""
+    return list(UNET_PRESETS.names()) + zoo.list_models()
 
 
 def resolve_unet_dir(spec: str | Path) -> tuple[Path, str | None]:
@@ -69,8 +62,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _hub_config(repo_id: str) -> dict[str, Any]:
-    from huggingface_hub import hf_hub_download
-
     last: Exception | None = None
     for filename in ("unet/config.json", "config.json"):
         try:
@@ -81,7 +72,7 @@ def _hub_config(repo_id: str) -> dict[str, Any]:
             last = e
     raise ConfigError(
         f"cannot fetch a U-Net config for hub id {repo_id!r} ({type(last).__name__}); "
-        f"give a local directory, a config.json, or one of: {', '.join(_known_names())}"
+        f"give a local directory, a config.json, or one of: {', '.join(known_names())}"
     )
 
 
@@ -92,7 +83,7 @@ def load_unet_config(spec: "str | Path | Mapping[str, Any]") -> tuple[dict[str, 
     s = str(spec)
     if s in UNET_PRESETS:
         return unet_preset(s), s
-    zoo_dir = _zoo_path(s)
+    zoo_dir = zoo_path(s)
     if zoo_dir is not None:
         d, sub = resolve_unet_dir(zoo_dir)
         return validate_config(_read_json(d / (sub or "") / "config.json"), s), s
@@ -102,9 +93,9 @@ def load_unet_config(spec: "str | Path | Mapping[str, Any]") -> tuple[dict[str, 
             return validate_config(_read_json(p), s), str(p)
         d, sub = resolve_unet_dir(p)
         return validate_config(_read_json(d / (sub or "") / "config.json"), s), str(p)
-    if _HUB_ID.match(s) and not s.endswith(".json"):
+    if HUB_ID.match(s) and not s.endswith(".json"):
         return validate_config(_hub_config(s), s), s
-    raise UnknownNameError("U-Net (preset, zoo name, path or hub id)", s, _known_names())
+    raise UnknownNameError("U-Net (preset, zoo name, path or hub id)", s, known_names())
 
 
 _SUPPORTED_DOWN = {"CrossAttnDownBlock2D", "DownBlock2D"}
@@ -144,10 +135,8 @@ def validate_config(cfg: dict[str, Any], source: str) -> dict[str, Any]:
 
 def load_pretrained_unet(spec: "str | Path", device: str = "cpu", dtype=None):
     """Load a U-Net with its weights (safetensors) from a local directory, zoo name or hub id."""
-    from diffusers import UNet2DConditionModel
-
     s = str(spec)
-    zoo_dir = _zoo_path(s)
+    zoo_dir = zoo_path(s)
     target: str | Path = zoo_dir if zoo_dir is not None else s
     if Path(target).exists():
         d, sub = resolve_unet_dir(target)
@@ -158,7 +147,7 @@ def load_pretrained_unet(spec: "str | Path", device: str = "cpu", dtype=None):
             raise ConfigError(f"{d}: cannot load U-Net weights ({str(e).splitlines()[0]})") from None
     elif s in UNET_PRESETS:
         raise ConfigError(f"{s!r} is a config preset with no weights; give a model directory, zoo name or hub id")
-    elif _HUB_ID.match(s):
+    elif HUB_ID.match(s):
         try:
             model = UNet2DConditionModel.from_pretrained(s, subfolder="unet", use_safetensors=True)
         except Exception as e:
@@ -166,6 +155,6 @@ def load_pretrained_unet(spec: "str | Path", device: str = "cpu", dtype=None):
                 f"cannot load U-Net weights for hub id {s!r} ({type(e).__name__}); give a local model directory"
             ) from None
     else:
-        raise UnknownNameError("model (zoo name, directory or hub id)", s, _known_names())
+        raise UnknownNameError("model (zoo name, directory or hub id)", s, known_names())
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()

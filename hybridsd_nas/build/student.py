@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .candidate import Candidate
-from .model import UNetArch, describe, instantiate
-from .plan import Plan, plan
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from hybridsd_nas.arch import Plan, instantiate
+from hybridsd_nas.core.errors import InvalidCandidateError
+from hybridsd_nas.prune import prune_student
 
 
 class SkippedResnet(nn.Module):
@@ -25,8 +27,6 @@ class SkippedTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
         if return_dict:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
             return Transformer2DModelOutput(sample=hidden_states)
         return (hidden_states,)
 
@@ -117,30 +117,8 @@ def build_student(
     if base_unet is not None and p.candidate.base_blocks:
         load_base_blocks(model, p, base_unet)
     if p.candidate.prune and prune:
-        try:
-            from ..prune import prune_student
-        except ImportError:
-            from ..errors import HybridSDError
-
-            raise HybridSDError(
-                f"candidate {p.candidate.label} asks for channel pruning, which this installation cannot build "
-                "(hybridsd_nas.prune is missing); valid here: layer, unit, depth, stage and recombination edits"
-            ) from None
-
         prune_student(model, p, **(prune_kwargs or {}))
     return model.eval()
-
-
-def build_unet(
-    base: UNetArch | Any,
-    candidate: Candidate | None = None,
-    teacher: nn.Module | None = None,
-    device: str | torch.device = "meta",
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Convenience: describe the base (if needed), plan the candidate, build the student."""
-    arch = base if isinstance(base, UNetArch) else describe(base)
-    return build_student(plan(arch, candidate or Candidate()), teacher=teacher, device=device, dtype=dtype)
 
 
 def _block_prefixes(p: Plan) -> dict[str, tuple[str, str]]:
@@ -153,8 +131,6 @@ def _block_prefixes(p: Plan) -> dict[str, tuple[str, str]]:
 
 def load_base_blocks(model: nn.Module, p: Plan, base_unet: nn.Module | dict[str, torch.Tensor]) -> None:
     """Copy the candidate's ``base_blocks`` from a compressed Base U-Net into ``model``."""
-    from ..errors import InvalidCandidateError
-
     sd = base_unet.state_dict() if isinstance(base_unet, nn.Module) else base_unet
     target = model.state_dict()
     prefixes = _block_prefixes(p)

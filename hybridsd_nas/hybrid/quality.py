@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.metrics import FeatureExtractor, fid_kid, load_classifier, prompt_adherence
 
 
 class Scorer:
@@ -20,7 +21,6 @@ class Scorer:
 
     def __init__(self, reference: np.ndarray, class_indices: list[int] | None, classifier_dir: str | None = None,
                  device: str = "cpu", kid_subset: int = 50, seed: int = 0):
-        from ..metrics import FeatureExtractor, load_classifier
 
         self.kid_subset, self.seed = kid_subset, seed
         self.fx = FeatureExtractor(device=device)
@@ -34,8 +34,6 @@ class Scorer:
                 self.classifier = None
 
     def __call__(self, images: np.ndarray) -> dict[str, Any]:
-        from ..metrics import fid_kid, prompt_adherence
-
         x = _nchw(images)
         r = fid_kid(x, self.ref_feats, extractor=self.fx, kid_subset_size=min(self.kid_subset, len(x)), seed=self.seed)
         out = {"fid": float(r["fid"]), "kid": float(r["kid_mean"]), "kid_std": float(r["kid_std"])}

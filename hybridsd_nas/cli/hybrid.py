@@ -1,8 +1,4 @@
-"""``hybridsd-nas hybrid`` and ``hybridsd-nas hybrid-sweep``: wire with ``register(subparsers)``.
-
-Each handler returns an exit code; user mistakes raise :class:`~hybridsd_nas.errors.HybridSDError`
-subclasses, which the main CLI prints as one line and turns into exit status 2.
-"""
+"""``hybrid`` (several U-Nets over one denoising run) and ``hybrid-sweep`` (the switch step swept)."""
 
 from __future__ import annotations
 
@@ -10,24 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import HybridSDError
+import numpy as np
+import torch
+from PIL import Image
 
-
-def _parse_float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise HybridSDError(f"{what} must be a number, got {text!r}") from None
+from hybridsd_nas.cli.common import add_device, add_json, add_latency, add_out, add_parser, add_seed, add_teacher, print_json
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.cost.pipeline import Link
+from hybridsd_nas.hybrid import HybridPipeline, SweepSettings, parse_steps, plot, run_sweep, write_csv
+from hybridsd_nas.sources import load_pipeline
 
 
 def cmd_hybrid(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .hybrid import HybridPipeline, Link, parse_steps
-    from .pipeline import load_pipeline
-
     steps = parse_steps(args.steps)
     if args.num_images < 1:
         raise HybridSDError(f"--num-images must be at least 1, got {args.num_images}")
@@ -53,6 +43,9 @@ def cmd_hybrid(args: argparse.Namespace) -> int:
     summary = {"teacher": args.teacher, "prompt": args.prompt, "seed": args.seed, "steps": steps,
                "schedule": hp.schedule(), "vae": hp.vae_name, "images": files, "cost": cost}
     (out / "cost_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if args.json:
+        print_json({"out": str(out), **summary})
+        return 0
     share = cost["cloud_share"]
     print(f"{len(files)} image(s) in {out}; schedule " + ", ".join(f"{s['model']} x{s['steps']} ({s['location']})" for s in hp.schedule()))
     print(f"cloud share: {100 * share['steps']:.1f}% of steps, {100 * share['unet_macs']:.1f}% of U-Net MACs, "
@@ -61,26 +54,26 @@ def cmd_hybrid(args: argparse.Namespace) -> int:
 
 
 def cmd_hybrid_sweep(args: argparse.Namespace) -> int:
-    from .hybrid import SweepSettings, plot, run_sweep, write_csv
-
     if len(args.unets) != 2:
         raise HybridSDError(f"--unets takes two U-Nets (large, small), got {len(args.unets)}")
     st = SweepSettings(steps=args.steps, step_every=args.step_every, orders=args.orders, samples=args.samples,
-                       seed=args.seed, guidance=args.guidance, batch=args.batch, device=args.device)
-    r = run_sweep(args.teacher, args.unets, st, progress=not args.quiet)
+                       seed=args.seed, guidance=args.guidance, batch=args.batch_size, device=args.device)
+    r = run_sweep(args.teacher, args.unets, st, progress=not (args.quiet or args.json))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(r, out / "hybrid_sweep.csv")
-    (out / "hybrid_sweep.json").write_text(json.dumps(r, indent=1, default=str))
-    plot([r], out / "hybrid_sweep.png", "fid")
-    print(f"{len(r['rows'])} rows in {out / 'hybrid_sweep.csv'}, plot {out / 'hybrid_sweep.png'} ({r['seconds']:.0f} s)")
+    files = {"csv": write_csv(r, out / "hybrid_sweep.csv"), "json": out / "hybrid_sweep.json",
+             "plot": plot([r], out / "hybrid_sweep.png", "fid")}
+    files["json"].write_text(json.dumps(r, indent=1, default=str))
+    if args.json:
+        print_json({"rows": len(r["rows"]), "seconds": r["seconds"], **{k: str(v) for k, v in files.items()}})
+        return 0
+    print(f"{len(r['rows'])} rows in {files['csv']}, plot {files['plot']} ({r['seconds']:.0f} s)")
     return 0
 
 
-def register(subparsers) -> None:
-    """Add ``hybrid`` and ``hybrid-sweep`` to the main CLI's subparsers."""
-    sp = subparsers.add_parser("hybrid", help="run several U-Nets over one denoising run; write images and a cost summary")
-    sp.add_argument("--teacher", default="tiny", help="teacher pipeline: zoo name, directory or hub id (default: tiny)")
+def register(sub) -> None:
+    sp = add_parser(sub, "hybrid", help="run several U-Nets over one denoising run; write images and a cost summary")
+    add_teacher(sp, default="tiny")
     sp.add_argument("--unets", nargs="+", required=True,
                     help="U-Nets in run order: 'teacher', a candidate preset (built by weight inheritance, not distilled), "
                          "an export directory, a model directory or zoo name")
@@ -88,27 +81,30 @@ def register(subparsers) -> None:
     sp.add_argument("--locations", default=None, help="cloud/edge per U-Net, comma-separated (default: cloud,edge,...)")
     sp.add_argument("--vae", default=None, help="decoder: teacher (default), tiny-random, or a diffusers VAE directory")
     sp.add_argument("--prompt", required=True)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--guidance", type=float, default=None)
+    add_seed(sp)
+    sp.add_argument("--guidance", type=float, default=None, help="default: the pipeline's (7.5)")
     sp.add_argument("--num-images", type=int, default=1)
-    sp.add_argument("--latency", choices=("off", "measure", "lut"), default="off")
-    sp.add_argument("--bandwidth-mbps", type=float, default=100.0)
-    sp.add_argument("--rtt-ms", type=float, default=50.0)
-    sp.add_argument("--device", default="cpu")
-    sp.add_argument("--out", required=True)
+    add_latency(sp)
+    sp.add_argument("--bandwidth-mbps", type=float, default=Link().bandwidth_mbps)
+    sp.add_argument("--rtt-ms", type=float, default=Link().rtt_ms)
+    add_device(sp)
+    add_out(sp)
+    add_json(sp)
     sp.set_defaults(func=cmd_hybrid)
 
-    sp = subparsers.add_parser("hybrid-sweep", help="sweep the switch step of two U-Nets in both orders: FID, KID, adherence vs cloud share")
-    sp.add_argument("--teacher", default="tiny")
+    d = SweepSettings()
+    sp = add_parser(sub, "hybrid-sweep", help="sweep the switch step of two U-Nets in both orders: FID, KID, adherence vs cloud share")
+    add_teacher(sp, default="tiny")
     sp.add_argument("--unets", nargs="+", required=True, help="two U-Nets: the large (cloud) one, then the small (edge) one")
-    sp.add_argument("--orders", choices=("both", "large-first", "small-first"), default="both")
-    sp.add_argument("--steps", type=int, default=25)
-    sp.add_argument("--step-every", type=int, default=5)
-    sp.add_argument("--samples", type=int, default=32)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--guidance", type=float, default=5.0)
-    sp.add_argument("--batch", type=int, default=16)
-    sp.add_argument("--device", default="cpu")
-    sp.add_argument("--quiet", action="store_true")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--orders", choices=("both", "large-first", "small-first"), default=d.orders)
+    sp.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default: {d.steps})")
+    sp.add_argument("--step-every", type=int, default=d.step_every, help=f"switch-step spacing (default: {d.step_every})")
+    sp.add_argument("--samples", type=int, default=d.samples, help=f"(default: {d.samples})")
+    add_seed(sp)
+    sp.add_argument("--guidance", type=float, default=d.guidance, help=f"(default: {d.guidance})")
+    sp.add_argument("--batch-size", type=int, default=d.batch, help=f"images per sampling batch (default: {d.batch})")
+    add_device(sp)
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_out(sp)
+    add_json(sp)
     sp.set_defaults(func=cmd_hybrid_sweep)

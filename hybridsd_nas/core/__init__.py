@@ -1,0 +1,20 @@
+"""The bottom layer: the error tree, registries, paths and small runtime helpers. Imports nothing
+else of the package."""
+
+from hybridsd_nas.core.errors import ConfigError, HybridSDError, InvalidCandidateError, NotExpressibleError, UnknownNameError
+from hybridsd_nas.core.paths import cache_dir, results_root
+from hybridsd_nas.core.registry import Registry
+from hybridsd_nas.core.runtime import __version__, quiet
+
+__all__ = [
+    "ConfigError",
+    "HybridSDError",
+    "InvalidCandidateError",
+    "NotExpressibleError",
+    "Registry",
+    "UnknownNameError",
+    "__version__",
+    "cache_dir",
+    "quiet",
+    "results_root",
+]

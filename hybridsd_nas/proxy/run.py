@@ -1,0 +1,164 @@
+"""One proxy run, as stage functions over a :class:`ProxyRun`, and :func:`run_proxy` composing them up
+to a chosen :class:`Stage`.
+
+1. :func:`prepare`: resolve the teacher once, plan and build the student with inherited weights,
+   encode the training data;
+2. :func:`score_zero_cost`: the zero-cost pre-filters, before any training (a ``prefilter`` may
+   skip the candidate here);
+3. :func:`distill_student`: the short distillation;
+4. :func:`score_heldout`: the held-out output MSE, the ranking score (no sampling);
+5. :func:`score_samples`: samples, FID/KID against the teacher's samples and real images, adherence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from diffusers import DDPMScheduler
+
+from hybridsd_nas.arch import Plan, describe, plan, resolve_candidate
+from hybridsd_nas.build import build_student
+from hybridsd_nas.core.status import RunStatus
+from hybridsd_nas.distill import DistillConfig, DistillData, distill, fashion_mnist_data, perceptual_term
+from hybridsd_nas.proxy.sampling import evaluate_student
+from hybridsd_nas.proxy.scores import heldout_score, zero_cost_scores
+from hybridsd_nas.proxy.settings import ProxySettings
+from hybridsd_nas.sources import Teacher, load_pretrained_unet, resolve_teacher
+
+
+class Stage(IntEnum):
+    """How far :func:`run_proxy` goes; each stage includes the ones before it."""
+
+    ZERO_COST = 1  # the student as inherited: zero-cost scores only, no training
+    DISTILL = 2  # the short distillation, no score after it
+    HELDOUT = 3  # the held-out output MSE (the ranking score)
+    SAMPLES = 4  # sampling: FID, KID, adherence
+
+
+@dataclass
+class ProxyRun:
+    """What the stages share: the resolved teacher, its pipeline, the plan, the student, the data."""
+
+    teacher: Teacher
+    settings: ProxySettings
+    device: str
+    pipe: Any
+    plan: Plan
+    student: Any
+    data: DistillData
+    scheduler: Any
+    sampler_steps: int
+    guidance: float
+
+
+@dataclass
+class ProxyResult:
+    """The figures of one proxy run; ``to_dict()`` is the JSON the CLI and studies record."""
+
+    candidate: dict[str, Any]
+    candidate_key: str
+    teacher: str
+    settings: dict[str, Any]
+    status: RunStatus = RunStatus.OK
+    reason: str | None = None
+    zero_cost: dict[str, float] = field(default_factory=dict)
+    zero_cost_seconds: float | None = None
+    distill: dict[str, Any] = field(default_factory=dict)  # distill_seconds, distill_final_loss, feature_rule
+    heldout: dict[str, float] = field(default_factory=dict)  # heldout_mse, heldout_mse_high, heldout_seconds
+    evaluation: dict[str, Any] = field(default_factory=dict)  # proxy_fid, kid, fid_real, adherence, ...
+    student: Any = field(default=None, repr=False)  # the (distilled) student module
+    images: Any = field(default=None, repr=False)  # the student's samples (uint8, N x 3 x H x W), at SAMPLES
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RunStatus.OK
+
+    @property
+    def figures(self) -> dict[str, Any]:
+        """Every score, flat: zero-cost aside, the names a study's metrics and constraints use."""
+        return {**self.distill, **self.heldout, **self.evaluation}
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"candidate": self.candidate, "candidate_key": self.candidate_key, "teacher": self.teacher,
+                             "settings": self.settings, "zero_cost": self.zero_cost,
+                             "zero_cost_seconds": self.zero_cost_seconds, "status": self.status.value, "reason": self.reason}
+        d.update(self.figures)
+        return d
+
+
+def prepare(teacher: Teacher | str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
+            device: str = "cpu") -> tuple[ProxyRun, ProxyResult]:
+    """Stage 1: everything the later stages use, and the result they fill in."""
+    s = settings or ProxySettings()
+    t = resolve_teacher(teacher)
+    steps, guidance = t.sampling_settings(s.sampler_steps, s.guidance)
+    arch = describe(t.path)
+    cand = resolve_candidate(candidate, arch)
+    p = plan(arch, cand)
+    pipe = t.pipeline(device=device)
+    base_unet = load_pretrained_unet(base, device=device) if base else None
+    student = build_student(p, teacher=pipe.unet, device=device, base_unet=base_unet)
+    data = fashion_mnist_data(pipe, n=s.data_images, seed=s.seed)
+    run = ProxyRun(t, s, device, pipe, p, student, data, DDPMScheduler.from_config(pipe.scheduler.config), steps, guidance)
+    result = ProxyResult(cand.to_dict(), cand.key, t.spec,
+                         {**s.as_dict(), "sampler_steps": steps, "guidance": guidance,
+                          "sampler": type(pipe.scheduler).__name__, "device": device, "dtype": "float32"},
+                         student=student)
+    return run, result
+
+
+def score_zero_cost(run: ProxyRun, result: ProxyResult) -> None:
+    """Stage 2: zero-cost scores of the student as inherited."""
+    t0 = time.perf_counter()
+    result.zero_cost = zero_cost_scores(run.student, run.pipe.unet, run.data, run.scheduler, seed=run.settings.seed)
+    result.zero_cost_seconds = round(time.perf_counter() - t0, 3)
+
+
+def distill_student(run: ProxyRun, result: ProxyResult, progress: bool = False) -> None:
+    """Stage 3: the short distillation; a failed run sets the result's status and reason."""
+    s = run.settings
+    cfg = DistillConfig(steps=s.distill_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, weights=s.weights)
+    perc, dec = perceptual_term(run.pipe, run.teacher, device=run.device) if s.weights.perceptual > 0 else (None, None)
+    res = distill(run.student, run.pipe.unet, run.plan, run.data, run.scheduler, cfg, progress=progress,
+                  perceptual=perc, decode=dec)
+    result.status, result.reason = RunStatus(res.status), res.reason
+    result.distill = {"distill_seconds": round(res.seconds, 2),
+                      "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule}
+
+
+def score_heldout(run: ProxyRun, result: ProxyResult) -> None:
+    """Stage 4: the held-out output MSE of the distilled student (the ranking score)."""
+    result.heldout = heldout_score(run.student, run.pipe, run.scheduler, run.settings)
+
+
+def score_samples(run: ProxyRun, result: ProxyResult, keep_images: bool = False) -> None:
+    """Stage 5: sampling scores against the teacher's samples and real images."""
+    ev = evaluate_student(run.teacher, run.pipe, run.student, run.settings, run.sampler_steps, run.guidance,
+                          device=run.device, return_images=keep_images)
+    result.images = ev.pop("images", None)
+    result.evaluation = ev
+
+
+def run_proxy(teacher: Teacher | str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
+              device: str = "cpu", until: Stage = Stage.SAMPLES, progress: bool = False, keep_images: bool = False,
+              prefilter: Callable[[dict[str, float]], str | None] | None = None) -> ProxyResult:
+    """Score one candidate up to stage ``until``. ``prefilter`` sees the zero-cost scores first and
+    returns a reason to skip the candidate (status ``skipped``) or None."""
+    run, result = prepare(teacher, candidate, settings, base, device)
+    score_zero_cost(run, result)
+    if prefilter is not None and (why := prefilter(result.zero_cost)):
+        result.status, result.reason = RunStatus.SKIPPED, why
+        return result
+    if until <= Stage.ZERO_COST:
+        return result
+    distill_student(run, result, progress=progress)
+    if not result.ok or until <= Stage.DISTILL:
+        return result
+    score_heldout(run, result)
+    if until >= Stage.SAMPLES:
+        score_samples(run, result, keep_images=keep_images)
+    return result

@@ -1,0 +1,29 @@
+"""The proxy's settings. Why the defaults are what they are: ``docs/decisions/0001-proxy-ranking-score.md``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hybridsd_nas.distill import LossWeights
+
+
+@dataclass
+class ProxySettings:
+    distill_steps: int = 40
+    batch_size: int = 16
+    lr: float = 5e-4
+    weights: LossWeights = field(default_factory=LossWeights)
+    data_images: int = 4096  # training images encoded for the distillation (cached)
+    samples: int = 32
+    sampler_steps: int | None = None  # default: the teacher's sampling.json, else 20
+    guidance: float | None = None  # default: the teacher's sampling.json, else 5.0
+    seed: int = 0
+    kid_subset: int = 50
+    reference_images: int = 1000  # the first N Fashion-MNIST test images (shared cache with the teacher evaluation)
+    heldout_latents: int = 64  # fixed held-out noisy latents of ``heldout_mse`` (test-split images, no sampling)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"] = self.weights.as_dict()
+        return d
