@@ -2,8 +2,8 @@
 S1-S3 included) with the non-distilled BK-SDM-Base and BK-SDM-Tiny built from the teacher, and the
 cloud-cost arithmetic behind Hybrid SD's "-66% cloud cost" on SD-1.5's component configs.
 
-    python experiments/hybrid_sweep.py --teacher tiny --samples 32 --out results/hybrid
-    python experiments/hybrid_sweep.py --arithmetic-only --out results/hybrid
+    python -m experiments.research.hybrid_sweep.hybrid_sweep --teacher tiny --samples 32 --out results/hybrid
+    python -m experiments.research.hybrid_sweep.hybrid_sweep --arithmetic-only --out results/hybrid
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def arithmetic(out: Path) -> list[dict]:
         "measurement (which may be in GPU time, where the decoder weighs more than its MACs suggest).",
         "",
         f"Full grid (every k for N = 25 and 50): `cloud_cost_arithmetic.csv`. Written {time.strftime('%Y-%m-%d')}",
-        "by `experiments/hybrid_sweep.py --arithmetic-only`.",
+        "by `python -m experiments.research.hybrid_sweep.hybrid_sweep --arithmetic-only`.",
     ]
     (out / "cloud_cost_arithmetic.md").write_text("\n".join(lines) + "\n")
     return near
@@ -172,7 +172,7 @@ def main() -> None:
         md.append("")
     md += ["Files: `sweep_teacher_<small>.csv` / `.json` (every row), `sweep_fid_vs_cloud.png`, "
            "`cloud_cost_arithmetic.md` (the -66% arithmetic).", "",
-           f"Command: `python experiments/hybrid_sweep.py --teacher {a.teacher} --samples {a.samples} --steps {a.steps} "
+           f"Command: `python -m experiments.research.hybrid_sweep.hybrid_sweep --teacher {a.teacher} --samples {a.samples} --steps {a.steps} "
            f"--step-every {a.step_every} --guidance {a.guidance} --smalls {' '.join(a.smalls)} --out {a.out}`"]
     (out / "README.md").write_text("\n".join(md) + "\n")
     print(f"done in {total / 60:.1f} min")

@@ -16,7 +16,7 @@ Costs: the first run's distillation seconds to step 40 plus the held-out evaluat
 as a fraction of its long run (the runs that shared the cores left out, as in ``ema_reference.py``);
 MACs and the trainable share are free, the zero-cost score is part of every proxy run.
 
-    python experiments/proxy_fidelity/bound.py --out results/proxy_fidelity
+    python -m experiments.research.proxy_fidelity.bound --out results/proxy_fidelity
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ema_reference  # noqa: E402  (the reference, its taus and its rule's numbers)
-import run  # noqa: E402  (the first runs, rank statistics)
+from experiments.research.proxy_fidelity import (
+    ema_reference,  # the reference, its taus and its rule's numbers
+    run,  # the first runs, rank statistics
+)
 
 STEPS = (10, 20, 40)
 STEM = "proxy_fidelity_bound"  # the report's file names
@@ -113,7 +114,7 @@ def _markdown(rep: dict) -> str:
              "lr 5e-4, training seed 0, float32) at steps 10, 20, 40, its MACs (32 px, batch 1), the trainable share of its "
              "parameters and its zero-cost output MSE, combined as below. Reference: " + ema_reference.REFERENCE_WORDS
              + f". First runs on {'; '.join(rep['machines']) or '-'}" + ema_reference.cost_words(rep)
-             + ". Made by `experiments/proxy_fidelity/bound.py`. **Post hoc**: every combination was formed after these "
+             + ". Made by `experiments/research/proxy_fidelity/bound.py`. **Post hoc**: every combination was formed after these "
              "candidates were seen, and a weighted one's weight is the best of the grid on them (marked searched): the taus "
              "are optimistic, an upper bound of what these figures give, not scores to adopt.", ""]
     lines += ema_reference.interim_words(rep)

@@ -14,10 +14,11 @@ step both the raw weights and the EMA get ``run.py``'s long evaluation: 128 samp
 fixed prompts and seeds, FID against the teacher's samples. Averaging does not touch the training:
 the raw weights at step 400 are those of a ``run.py`` long run with the same seed (up to the float32
 rounding of another machine). Records: ``<out>/ema_check/<name>.seed<k>.json`` (a rerun skips what is
-there); reading: ``<results>/proxy_fidelity_ema.md`` and ``.json``.
+there; ``records.py``: loose until packed into ``<out>/ema_check.tar.xz``); reading:
+``<results>/proxy_fidelity_ema.md`` and ``.json``.
 
-    python experiments/proxy_fidelity/ema_check.py --out results/proxy_fidelity --train-seed 0
-    python experiments/proxy_fidelity/ema_check.py --out results/proxy_fidelity --analyse-only
+    python -m experiments.research.proxy_fidelity.ema_check --out results/proxy_fidelity --train-seed 0
+    python -m experiments.research.proxy_fidelity.ema_check --out results/proxy_fidelity --analyse-only
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (the experiment this one checks: candidates, settings, reference)
-
-from hybridsd_nas.arch import build_student, plan  # noqa: E402
-from hybridsd_nas.distill import DistillConfig, averaged_weights, distill  # noqa: E402
-from hybridsd_nas.proxy import ProxySettings, evaluate_student  # noqa: E402
+from experiments.research.proxy_fidelity import run  # the experiment this one checks: candidates, settings, reference
+from experiments.research.proxy_fidelity.records import Records
+from hybridsd_nas.arch import build_student, plan
+from hybridsd_nas.distill import DistillConfig, averaged_weights, distill
+from hybridsd_nas.proxy import ProxySettings, evaluate_student
 
 # Fixed before any was run: four candidates without a Base, fast to train here, spread over the
 # reference's range (two-seed long FIDs about 57, 53, 41 and 37).
@@ -102,7 +102,8 @@ def analyse(records: list[dict], out: Path, results: Path, long_steps: int, earl
     for r in records:
         if r["status"] == "ok":
             by.setdefault(r["candidate"], {})[r["train_seed"]] = r
-    first = {r["candidate"]: r for r in (json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json")))}
+    store = Records(out)
+    first = {r["candidate"]: r for r in (store.read(n) for n in store.names("runs/*.json"))}
     recorded = run.seed_runs([first[n] for n in by if n in first], run.load_replicates(out, long_steps), long_steps)
     rows, raw_groups, ema_groups, same_seed = [], {}, {}, []
     for name, seeds in by.items():
@@ -138,7 +139,7 @@ def _markdown(rep: dict, records: list[dict]) -> str:
     cfg = next((r["config"] for r in records), {})
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines = ["# Long FID on a moving average of the weights", "",
-             f"Runs of `experiments/proxy_fidelity/ema_check.py` on {', '.join(rep['machines'])}, float32: each candidate distilled "
+             f"Runs of `experiments/research/proxy_fidelity/ema_check.py` on {', '.join(rep['machines'])}, float32: each candidate distilled "
              f"{L} steps (batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, constant) while keeping an EMA of its trainable weights "
              f"(diffusers' EMAModel, decay {cfg.get('ema_decay')}, which its warm-up caps at (1 + n) / (10 + n): "
              f"{(rep['rows'][0]['ema_last_decay'] if rep['rows'] else float('nan')):.3f} at step {L}). At steps {E} and {L}, both weights get "
@@ -197,22 +198,21 @@ def main(argv=None) -> int:
     for n in names:
         _spec(n)
     out = Path(args.out)
-    rec_dir = out / "ema_check"
-    rec_dir.mkdir(parents=True, exist_ok=True)
+    store = Records(out)
     args.proxy_samples = args.long_samples  # run.warm_caches warms both evaluations' references; here both are the long one
     if not args.analyse_only:
         pipe, arch, data, _, sched = run.setup(args)
         print(f"teacher samples and reference features cached ({run.warm_caches(args, pipe):.0f} s)", file=sys.stderr, flush=True)
         for name in names:
-            f = rec_dir / f"{name}.seed{args.train_seed}.json"
-            if f.is_file():
+            f = f"ema_check/{name}.seed{args.train_seed}.json"
+            if store.exists(f):
                 print(f"{name} seed {args.train_seed}: done before, kept", file=sys.stderr)
                 continue
             t0 = time.perf_counter()
             rec = check_candidate(name, args, pipe, arch, data, sched)
             rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
-            f.write_text(json.dumps(rec, indent=1))
-    records = [json.loads(f.read_text()) for f in sorted(rec_dir.glob("*.json"))]
+            store.write(f, rec)
+    records = [store.read(n) for n in store.names("ema_check/*.json")]
     rep = analyse(records, out, Path(args.results), max(args.eval_steps), min(args.eval_steps))
     print(f"raw sd {rep['raw_seed_sd']}, EMA sd {rep['ema_seed_sd']}, adopted {rep['adopted']}", file=sys.stderr)
     return 0

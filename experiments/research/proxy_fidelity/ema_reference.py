@@ -26,7 +26,7 @@ becomes the default way to rank candidates if it ranks the third list at least a
 FID proxy, and every candidate better than it against the reference and each one-seed reference, at
 no more cost.
 
-    python experiments/proxy_fidelity/ema_reference.py --out results/proxy_fidelity
+    python -m experiments.research.proxy_fidelity.ema_reference --out results/proxy_fidelity
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (the experiment read here: candidates, scores, rank statistics)
+from experiments.research.proxy_fidelity import run  # the experiment read here: candidates, scores, rank statistics
+from experiments.research.proxy_fidelity.records import Records
 
 TARGET_TAU = 0.8
 MAX_COST = 0.10
@@ -70,10 +70,11 @@ def ema_runs(out: Path, replicates: dict[str, list[dict]], long_steps: int, deca
         ev = r.get("evals", {}).get(str(long_steps), {}).get("long_ema")
         found.append((f"runs/{r['candidate']}.json", r["candidate"], r.get("train_seed", run.UNRECORDED_TRAIN_SEED),
                       (r.get("ema") or {}).get("decay"), None if ev is None else float(ev["proxy_fid"])))
-    for f in sorted((out / "ema_check").glob("*.json")):
-        r = json.loads(f.read_text())
+    store = Records(out)
+    for name in store.names("ema_check/*.json"):
+        r = store.read(name)
         ev = r.get("evals", {}).get(str(long_steps), {}).get("ema") if r.get("status") == "ok" else None
-        found.append((f.name, r["candidate"], r.get("train_seed", run.UNRECORDED_TRAIN_SEED), (r.get("ema") or {}).get("decay"),
+        found.append((Path(name).name, r["candidate"], r.get("train_seed", run.UNRECORDED_TRAIN_SEED), (r.get("ema") or {}).get("decay"),
                       None if ev is None else float(ev["proxy_fid"])))
     by: dict[str, dict[int, list[float]]] = {}
     for where, name, seed, kept, fid in found:
@@ -91,7 +92,8 @@ def ema_runs(out: Path, replicates: dict[str, list[dict]], long_steps: int, deca
 def first_runs(out: Path) -> list[dict]:
     """The first runs (with the proxies) of every candidate list, in list order; failed ones left out."""
     names = [n for lst in run.LISTS.values() for n, _ in lst]
-    rows = [json.loads(f.read_text()) for f in (run.record_file(out, n, None) for n in names) if f.is_file()]
+    store = Records(out)
+    rows = [store.read(f) for f in (run.record_name(n, None) for n in names) if store.exists(f)]
     return [r for r in rows if r["status"] == "ok"]
 
 
@@ -349,7 +351,7 @@ def _markdown(rep: dict) -> str:
              f"(`results/proxy_fidelity.md`), on {', '.join(rep['machines'])}"
              + (f"; costs leave out {', '.join(rep['cost_left_out'])} (their first runs shared the cores with other work)"
                 if rep.get("cost_left_out") else "") + ". "
-             "Made by `experiments/proxy_fidelity/ema_reference.py`; the rule below was fixed in "
+             "Made by `experiments/research/proxy_fidelity/ema_reference.py`; the rule below was fixed in "
              "`results/proxy_fidelity/notes.md` before these runs were read.", ""]
     if not rep["complete"]:
         counts = [len(c["ema_by_seed"]) for c in pc]
@@ -440,8 +442,8 @@ def parse_reader(ap: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace,
     """``ap``'s arguments and run.py's work directory; exit 2 naming it when it holds no first runs."""
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if not (out / "runs").is_dir():
-        ap.error(f"--out {out}: no runs/ directory of run.py's first runs there")
+    if not Records(out).names("runs/*.json"):
+        ap.error(f"--out {out}: no first runs of run.py there (runs.tar.xz or runs/)")
     return args, out
 
 

@@ -16,7 +16,7 @@ cost of at most 10% of a long run and tau >= 0.8 against the EMA reference and e
 reference, and then only after a third fresh list of candidates, fixed before it is run, also ranks
 at >= 0.8. Beside it, as context: the measured held-out MSE at the last fitted step and at ``AT``.
 
-    python experiments/proxy_fidelity/extrapolate.py --out results/proxy_fidelity
+    python -m experiments.research.proxy_fidelity.extrapolate --out results/proxy_fidelity
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ema_reference  # noqa: E402  (the reference and the rule)
-import run  # noqa: E402  (the first runs, rank statistics)
+from experiments.research.proxy_fidelity import (
+    ema_reference,  # the reference and the rule
+    run,  # the first runs, rank statistics
+)
 
 FIT_STEPS = (10, 20, 40)
 AT = 400
@@ -97,7 +98,7 @@ def _markdown(rep: dict) -> str:
              f"training seed 0, float32), read at step {rep['at']}. Reference: " + ema_reference.REFERENCE_WORDS + ". First runs on "
              f"{'; '.join(rep['machines']) or '-'}"
              + ema_reference.cost_words(rep)
-             + ". Made by `experiments/proxy_fidelity/extrapolate.py`; the form, the steps and the rule were fixed in "
+             + ". Made by `experiments/research/proxy_fidelity/extrapolate.py`; the form, the steps and the rule were fixed in "
              "`results/proxy_fidelity/notes.md` before it was computed.", ""]
     lines += ema_reference.interim_words(rep)
     if rep.get("score"):

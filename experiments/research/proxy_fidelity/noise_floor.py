@@ -13,7 +13,7 @@ the long run does separate beside the plain Kendall tau.
 The students are the ones ``run.py`` exports (``<out>/<name>-long``). Seed 0 is re-evaluated too: it
 must give the long FID ``run.py`` recorded for the same weights, which checks the export.
 
-    python experiments/proxy_fidelity/noise_floor.py --out results/proxy_fidelity --seeds 0,1,2,3
+    python -m experiments.research.proxy_fidelity.noise_floor --out results/proxy_fidelity --seeds 0,1,2,3
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.research.proxy_fidelity.records import Records
 from hybridsd_nas import load_unet
 from hybridsd_nas.pipeline import load_pipeline, pipeline_fingerprint
 from hybridsd_nas.proxy import ProxySettings, evaluate_student, sampling_settings
@@ -40,8 +41,8 @@ def _long_fid(run: dict) -> float:
 
 
 def _run_record(out: Path, name: str) -> dict | None:
-    f = out / "runs" / f"{name}.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    store = Records(out)
+    return store.read(f"runs/{name}.json") if store.exists(f"runs/{name}.json") else None
 
 
 def main(argv=None) -> int:
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     for n in names:
         if not (out / f"{n}-long" / "hybridsd_nas.json").is_file():
-            raise SystemExit(f"error: {out / (n + '-long')} is missing; run experiments/proxy_fidelity/run.py first "
+            raise SystemExit(f"error: {out / (n + '-long')} is missing; run `python -m experiments.research.proxy_fidelity.run` first "
                              f"(it exports {', '.join(names)})")
     pipe = load_pipeline(args.teacher, device="cpu")
     steps, guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)

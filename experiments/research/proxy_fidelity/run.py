@@ -19,18 +19,20 @@ reading against the EMA reference, ``ema_reference.py``, which reads it).
 Recombinations (M1-M6) take their Base blocks from this experiment's long-distilled BK-SDM-Base,
 as A-SDM assembles from a trained compressed U-Net; their proxies use the same Base.
 
-    python experiments/proxy_fidelity/run.py --out results/proxy_fidelity
+    python -m experiments.research.proxy_fidelity.run --out results/proxy_fidelity
 
-Per-candidate results are written as they finish (``<out>/runs/<name>.json``); a rerun skips what
-is there, so an interrupted experiment loses at most the candidate in progress.
+Per-candidate results are written as they finish (``<out>/runs/<name>.json``, loose until
+``python -m experiments.research.proxy_fidelity.records pack`` folds them into ``<out>/runs.tar.xz``;
+``records.py`` reads both); a rerun skips what is there, so an interrupted experiment loses at most
+the candidate in progress.
 
 Repeats of the long runs (``--replicate TAG --train-seed N``) can train on an accelerator: ``--device cuda``
 (plain float32 unless ``--tf32``; each record names its machine). Where the FID network cannot go with them,
 ``--defer-fid`` saves each long run's samples instead of scoring them, and ``--score-deferred`` scores them
 on this machine against the same cached teacher samples and reference features:
 
-    python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --device cuda --defer-fid  # there
-    python experiments/proxy_fidelity/run.py --out DIR --replicate seed1 --train-seed 1 --score-deferred           # here
+    python -m experiments.research.proxy_fidelity.run --out DIR --replicate seed1 --train-seed 1 --device cuda --defer-fid  # there
+    python -m experiments.research.proxy_fidelity.run --out DIR --replicate seed1 --train-seed 1 --score-deferred           # here
 
 With ``--ema-decay D`` a run (a first run or a repeat) also keeps an exponential moving average of the
 trained weights and gives it the long evaluation (``long_ema`` beside ``long``; deferred alike); the
@@ -59,10 +61,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.research.proxy_fidelity.records import Records
 from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
+from hybridsd_nas.core.errors import InvalidCandidateError
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.distill import DistillConfig, averaged_weights, distill, fashion_mnist_data
-from hybridsd_nas.errors import InvalidCandidateError
 from hybridsd_nas.pipeline import load_pipeline
 from hybridsd_nas.proxy import ProxySettings, evaluate_student, paired_sample_score, sampling_settings, zero_cost_scores
 
@@ -234,7 +237,7 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
                 export_unet(st, p, out_dir / f"{name}-long", teacher_id=args.teacher, cost=cost, overwrite=True,
                             extra={"distill": cfg.as_dict(), "experiment": "proxy_fidelity"},
                             card=f"# {name}, distilled {args.long_steps} steps from `{args.teacher}`\n\nWritten by "
-                                 f"experiments/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, training seed {args.train_seed}); "
+                                 f"experiments/research/proxy_fidelity/run.py (batch {args.batch_size}, lr {args.lr}, training seed {args.train_seed}); "
                                  "load with `hybridsd_nas.load_unet(<this directory>)`.\n")
             if n == args.long_steps and not args.rescore:
                 # the last weights, and with --ema-decay their moving average (LONG_KINDS), each sampled or scored
@@ -285,22 +288,27 @@ def save_long_samples(args, pipe, student, name: str, out_dir: Path, suffix: str
             "machine": machine_label(args.device)}
 
 
-def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
+def score_deferred(args, pipe, export_dir: Path, store: Records, names: list[str]) -> int:
     """``--score-deferred``: the long FID (and the rest of ``evaluate_student``'s figures) of every run
-    in ``files`` whose long samples were saved by ``--defer-fid``, computed on this machine against the
-    same cached teacher samples and reference features as every other run; the records are updated in
-    place (``long`` beside ``long_deferred``). A rebuilt Base's FID is also written into the runs built
-    on it. Returns how many were scored."""
+    of ``store`` named in ``names`` whose long samples were saved by ``--defer-fid``, computed on this
+    machine against the same cached teacher samples and reference features as every other run; the
+    records are updated (``long`` beside ``long_deferred``; written loose, ``Records.write``). A rebuilt
+    Base's FID is also written into the runs built on it. Returns how many were scored."""
     from safetensors.numpy import load_file
 
     L, n = str(args.long_steps), 0
     long_s = ProxySettings(samples=args.long_samples, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
-    rebuilt = export_dir / "bk-sdm-base-long" / "rebuilt_run.json"
+    rebuilt = export_dir / "bk-sdm-base-long" / "rebuilt_run.json"  # beside the export, no record
     base_fid = None  # the rebuilt Base's long FID, for the recombinations built on it
-    for f in [rebuilt, *files]:  # the Base first
-        if not f.is_file():
+    for f in [rebuilt, *names]:  # the Base first
+        if f == rebuilt:
+            if not rebuilt.is_file():
+                continue
+            row = json.loads(rebuilt.read_text())
+        elif store.exists(f):
+            row = store.read(f)
+        else:
             continue
-        row = json.loads(f.read_text())
         ev = row.get("evals", {}).get(L, {})
         changed = False
         for kind in LONG_KINDS:
@@ -309,7 +317,7 @@ def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
                 continue
             sf = export_dir / d["samples_file"]
             if not sf.is_file():
-                raise SystemExit(f"error: --score-deferred: {f} names samples {sf} that are missing; "
+                raise SystemExit(f"error: --score-deferred: {f if f == rebuilt else store.out / f} names samples {sf} that are missing; "
                                  "copy them back beside the run's exports or run the candidate again")
             imgs = load_file(str(sf))["images"]
             if len(imgs) != args.long_samples:
@@ -318,7 +326,7 @@ def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
                                         device=args.device, sample=lambda prompts: imgs)
             ev[kind]["eval_seconds"] = round(ev[kind]["eval_seconds"] + d["sample_seconds"], 2)  # sampling there, scoring here
             ev[kind]["scored_on"] = machine_label(args.device)
-            print(f"{row['candidate']} ({f.name}): {kind} FID {ev[kind]['proxy_fid']:.2f}", file=sys.stderr, flush=True)
+            print(f"{row['candidate']} ({Path(f).name}): {kind} FID {ev[kind]['proxy_fid']:.2f}", file=sys.stderr, flush=True)
             changed, n = True, n + 1
         if f == rebuilt:
             base_fid = ev.get("long", {}).get("proxy_fid")
@@ -326,7 +334,10 @@ def score_deferred(args, pipe, export_dir: Path, files: list[Path]) -> int:
             row["base_rebuilt"]["long_fid"] = base_fid
             changed = True
         if changed:
-            f.write_text(json.dumps(row, indent=1))
+            if f == rebuilt:
+                rebuilt.write_text(json.dumps(row, indent=1))
+            else:
+                store.write(f, row)
     return n
 
 
@@ -384,8 +395,9 @@ def load_replicates(out: Path, long_steps: int) -> dict[str, list[dict]]:
     """Repeats of whole long runs (``<out>/replicates/<name>.<tag>.json``, ``--replicate``), by
     candidate: ``[{"tag", "long_fid"}]``. A repeat of another length is left out with a warning."""
     reps: dict[str, list[dict]] = {}
-    for f in sorted((out / "replicates").glob("*.json")):
-        r = json.loads(f.read_text())
+    store = Records(out)
+    for name in store.names("replicates/*.json"):
+        r, f = store.read(name), out / name
         at_end = r.get("evals", {}).get(str(long_steps), {})
         ev = at_end.get("long")
         if r.get("status") != "ok" or ev is None:
@@ -910,7 +922,7 @@ def _markdown(rows, settings, extra, args, meta, path: Path, noise: dict | None 
                           + f": {', '.join(runs)}.")
     if noise:
         studs = ", ".join(f"{k} {v['mean']:.2f} ± {v['sd']:.2f}" for k, v in noise["students"].items())
-        lines += ["", f"Noise of the long FID (experiments/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
+        lines += ["", f"Noise of the long FID (experiments/research/proxy_fidelity/noise_floor.py): the exported long students re-evaluated "
                   f"on {len(noise['seeds'])} seed sets of {noise['samples']} samples ({noise['seeds']}; mean ± sd: {studs}). One long "
                   f"FID varies by sd {noise['fid_sd']:.2f}; the difference between two students on the same seeds by sd "
                   f"{noise['diff_sd']:.2f}."
@@ -1061,10 +1073,10 @@ def machine_label(device: str) -> str:
     return f"{device_label(d)} ({d.type}, torch {torch.__version__})"
 
 
-def record_file(out: Path, name: str, replicate: str | None) -> Path:
-    """Where a candidate's run is recorded: ``<out>/runs/<name>.json``, or a replicate set's
-    ``<out>/replicates/<name>.<TAG>.json``."""
-    return out / "replicates" / f"{name}.{replicate}.json" if replicate else out / "runs" / f"{name}.json"
+def record_name(name: str, replicate: str | None) -> str:
+    """The record of a candidate's run (``Records``): ``runs/<name>.json``, or a replicate set's
+    ``replicates/<name>.<TAG>.json``."""
+    return f"replicates/{name}.{replicate}.json" if replicate else f"runs/{name}.json"
 
 
 def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sched) -> dict:
@@ -1073,10 +1085,12 @@ def rebuild_base(args, export_dir: Path, bf: Path, pipe, arch, data, heldout, sc
     Base. The record of the set is left as it is (it is what the analysis reads); this run's own goes
     to ``<bf>/rebuilt_run.json``, with its long FID beside the recorded one (on another machine the two
     differ by float32 rounding only, the same training seed giving the same batches and noise)."""
-    rec_file = record_file(Path(args.out), "bk-sdm-base", args.replicate)
-    if not rec_file.is_file():
+    store = Records(args.out)
+    rec_name = record_name("bk-sdm-base", args.replicate)
+    rec_file = store.out / rec_name
+    if not store.exists(rec_name):
         raise SystemExit(f"error: --rebuild-base: {rec_file} is missing; run bk-sdm-base first (the recombinations' Base)")
-    recorded = json.loads(rec_file.read_text())
+    recorded = store.read(rec_name)
     seed = recorded.get("train_seed", UNRECORDED_TRAIN_SEED)
     if seed != args.train_seed:
         raise SystemExit(f"error: --rebuild-base: {rec_file} trained with seed {seed}, this invocation with --train-seed "
@@ -1206,16 +1220,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.replicate and not args.replicate.replace("-", "").replace("_", "").isalnum():
         ap.error(f"--replicate {args.replicate!r}: use letters, digits, '-' and '_' only")
-    # where this invocation writes: the runs, or one replicate set of them
+    # where this invocation writes: the runs, or one replicate set of them (records: Records, loose until packed)
+    store = Records(out)
     run_dir = out / "replicates" if args.replicate else out / "runs"
     export_dir = out / "replicates" / args.replicate if args.replicate else out
-    run_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     pipe, arch, data, heldout, sched = setup(args)
     meta = {"machine": machine_label(args.device),
             "torch": torch.__version__, "sampler": type(pipe.scheduler).__name__, "args": {k: v for k, v in vars(args).items()}}
     if args.score_deferred:
-        n = score_deferred(args, pipe, export_dir, [record_file(out, name, args.replicate) for name, _ in LISTS[args.list]])
+        n = score_deferred(args, pipe, export_dir, store, [record_name(name, args.replicate) for name, _ in LISTS[args.list]])
         print(f"replicate {args.replicate}: {n} deferred long runs scored; tabulate with --analyse-only", file=sys.stderr)
         return 0
     if not args.analyse_only and not args.defer_fid:  # deferred runs sample only: no teacher references needed
@@ -1227,12 +1241,12 @@ def main(argv=None) -> int:
     for name, spec in LISTS[args.list]:
         if only and name not in only:
             continue
-        f = record_file(out, name, args.replicate)
+        f = record_name(name, args.replicate)
         if args.rescore:
-            if not f.is_file():
+            if not store.exists(f):
                 print(f"{name}: no run to rescore, skipped", file=sys.stderr)
                 continue
-            row = json.loads(f.read_text())
+            row = store.read(f)
             if not row.get("rescore") and row["status"] == "ok":
                 base_unet = _base_for(name, spec, arch, args, export_dir, base_unet, (pipe, arch, data, heldout, sched))
                 print(f"{name}: rescoring the first {max(args.score_checkpoints)} steps", file=sys.stderr, flush=True)
@@ -1247,14 +1261,14 @@ def main(argv=None) -> int:
                 row["rescore"] = {"steps": max(args.score_checkpoints), "status": new["status"], "reason": new["reason"],
                                   "base": str(args.base_used) if new["space"] == "recombination" else None,
                                   "wall_seconds": round(time.perf_counter() - t0, 1)}
-                f.write_text(json.dumps(row, indent=1))
+                store.write(f, row)
             rows.append(row)
             continue
-        if args.replicate and not (out / "runs" / f"{name}.json").is_file():
+        if args.replicate and not store.exists(record_name(name, None)):
             print(f"{name}: no first run to repeat, skipped", file=sys.stderr)
             continue
-        if f.is_file():
-            rows.append(json.loads(f.read_text()))
+        if store.exists(f):
+            rows.append(store.read(f))
             print(f"{name}: done before, kept", file=sys.stderr)
         elif args.analyse_only:
             continue
@@ -1270,7 +1284,7 @@ def main(argv=None) -> int:
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             if row["space"] == "recombination" and args.base_rebuilt:
                 row["base_rebuilt"] = args.base_rebuilt
-            f.write_text(json.dumps(row, indent=1))
+            store.write(f, row)
             rows.append(row)
     meta["wall_seconds"] = sum(r.get("wall_seconds", 0) for r in rows)
     meta["this_invocation_seconds"] = round(time.perf_counter() - t_all, 1)
@@ -1280,7 +1294,7 @@ def main(argv=None) -> int:
         # the analysis reads every candidate run so far, of every list it tabulates, whichever this invocation
         # ran; the third fresh list is read against the EMA reference (ema_reference.py) alone
         names = [n for k, lst in LISTS.items() if k in RAW_READ for n, _ in lst]
-        rows = [json.loads(f.read_text()) for f in (record_file(out, n, None) for n in names) if f.is_file()]
+        rows = [store.read(f) for f in (record_name(n, None) for n in names) if store.exists(f)]
         if len([r for r in rows if r["status"] == "ok" and set_of(r) == "first"]) < 3:
             return 0
         analyse(rows, args, meta, Path(args.results), load_noise(Path(args.noise) if args.noise else out / "noise_floor.json", args.teacher),

@@ -26,11 +26,11 @@ A run that fails (divergence, a NaN) scores +inf: ranked last.
 
 One process per candidate (``--only``; the records are kept, a rerun skips what is done), then:
 
-    python experiments/proxy_fidelity/settle.py --out results/proxy_fidelity --only bk-sdm-small
-    python experiments/proxy_fidelity/settle.py --out results/proxy_fidelity --analyse-only
+    python -m experiments.research.proxy_fidelity.settle --out results/proxy_fidelity --only bk-sdm-small
+    python -m experiments.research.proxy_fidelity.settle --out results/proxy_fidelity --analyse-only
 
-Written to ``<results>/proxy_fidelity_settle.md`` (+ ``.json``, ``.png``); per candidate
-``<out>/settle/<name>.json``.
+Written to ``<results>/proxy_fidelity_settle.md`` (+ ``.json``, ``.png``); per candidate the record
+``settle/<name>.json`` (``records.py``: loose until packed into ``<out>/settle.tar.xz``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ema_reference  # noqa: E402  (the reference and the rule)
-import run  # noqa: E402  (the candidates, the first runs, rank statistics)
+from experiments.research.proxy_fidelity import (
+    ema_reference,  # the reference and the rule
+    run,  # the candidates, the first runs, rank statistics
+)
+from experiments.research.proxy_fidelity.records import Records
 
 STEPS = 40
 # name -> the DistillConfig fields that differ from the first runs' training (fixed in notes.md)
@@ -101,7 +103,8 @@ def analyse(out: Path, results: Path, args) -> dict:
     the first runs' long runs (this machine's seconds scaled by the control), the control against the
     first runs, and the rule of the module docstring applied."""
     L = str(args.long_steps)
-    settled = {f.stem: json.loads(f.read_text()) for f in sorted((out / "settle").glob("*.json"))}
+    store = Records(out)
+    settled = {Path(n).stem: store.read(n) for n in store.names("settle/*.json")}
     replicates, ema, have, names, missing, complete = ema_reference.reading(  # the 25 it was fixed on
         out, args.long_steps, args.ema_decay,
         lambda r: r["candidate"] in settled and all(v in settled[r["candidate"]]["variants"] for v in VARIANTS),
@@ -197,7 +200,7 @@ def _markdown(rep: dict) -> str:
              f"{'; '.join(rep['machines']) or '-'}; costs are fractions of the first runs' long runs (on "
              f"{'; '.join(rep['first_run_machines']) or '-'}), this machine's seconds scaled by the control"
              + ema_reference.cost_words(rep)
-             + ". Made by `experiments/proxy_fidelity/settle.py`; the variants and the rule were fixed in "
+             + ". Made by `experiments/research/proxy_fidelity/settle.py`; the variants and the rule were fixed in "
              "`results/proxy_fidelity/notes.md` before any was run.", ""]
     lines += ema_reference.interim_words(rep)
     if rep.get("settings"):
@@ -268,9 +271,10 @@ def main(argv=None) -> int:
         pipe, arch, data, heldout, sched = run.setup(rargs)
         specs = {n: s for lst in run.LISTS.values() for n, s in lst}
         base_unet = None
+        store = Records(out)
         for name in only:
-            f = out / "settle" / f"{name}.json"
-            record = json.loads(f.read_text()) if f.is_file() else {"candidate": name, "variants": {}}
+            f = f"settle/{name}.json"
+            record = store.read(f) if store.exists(f) else {"candidate": name, "variants": {}}
             if all(v in record["variants"] for v in VARIANTS):
                 print(f"{name}: done before, kept", file=sys.stderr)
                 continue
@@ -284,8 +288,7 @@ def main(argv=None) -> int:
                                             "recorded_long_fid": b["recorded"]["long_fid"]} if rebuilt.is_file() else None})
             settle_candidate(name, specs[name], rargs, pipe, arch, data, heldout, sched, base_unet, record)
             record["wall_seconds"] = round(time.perf_counter() - t0, 1)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps(record, indent=1))
+            store.write(f, record)
     rep = analyse(out, Path(args.results), args)
     done = ", ".join(f"{s['variant']} tau {s['kendall_tau']:.3f} ({100 * s['cost_fraction_mean']:.1f}%)" for s in rep.get("settings", []))
     print(f"{rep['candidates']} candidates ({'complete' if rep['complete'] else 'interim'})" + (f": {done}" if done else ""), file=sys.stderr)

@@ -16,10 +16,11 @@ held-out MSE at step 10).
 
 The rule that picks a setting is ``run.choose``, applied to the first candidates (``run.CANDIDATES``)
 only; the fresh candidates (``run.FRESH``) then check it. Written to ``<results>/proxy_fidelity_sweep.md``
-(+ ``.json``, ``.png``); per candidate and setting, ``<out>/sweep/<setting>/<name>.json``, kept
-across reruns.
+(+ ``.json``, ``.png``); per candidate and setting, the record ``sweep/<setting>/<name>.json``
+(``records.py``: loose until packed into ``<out>/sweep.tar.xz``), kept across reruns.
 
-    python experiments/proxy_fidelity/sweep.py --out results/proxy_fidelity --base DIR
+    python -m experiments.research.proxy_fidelity.sweep --out results/proxy_fidelity --base DIR
+    python -m experiments.research.proxy_fidelity.sweep --out results/proxy_fidelity --analyse-only
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (the experiment this one extends: candidates, scores, reference, rule)
+from experiments.research.proxy_fidelity import run  # the experiment this one extends: candidates, scores, reference, rule
+from experiments.research.proxy_fidelity.records import Records
 
 # name, batch size, learning rate, steps at which the held-out score is taken (the last ends the run).
 # Fixed before any was run: smaller batches for more steps at the same cost, and larger learning
@@ -225,8 +226,10 @@ def _markdown(report: dict, args, path: Path) -> None:
 def load_sweep(out: Path) -> dict[str, dict[str, dict]]:
     """Every run kept so far: ``{setting: {candidate: record}}``."""
     sweep: dict[str, dict[str, dict]] = {}
-    for f in sorted((out / "sweep").glob("*/*.json")):
-        sweep.setdefault(f.parent.name, {})[f.stem] = json.loads(f.read_text())
+    store = Records(out)
+    for name in store.names("sweep/*/*.json"):
+        f = Path(name)
+        sweep.setdefault(f.parent.name, {})[f.stem] = store.read(name)
     return sweep
 
 
@@ -247,10 +250,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     names = [n for n, _ in run.CANDIDATES + run.FRESH]
-    records = [json.loads((out / "runs" / f"{n}.json").read_text()) for n in names if (out / "runs" / f"{n}.json").is_file()]
+    store = Records(out)
+    records = [store.read(f) for f in (run.record_name(n, None) for n in names) if store.exists(f)]
     records = [r for r in records if r["status"] == "ok"]
     if not records:
-        raise SystemExit(f"error: no candidate runs in {out / 'runs'}; run experiments/proxy_fidelity/run.py first")
+        raise SystemExit(f"error: no candidate runs in {out} (runs.tar.xz or runs/); run "
+                         "`python -m experiments.research.proxy_fidelity.run` first")
     # the fields run.run_candidate reads; sampling is never used here (no FID), the held-out score is
     args.sampler_steps = args.guidance = None
     args.proxy_samples = args.long_samples = args.paired_samples = 0
@@ -270,8 +275,8 @@ def main(argv=None) -> int:
             if only and name not in only:
                 continue
             for sname, batch, lr, steps in jobs:
-                f = out / "sweep" / sname / f"{name}.json"
-                if f.is_file():
+                f = f"sweep/{sname}/{name}.json"
+                if store.exists(f):
                     continue
                 base_unet = run._base_for(name, specs[name], arch, args, out, base_unet)
                 print(f"{name}: {sname} (batch {batch}, lr {lr:g}, {max(steps)} steps)", file=sys.stderr, flush=True)
@@ -282,8 +287,7 @@ def main(argv=None) -> int:
                             "base": str(args.base_used) if row["space"] == "recombination" else None, "machine": meta["machine"],
                             "wall_seconds": round(time.perf_counter() - t0, 1)})
                 row.pop("curve", None)
-                f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_text(json.dumps(row, indent=1))
+                store.write(f, row)
     sweep = load_sweep(out)
     machines = {x.get("machine") for v in sweep.values() for x in v.values()} - {None, ""}
     meta["machine"] = meta["machine"] or ", ".join(sorted(machines))

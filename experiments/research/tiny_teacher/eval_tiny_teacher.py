@@ -8,7 +8,7 @@ Two stages, so that sampling can run where it is fast and scoring where the Ince
           with the eval classifier, its accuracy on all real test images, and a sample grid PNG.
   all:    both, on one machine.
 
-  python experiments/eval_tiny_teacher.py all --device cpu --count 200
+  python -m experiments.research.tiny_teacher.eval_tiny_teacher all --device cpu --count 200
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0

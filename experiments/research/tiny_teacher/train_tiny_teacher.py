@@ -12,7 +12,7 @@ Writes the pipeline directory (default: hybridsd_nas/zoo/tiny) and settings.json
 loss.png and train_log.txt to --results (default results/tiny_teacher/).
 
 Runs on CPU or CUDA (``--device``); the saved pipeline is float32 and runs on CPU.
-  python experiments/train_tiny_teacher.py --device cuda
+  python -m experiments.research.tiny_teacher.train_tiny_teacher --device cuda
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import csv
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 
 from hybridsd_nas.data import CLASS_NAMES, PROMPT_TEMPLATES, eval_prompts, load_fashion_mnist, prompt_for_label, to_rgb_uint8  # noqa: E402
 from hybridsd_nas.zoo import recipe  # noqa: E402

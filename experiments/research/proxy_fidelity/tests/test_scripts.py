@@ -1,117 +1,16 @@
-"""The teacher's training and evaluation scripts in experiments/ (tiny fake data, a few steps)."""
+"""The proxy-fidelity scripts: their statistics, rules, exit codes and record round trips, on synthetic records."""
 
+import argparse
 import csv
-import gzip
-import importlib.util
 import json
-import struct
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script_at(rel: str):
-    name = rel.replace("/", "_")
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{rel}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _write_idx(path, arr):
-    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def _fake_fashion_mnist(root: Path, n: int = 24) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    return root
-
-
-def _state(path: Path, component: str, weights: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / component / weights))
-
-
-@pytest.mark.slow
-def test_decoder_finetuning_keeps_the_latent_space_and_the_unet(tmp_path):
-    train = _script_at("train_tiny_teacher")
-    data = _fake_fashion_mnist(tmp_path / "data")
-    common = ["--data-root", str(data), "--device", "cpu", "--classifier-epochs", "0", "--log-every", "1",
-              "--vae-batch", "4", "--unet-batch", "4", "--decoder-batch", "4", "--warmup", "1"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert train.main(["--out", str(a), "--results", str(tmp_path / "ra"), "--vae-steps", "2", "--unet-steps", "2", *common]) == 0
-    assert train.main(["--out", str(b), "--results", str(tmp_path / "rb"), "--resume", str(a), "--vae-steps", "0",
-                       "--unet-steps", "0", "--decoder-steps", "3", "--decoder-noise", "0.3", *common]) == 0
-    vae_a = _state(a, "vae", "diffusion_pytorch_model.safetensors")
-    vae_b = _state(b, "vae", "diffusion_pytorch_model.safetensors")
-    enc = [k for k in vae_a if k.startswith(("encoder.", "quant_conv."))]
-    dec = [k for k in vae_a if k.startswith(("decoder.", "post_quant_conv."))]
-    assert enc and dec
-    for k in enc:
-        torch.testing.assert_close(vae_b[k], vae_a[k], rtol=0, atol=0)
-    assert any(not torch.equal(vae_b[k], vae_a[k]) for k in dec), "the decoder did not train"
-    unet_a = _state(a, "unet", "diffusion_pytorch_model.safetensors")
-    unet_b = _state(b, "unet", "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
-    cfg_a = json.loads((a / "vae" / "config.json").read_text())
-    cfg_b = json.loads((b / "vae" / "config.json").read_text())
-    assert cfg_b["scaling_factor"] == cfg_a["scaling_factor"]  # same latent scale: the U-Net stays valid
-    settings = json.loads((tmp_path / "rb" / "settings.json").read_text())
-    assert settings["decoder_steps_done"] == 3 and settings["unet_steps_done"] == 0
-    assert (tmp_path / "rb" / "loss.csv").read_text().count("decoder_mse") == 3
-
-
-def _report(runs, ref_count=1000):
-    return {"reference": {"images": "x", "count": ref_count, "feature_seconds_or_cache": 1.0},
-            "features": {"network": "inception"}, "classifier": {"test_accuracy": 0.9},
-            "runs": [{"samples": s, "fid": f} for s, f in runs], "adherence_all_images": [{"samples": "g2"}]}
-
-
-def test_score_keeps_earlier_runs_it_does_not_replace():
-    ev = _script_at("eval_tiny_teacher")
-    old = _report([("a.npz", 1.0), ("b.npz", 2.0)])
-    new = _report([("b.npz", 3.0), ("c.npz", 4.0)])
-    del new["adherence_all_images"]
-    new["reference"]["feature_seconds_or_cache"] = 0.1  # timing is not part of what must match
-    merged = ev.merge_reports(old, new)
-    assert [(r["samples"], r["fid"]) for r in merged["runs"]] == [("a.npz", 1.0), ("b.npz", 3.0), ("c.npz", 4.0)]
-    assert merged["adherence_all_images"] == [{"samples": "g2"}]
-
-
-def test_adherence_keeps_the_rows_of_other_sample_files(tmp_path):
-    import argparse
-
-    ev = _script_at("eval_tiny_teacher")
-    meta = {"pipeline": "v3", "sampler": "PNDMScheduler", "steps": 25, "guidance": 7.5, "count": 4, "seed": 0,
-            "device_name": "cpu"}
-    f = tmp_path / "samples_v3_g7.5.npz"
-    rng = np.random.default_rng(0)
-    np.savez_compressed(f, images=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), class_index=np.array([0, 1, 2, 3]),
-                        meta=json.dumps(meta))
-    old = {"samples": "samples_v2_g2.npz", **meta, "pipeline": "v2", "adherence": 0.372}
-    stale = {"samples": f.name, **meta, "adherence": 9.0}
-    (tmp_path / "eval.json").write_text(json.dumps({"adherence_all_images": [old, stale]}))
-    ev.cmd_adherence(argparse.Namespace(results=str(tmp_path), classifier=None, samples=[str(f)]))
-    rows = json.loads((tmp_path / "eval.json").read_text())["adherence_all_images"]
-    assert [r["samples"] for r in rows] == ["samples_v2_g2.npz", f.name] and rows[0] == old
-    assert 0.0 <= rows[1]["adherence"] <= 1.0  # measured again, not the stale row
-
-
-def test_score_refuses_to_mix_reports_of_different_references():
-    ev = _script_at("eval_tiny_teacher")
-    with pytest.raises(SystemExit, match="reference of the existing eval.json differs"):
-        ev.merge_reports(_report([("a.npz", 1.0)], ref_count=1000), _report([("b.npz", 2.0)], ref_count=500))
+from experiments.research.proxy_fidelity import bound, ema_check, ema_reference, extrapolate, run, settle, sweep
+from experiments.research.proxy_fidelity.records import Records
 
 
 def _fidelity_row(name, space, proxy_fid, long_fid):
@@ -123,10 +22,8 @@ def _fidelity_row(name, space, proxy_fid, long_fid):
                       "100": {"distill_seconds": 50.0, "heldout": {"output_mse": long_fid, "seconds": 0.5}, "long": ev(long_fid, 32)}}}
 
 
+@pytest.mark.slow
 def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path):
-    import argparse
-
-    run = _script_at("proxy_fidelity/run")
     # long FIDs: a and b tied within noise, c and d well apart; the proxy swaps the tied pair only
     rows = [_fidelity_row("a", "layer-removal", 2.0, 10.0), _fidelity_row("b", "layer-removal", 1.0, 10.3),
             _fidelity_row("c", "recombination", 3.0, 20.0), _fidelity_row("d", "recombination", 4.0, 30.0)]
@@ -147,16 +44,17 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     assert "train_sd" not in noise
     # candidate a was run twice (10.0, then 10.4 with another training seed): run-to-run sd sqrt(0.08), reference 10.2
     run.analyse(rows, args, meta, tmp_path, noise, {"a": [{"tag": "r2", "long_fid": 10.4, "train_seed": 1}]})
-    md = (tmp_path / "proxy_fidelity.md").read_text()
-    assert "| 10 steps, 8 samples (FID) **(default)** | 0.667" in md
-    assert "same order |" in md and " 5 of 5 |" in md  # a-b (0.1 apart) is not separated; the proxy's swap there is not counted
-    # two one-run candidates differ by sd sqrt(0.3^2 + 2 * 0.08) = 0.5
-    assert "sd 0.40" in md and "differ by less than 1.00" in md and "a seed 0: 10.00, seed 1: 10.40" in md and "is 0.28." in md
-    assert "| a | layer-removal | 1.00 | 2.00 | 10.00 | 10.20 (2, 2) |" in md
+    assert (tmp_path / "proxy_fidelity.md").stat().st_size > 0 and (tmp_path / "proxy_fidelity.png").is_file()
     saved = json.loads((tmp_path / "proxy_fidelity.json").read_text())
+    default = saved["settings"][0]
+    assert default["what"] == "10 steps, 8 samples (FID)" and default["kendall_tau"] == pytest.approx(4 / 6)
+    # a-b (0.1 apart) is not separated; the proxy's swap there is not counted
+    assert (default["separated_pairs"], default["separated_agree"]) == (5, 5)
+    # two one-run candidates differ by sd sqrt(0.3^2 + 2 * 0.08) = 0.5: separated beyond 1.0
+    assert saved["noise_floor"]["fid_sd"] == 0.4 and saved["noise_floor"]["separation"] == pytest.approx(1.0)
+    assert saved["run_to_run"]["long_fid_by_seed"]["a"] == {"0": [10.0], "1": [10.4]}
     assert saved["noise_floor"]["diff_sd"] == 0.3
     assert saved["noise_floor"]["train_sd"] == pytest.approx(0.08 ** 0.5)
-    assert "a repeat of the whole reference (the same number of training seeds, averaged) would rank these 4 candidates" in md
     assert "run_vs_repeat" not in saved["run_to_run"]  # one candidate run twice: too few for a rank correlation
     rows_csv = list(csv.DictReader((tmp_path / "proxy_fidelity.csv").open()))
     assert [(r["candidate"], r["long_runs"], r["long_seeds"], r["long_fid_mean"]) for r in rows_csv][0] == ("a", "2", "2", "10.2")
@@ -169,16 +67,13 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     more = {"a": [{"tag": "r2", "long_fid": 10.4}], "c": [{"tag": "r2", "long_fid": 31.0, "train_seed": 1}],
             "d": [{"tag": "r2", "long_fid": 29.0, "train_seed": 1}]}
     run.analyse(rows, args, meta, tmp_path / "rep", noise, more)
-    # the report names the training seeds of repeats that changed it
-    assert "some with another training seed, 1, `--train-seed`" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()
     # repeats with the first runs' seed only: the reference averages them, but they measure no run-to-run noise
     run.analyse(rows, args, meta, tmp_path / "seed0", noise, {"a": [{"tag": "r2", "long_fid": 10.4}]})
-    md0 = (tmp_path / "seed0" / "proxy_fidelity.md").read_text()
-    assert "some with another training seed" not in md0 and "| 10.00 | 10.20 (2, 1) |" in md0
+    rows0 = list(csv.DictReader((tmp_path / "seed0" / "proxy_fidelity.csv").open()))
+    assert (rows0[0]["long_runs"], rows0[0]["long_seeds"], rows0[0]["long_fid_mean"]) == ("2", "1", "10.2")
     assert json.loads((tmp_path / "seed0" / "proxy_fidelity.json").read_text())["run_to_run"] is None
     rvr = json.loads((tmp_path / "rep" / "proxy_fidelity.json").read_text())["run_to_run"]["run_vs_repeat"]
-    assert rvr["candidates"] == 3 and rvr["kendall_tau"] == pytest.approx(1 / 3)
-    assert rvr["tag"] == "r2" and "repeat set `r2`, the first long runs and the repeats agree with Kendall tau 0.333" in (tmp_path / "rep" / "proxy_fidelity.md").read_text()
+    assert rvr["candidates"] == 3 and rvr["kendall_tau"] == pytest.approx(1 / 3) and rvr["tag"] == "r2"
     # runs with one training seed (another machine's rounding only) are one draw of the run-to-run noise: a's two
     # seed-0 runs average into one value, b's two seeds give the noise; a keeps one seed in the separation
     same = {"a": [{"tag": "r2", "long_fid": 10.4}, {"tag": "s1", "long_fid": 11.2, "train_seed": 1}],
@@ -189,23 +84,24 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
     # pooled over the seed means: a (10.2, 11.2) and b (10.3, 10.9): (0.5 + 0.18) / 2
     assert saved["train_sd"] == pytest.approx((0.68 / 2) ** 0.5) and saved["df"] == 2
     assert saved["same_seed"]["train_sd"] == pytest.approx(0.08 ** 0.5) and saved["same_seed"]["df"] == 1
-    md_same = (tmp_path / "same" / "proxy_fidelity.md").read_text()
-    assert "a seed 0: 10.00, 10.40, seed 1: 11.20" in md_same and "runs of one seed on other machines differ by sd 0.28" in md_same
-    assert "| a | layer-removal | 1.00 | 2.00 | 10.00 | 10.70 (3, 2) |" in md_same
-    run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report or repeats: no such columns
-    plain = (tmp_path / "plain" / "proxy_fidelity.md").read_text()
-    assert "same order" not in plain and "first long run alone" not in plain
+    assert saved["long_fid_by_seed"]["a"] == {"0": [10.0, 10.4], "1": [11.2]}
+    rows_same = list(csv.DictReader((tmp_path / "same" / "proxy_fidelity.csv").open()))
+    assert (rows_same[0]["long_runs"], rows_same[0]["long_seeds"], rows_same[0]["long_fid_mean"]) == ("3", "2", "10.7")
+    run.analyse(rows, args, meta, tmp_path / "plain")  # without a noise report or repeats: no separation, no averaging
+    plain = json.loads((tmp_path / "plain" / "proxy_fidelity.json").read_text())
+    assert plain["noise_floor"] is None and plain["run_to_run"] is None
+    assert not any("separated_pairs" in s or "kendall_tau_first_run" in s for s in plain["settings"])
 
 
+@pytest.mark.slow
 def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_separation(tmp_path, capsys):
-    run = _script_at("proxy_fidelity/run")
     rr = run.run_to_run({"a": [1.0, 3.0], "b": [10.0, 11.0, 12.0], "c": [5.0]})
     # pooled: (2 + 2) / (1 + 2) degrees of freedom
     assert rr["train_sd"] == pytest.approx((4.0 / 3.0) ** 0.5) and rr["df"] == 3 and rr["candidates_repeated"] == 2
     assert run.run_to_run({"a": [1.0], "b": [2.0]}) is None
     # a run repeated to the last bit is one run made twice, not a second draw of the noise
     assert run.distinct_runs("a", [47.9892578125, 52.68, 47.9892578125]) == [47.9892578125, 52.68]
-    assert "repeats another run's to the last bit" in capsys.readouterr().err
+    assert "47.9892578125" in capsys.readouterr().err  # warned of
     sep = run.pair_separation(0.0, 1.0, np.array([1, 2, 4]))
     assert sep[0, 1] == pytest.approx(2 * 1.5 ** 0.5) and sep[1, 2] == pytest.approx(2 * 0.75 ** 0.5)
     # averaging more runs makes a repeat of the reference agree better
@@ -230,29 +126,26 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     assert reps == {"bk-sdm-base": [{"tag": "first-run", "long_fid": 52.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
                                     {"tag": "rep2", "long_fid": 50.0, "wall_seconds": 0.0, "train_seed": 0, **unnamed},
                                     {"tag": "seed1", "long_fid": 49.0, "wall_seconds": 0.0, "train_seed": 1, **unnamed}]}
-    assert "asdm-m1.short.json holds no ok 400-step long run" in capsys.readouterr().err
+    assert "asdm-m1.short.json" in capsys.readouterr().err  # warned of
     # another training seed is only for repeats: the first runs carry the proxy evaluations at --seed
     with pytest.raises(SystemExit) as e:
         run.main(["--train-seed", "1", "--out", str(tmp_path)])
-    assert e.value.code == 2 and "--train-seed 1 needs --replicate TAG" in capsys.readouterr().err
+    assert e.value.code == 2 and "--replicate" in capsys.readouterr().err
 
 
 def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(tmp_path, monkeypatch):
-    import argparse
-
     from hybridsd_nas.arch import describe
 
-    run = _script_at("proxy_fidelity/run")
     args = argparse.Namespace(out=str(tmp_path), replicate="seed1", train_seed=1, long_steps=400, rescore=True,
                               base=None, rebuild_base=False, base_rebuilt=None)
     export_dir = tmp_path / "replicates" / "seed1"
     bf = export_dir / "bk-sdm-base-long"
     # without --rebuild-base the error says how to get the Base
-    with pytest.raises(SystemExit, match="--rebuild-base to distill it again"):
+    with pytest.raises(SystemExit, match="--rebuild-base"):
         run._base_for("asdm-m3", "asdm-m3", describe("tiny"), args, export_dir, None, ())
     args.rebuild_base = True
     # no record of the set's Base: nothing to rebuild from
-    with pytest.raises(SystemExit, match="bk-sdm-base.seed1.json is missing; run bk-sdm-base first"):
+    with pytest.raises(SystemExit, match="bk-sdm-base.seed1.json"):
         run.rebuild_base(args, export_dir, bf, *[None] * 5)
     rd = tmp_path / "replicates"
     rd.mkdir(exist_ok=True)
@@ -261,10 +154,10 @@ def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(
     (rd / "bk-sdm-base.seed1.json").write_text(json.dumps(record))
     # another training seed would not rebuild the same Base
     args.train_seed = 2
-    with pytest.raises(SystemExit, match="trained with seed 1, this invocation with --train-seed 2; give --train-seed 1"):
+    with pytest.raises(SystemExit, match="--train-seed 1"):
         run.rebuild_base(args, export_dir, bf, *[None] * 5)
     args.train_seed, args.long_steps = 1, 500
-    with pytest.raises(SystemExit, match="holds no 500-step run"):
+    with pytest.raises(SystemExit, match="500"):
         run.rebuild_base(args, export_dir, bf, *[None] * 5)
     args.long_steps = 400
     seen = {}
@@ -283,17 +176,21 @@ def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(
     assert run.load_replicates(tmp_path, 400)["bk-sdm-base"] == [{"tag": "seed1", "long_fid": 53.42, "wall_seconds": 0.0, "train_seed": 1,
                                                                   "machine": None, "deferred": False, "ema_decay": None,
                                                                   "long_ema_fid": None}]
+    # the same from the packed record
+    Records(tmp_path).pack()
+    assert not (rd / "bk-sdm-base.seed1.json").exists() and (tmp_path / "replicates.tar.xz").is_file()
+    shutil.rmtree(bf)
+    assert run.rebuild_base(args, export_dir, bf, *[None] * 5)["recorded"]["long_fid"] == 53.42
 
 
+@pytest.mark.slow
 def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monkeypatch):
-    import argparse
     import copy
     import functools
 
     from hybridsd_nas.pipeline import load_pipeline
     from hybridsd_nas.proxy import ProxySettings, evaluate_student
 
-    run = _script_at("proxy_fidelity/run")
     # without a replicate tag there is nothing to defer: the first runs score their proxies as they train
     with pytest.raises(SystemExit) as e:
         run.main(["--defer-fid"])
@@ -319,13 +216,16 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     rec.write_text(json.dumps({"candidate": "prune-mixed", "status": "ok", "train_seed": 2, "machine": "gpu-x (cuda)",
                                "evals": {"400": {"long_deferred": d}}}))
     assert "prune-mixed" not in run.load_replicates(tmp_path, 400)  # not scored yet: left out of the analysis
-    assert run.score_deferred(args, pipe, export_dir, [rec]) == 1
+    store = Records(tmp_path)
+    assert run.score_deferred(args, pipe, export_dir, store, ["replicates/prune-mixed.seed2.json"]) == 1
     long = json.loads(rec.read_text())["evals"]["400"]["long"]
     direct = evaluate_student("tiny", pipe, student, small(samples=6, seed=0), 2, 4.0)
     assert direct["proxy_fid"] > 1.0  # the comparison below is not of two zeros
     for k in ("proxy_fid", "kid", "fid_real", "adherence", "paired_mse"):
         assert long[k] == pytest.approx(direct[k], rel=1e-5, abs=1e-9), k
-    assert run.score_deferred(args, pipe, export_dir, [rec]) == 0  # scored once
+    assert run.score_deferred(args, pipe, export_dir, store, ["replicates/prune-mixed.seed2.json"]) == 0  # scored once
+    store.pack()  # and once packed, the archived record is the scored one
+    assert not rec.exists() and run.score_deferred(args, pipe, export_dir, store, ["replicates/prune-mixed.seed2.json"]) == 0
     [x] = run.load_replicates(tmp_path, 400)["prune-mixed"]
     assert x["long_fid"] == long["proxy_fid"] and x["deferred"] and x["machine"] == "gpu-x (cuda)"
     # --ema-decay: the moving average's samples beside the last weights', both scored, the average's FID read apart
@@ -335,7 +235,7 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     rec2 = tmp_path / "replicates" / "prune-heads-half.seed2.json"
     rec2.write_text(json.dumps({"candidate": "prune-heads-half", "status": "ok", "train_seed": 2,
                                 "evals": {"400": {"long_deferred": d, "long_ema_deferred": d_ema}}}))
-    assert run.score_deferred(args, pipe, export_dir, [rec2]) == 2
+    assert run.score_deferred(args, pipe, export_dir, store, ["replicates/prune-heads-half.seed2.json"]) == 2
     ev = json.loads(rec2.read_text())["evals"]["400"]
     direct_ema = evaluate_student("tiny", pipe, pipe_teacher, small(samples=6, seed=0), 2, 4.0)
     assert ev["long"]["proxy_fid"] == pytest.approx(direct["proxy_fid"], rel=1e-5)
@@ -347,23 +247,19 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     # samples that did not come back: the error names them and the fix
     other = tmp_path / "replicates" / "drop-mid.seed2.json"
     other.write_text(json.dumps({"candidate": "drop-mid", "status": "ok", "evals": {"400": {"long_deferred": {**d, "samples_file": "drop-mid-long-samples.safetensors"}}}}))
-    with pytest.raises(SystemExit, match="drop-mid-long-samples.safetensors that are missing"):
-        run.score_deferred(args, pipe, export_dir, [other])
+    with pytest.raises(SystemExit, match="drop-mid-long-samples.safetensors"):
+        run.score_deferred(args, pipe, export_dir, store, ["replicates/drop-mid.seed2.json"])
 
 
 def test_a_noise_report_of_other_teacher_weights_is_not_used(tmp_path, capsys):
-    run = _script_at("proxy_fidelity/run")
     f = tmp_path / "noise_floor.json"
     f.write_text(json.dumps({"teacher_fingerprint": "0" * 16, "diff_sd": 0.5}))
     assert run.load_noise(f, "tiny") is None
-    assert "other teacher weights" in capsys.readouterr().err
+    assert str(f) in capsys.readouterr().err  # warned of
     assert run.load_noise(tmp_path / "missing.json", "tiny") is None
 
 
 def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_ones(tmp_path):
-    import argparse
-
-    run = _script_at("proxy_fidelity/run")
 
     def with_scores(row, paired, high, fresh=False):
         ext = {"distill_seconds": 5.0, "heldout": {"output_mse": 1.0, "output_mse_high": high, "output_mse_low": 1.0,
@@ -434,16 +330,10 @@ def test_fidelity_picks_a_score_on_the_first_candidates_and_checks_it_on_fresh_o
     # a score given itself (with ties, where float rounding leaves its tau a hair under 1) has no partial tau
     ties = np.array([2e8, 2e8, 3e8])
     assert np.isnan(run.partial_tau(ties, np.arange(3.0), ties))
-    md = (tmp_path / "proxy_fidelity.md").read_text()
-    assert "checked on fresh ones" in md and "f (channel-pruning)" in md and "| 0.333 (3) | 17 of 18 |" in md
-    assert "5 candidates from the" in md and "| f (fresh) | channel-pruning |" in md
     assert [r["set"] for r in csv.DictReader((tmp_path / "proxy_fidelity.csv").open())][-1] == "fresh"
 
 
 def test_a_second_fresh_list_is_checked_on_its_own_and_leaves_the_first_check_as_it_was(tmp_path):
-    import argparse
-
-    run = _script_at("proxy_fidelity/run")
     args = argparse.Namespace(teacher="tiny", long_steps=100, checkpoints=[10], score_checkpoints=[10], proxy_samples=8,
                               long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
                               guidance=4.0, notes=None)
@@ -479,33 +369,26 @@ def test_a_second_fresh_list_is_checked_on_its_own_and_leaves_the_first_check_as
     y = np.array([10.0, 20.0, 30.0, 40.0, 50.0, 15.0, 35.0, 45.0, 12.0, 25.0, 55.0])
     assert combo["kendall_tau_all"] == pytest.approx(kendalltau(rankdata(p) + rankdata(m), y).statistic)
     assert combo["kendall_tau_fresh"] == pytest.approx(kendalltau((rankdata(p) + rankdata(m))[8:], y[8:]).statistic)
-    md = (tmp_path / "after" / "proxy_fidelity.md").read_text()
-    assert "## A second check" in md and "x (recombination)" in md and "| x (fresh-b) | recombination |" in md
-    assert "| Kendall tau, earlier alone | Kendall tau, fresh-b alone |" in md and "| -1.000 (3) |" in md
-    assert "5 candidates from the layer-removal and recombination spaces (a, b, c, d, e)" in md
-    # the reading says what the first candidates alone show and what all of them do, with the scores fixed beforehand
-    assert "Target (Kendall tau >= 0.8 at <= 10% of the long run's cost), on the 5 first candidates alone" in md
-    # the latent-statistics score here is the long FID / 10: picked on the first five, perfect over all 11
-    assert ("Over all 11 candidates, the scores fixed before the last fresh list was run: zero-cost `latent_stat_shift` "
-            "(no training) 1.000; 10 steps, 8 samples (FID) -0.055;") in md
-    assert "zero-cost `latent_stat_shift` (no training) reaches tau >= 0.8 over all of them" in md
+    # the latent-statistics score here is the long FID / 10: picked on the first five, perfect over all 11, and
+    # the reading says a score fixed beforehand reaches tau >= 0.8 over all candidates
+    lss = check["zero-cost `latent_stat_shift` (no training)"]
+    assert not lss["post_hoc"] and lss["kendall_tau_all"] == pytest.approx(1.0) and round(proxy["kendall_tau_all"], 3) == -0.055
+    assert "reaches tau >= 0.8 over all of them" in (tmp_path / "after" / "proxy_fidelity.md").read_text()
     # without it, only MACs (0.850 over all 11) reaches 0.8; a cost baseline is no proxy and cannot meet the target
     for r in first + fresh + second:
         r["zero_cost"]["latent_stat_shift"] = r["evals"]["10"]["proxy"]["proxy_fid"]
     run.analyse(first + fresh + second, args, meta, tmp_path / "no-lss")
-    md = (tmp_path / "no-lss" / "proxy_fidelity.md").read_text()
-    assert "MACs alone (baseline: the cost, no training) 0.850" in md and "**The target is not met over all candidates.**" in md
+    no_lss = {c["what"]: c for c in json.loads((tmp_path / "no-lss" / "proxy_fidelity.json").read_text())["second_check"]}
+    assert round(no_lss["MACs alone (baseline: the cost, no training)"]["kendall_tau_all"], 3) == 0.85
+    assert max(c["kendall_tau_all"] for c in no_lss.values() if not c["baseline"] and not c["post_hoc"]) < 0.8
+    assert "target is not met over all candidates" in (tmp_path / "no-lss" / "proxy_fidelity.md").read_text()
     assert [r["set"] for r in csv.DictReader((tmp_path / "after" / "proxy_fidelity.csv").open())][-3:] == ["fresh-b"] * 3
-    # two fresh-b candidates are not enough for a check, and say so
+    # two fresh-b candidates are not enough for a check
     run.analyse(first + fresh + second[:2], args, meta, tmp_path / "two")
     assert json.loads((tmp_path / "two" / "proxy_fidelity.json").read_text())["second_check"] == []
-    assert "2 candidates of the second fresh list ran" in (tmp_path / "two" / "proxy_fidelity.md").read_text()
 
 
 def test_fidelity_sweep_scales_costs_ranks_failures_last_and_picks_by_the_same_rule(tmp_path, monkeypatch):
-    import argparse
-
-    sweep = _script_at("proxy_fidelity/sweep")
     monkeypatch.setattr(sweep, "SETTINGS", [("s1", 4, 1e-3, (10, 20)), ("s2", 16, 2e-3, (10,)), ("s3", 8, 1e-3, (10,))])
     longs = {"a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 50.0, "f": 15.0, "g": 35.0, "h": 45.0}
     records = [_fidelity_row(n, "layer-removal", 1.0, f) for n, f in longs.items()]
@@ -535,9 +418,10 @@ def test_fidelity_sweep_scales_costs_ranks_failures_last_and_picks_by_the_same_r
     assert report["chosen"]["what"] == s1_20 and report["chosen"]["kendall_tau"] == pytest.approx(1.0)
     assert report["chosen"]["cost_fraction_mean"] == pytest.approx((4 * 2.75 + 1.25) / 5 / 60)
     assert report["chosen"]["failed_first"] == 1 and report["chosen"]["kendall_tau_all"] == pytest.approx(1.0)
-    md = (tmp_path / "proxy_fidelity_sweep.md").read_text()
-    assert "| s1 **(picked)** | 20 | 1.000 (1 failed) |" in md and "| s1 | 10 | -1.000 |" in md
-    assert "ran the long runs' settings 0.50x as fast" in md and "(batch 16, lr 0.0005; 32 samples" in md
+    by_what = {t["what"]: t for t in report["table"]}
+    assert by_what["s1: held-out output MSE after 10 steps (batch 4, lr 0.001)"]["kendall_tau"] == pytest.approx(-1.0)
+    assert {c["speed"] for c in report["calibration"].values()} == {0.5} and report["long_samples"] == 32
+    assert (tmp_path / "proxy_fidelity_sweep.md").stat().st_size > 0
     assert (tmp_path / "proxy_fidelity_sweep.png").stat().st_size > 1000
 
 
@@ -548,7 +432,7 @@ def _ema_record(name, seed, raw, ema, raw_earlier, ema_earlier):
 
 
 def test_ema_check_pools_the_seed_spread_of_both_weights_and_reads_the_fixed_ratio(tmp_path):
-    check = _script_at("proxy_fidelity/ema_check")
+    check = ema_check
     out = tmp_path / "pf"
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "bk-sdm-tiny.json").write_text(json.dumps({"candidate": "bk-sdm-tiny", "status": "ok", "train_seed": 0,
@@ -562,19 +446,26 @@ def test_ema_check_pools_the_seed_spread_of_both_weights_and_reads_the_fixed_rat
     assert rep["sd_ratio"] == pytest.approx(0.25) and rep["adopted"] is True
     assert sorted(rep["within_run_change_raw"]) == [3.0, 3.0, 3.0, 4.0] and sorted(rep["within_run_change_ema"]) == [0.0, 0.0, 0.5, 0.5]
     assert rep["raw_minus_recorded_same_seed"] == [pytest.approx(-1.5)]  # tiny seed 0 against run.py's own run
-    md = (tmp_path / "results" / "proxy_fidelity_ema.md").read_text()
-    assert "Met: the EMA is the next reference" in md and "| bk-sdm-tiny | 0 | 43.00 | 40.00 | 41.50 | 41.00 | 41.50 |" in md
+    row = rep["rows"][0]
+    assert (row["candidate"], row["train_seed"], row["raw_earlier"], row["raw"], row["ema_earlier"], row["ema"],
+            row["recorded_raw_same_seed"]) == ("bk-sdm-tiny", 0, 43.0, 40.0, 41.5, 41.0, [41.5])
+    assert (tmp_path / "results" / "proxy_fidelity_ema.md").stat().st_size > 0
     # the same EMA spread against a raw spread that is not twice as large: not adopted
     recs[1] = _ema_record("bk-sdm-tiny", 1, 41.0, 42.0, 41.0, 42.5)
     recs[3] = _ema_record("drop-mid-attention", 1, 49.0, 47.0, 50.0, 47.0)
     rep = check.analyse(recs, out, tmp_path / "results", 400, 380)
     assert rep["sd_ratio"] == pytest.approx(1.0) and rep["adopted"] is False
-    assert "Not met: the reference stays on the raw weights" in (tmp_path / "results" / "proxy_fidelity_ema.md").read_text()
+    # the same from records: the run and the ema_check records packed, read through ema_check's own reading
+    for r in recs:
+        Records(out).write(f"ema_check/{r['candidate']}.seed{r['train_seed']}.json", r)
+    Records(out).pack()
+    assert sorted(p.name for p in out.iterdir()) == ["ema_check.tar.xz", "runs.tar.xz"]
+    assert check.main(["--out", str(out), "--results", str(tmp_path / "packed"), "--analyse-only"]) == 0
+    assert json.loads((tmp_path / "packed" / "proxy_fidelity_ema.json").read_text()) == json.loads(json.dumps(rep))
 
 
 @pytest.mark.slow
 def test_ema_check_scores_both_weights_and_the_average_starts_as_the_weights(tmp_path, monkeypatch):
-    import argparse
     import functools
 
     from hybridsd_nas.arch import describe
@@ -582,7 +473,7 @@ def test_ema_check_scores_both_weights_and_the_average_starts_as_the_weights(tmp
     from hybridsd_nas.pipeline import load_pipeline
     from hybridsd_nas.proxy import ProxySettings
 
-    check = _script_at("proxy_fidelity/ema_check")
+    check = ema_check
     monkeypatch.setattr(check, "ProxySettings", functools.partial(ProxySettings, reference_images=16, kid_subset=4))
     pipe = load_pipeline("tiny")
     from diffusers import DDPMScheduler
@@ -640,15 +531,22 @@ def _ema_ref_rows(out):
              "evals": {"100": {"raw": {"proxy_fid": 99.0}, "ema": {"proxy_fid": ema}}}}))
 
 
+@pytest.mark.slow
 def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_replace_the_default(tmp_path, capsys, monkeypatch):
-    ref = _script_at("proxy_fidelity/ema_reference")
+    ref = ema_reference
     out = tmp_path / "pf"
     _ema_ref_rows(out)
     argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100", "--checkpoints", "10",
             "--proxy-samples", "8", "--default-steps", "10"]
     assert ref.main(argv) == 0
     rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
-    assert "decay 0.9, not 0.99; not used" in capsys.readouterr().err
+    assert "ema9-seed0" in capsys.readouterr().err  # another decay: warned of, not used
+    # the same records packed read the same
+    shutil.copytree(out, tmp_path / "packed")
+    assert set(Records(tmp_path / "packed").pack()) == {"runs", "replicates", "ema_check"}
+    assert ref.main(["--out", str(tmp_path / "packed"), "--results", str(tmp_path / "r-packed"), *argv[4:]]) == 0
+    assert (tmp_path / "r-packed" / "proxy_fidelity_ema_reference.json").read_bytes() == (
+        tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_bytes()
     pc = {c["candidate"]: c for c in rep["per_candidate"]}
     assert pc["bk-sdm-tiny"]["ema_by_seed"] == {"0": [30.0], "1": [41.0]}  # from ema_check.py's records
     assert [pc[n]["ema_reference"] for n in ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "drop-mid")] == [10.0, 20.0, 35.5, 39.5]
@@ -672,8 +570,6 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     assert ctx["one long run, raw weights"]["kendall_tau"] == pytest.approx(4 / 6)
     assert ctx["one long run's held-out output MSE at step 100"]["kendall_tau"] == pytest.approx(1.0)
     assert ctx["one long run's held-out output MSE at step 100"]["kendall_tau_seed1"] == pytest.approx(4 / 6)
-    md = (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
-    assert "Interim" not in md and "met." in md and "reference, within the cost): none." in md
     assert (tmp_path / "r" / "proxy_fidelity_ema_reference.png").is_file()
     # with seed 1 in order too, the proxy passes the rule, and so do the two scores given the same numbers here
     # (the held-out MSE and the zero-cost output MSE); MACs (fewer, worse: ranks them perfectly too) is a baseline, never a default
@@ -688,7 +584,7 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     assert ref.main(argv) == 0
     rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
     assert rep["complete"] is False and rep["target_met"] is None and rep["adoptable"] is None
-    assert "**Interim**: 4 candidates have an EMA run (3 with every seed of [0, 1])" in (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
+    assert rep["candidates"] == 4 and sum(len(c["ema_by_seed"]) == 2 for c in rep["per_candidate"]) == 3
     # a first run that shared the cores: its stretched seconds stay out of the cost, its rank does not
     slow = json.loads((out / "runs" / "drop-mid.json").read_text())
     slow["evals"]["10"]["distill_seconds"] = 50.0
@@ -697,14 +593,13 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     assert ref.main(argv) == 0
     rep = json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())
     assert rep["settings"][0]["cost_fraction_mean"] == pytest.approx(2.5 / 60) and rep["cost_left_out"] == ["drop-mid"]
-    assert "costs leave out drop-mid" in (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()
     with pytest.raises(SystemExit) as e:
         ref.main(["--out", str(tmp_path / "nowhere")])
     assert e.value.code == 2
 
 
 def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_average_and_decides_by_its_rule(tmp_path, monkeypatch):
-    ref = _script_at("proxy_fidelity/ema_reference")
+    ref = ema_reference
     out = tmp_path / "pf"
     _ema_ref_rows(out)  # EMA reference: base 10, small 20, tiny 35.5 (30, 41), drop-mid 39.5 (40, 39); proxy = MSE = 1..4
     monkeypatch.setattr(ref, "RANKING_STEPS", 10)  # the synthetic runs take the held-out MSE at step 10
@@ -725,7 +620,6 @@ def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_
     argv = ["--out", str(out), "--results", str(tmp_path / "r"), "--long-steps", "100", "--checkpoints", "10",
             "--proxy-samples", "8", "--default-steps", "10"]
     result = lambda: json.loads((tmp_path / "r" / "proxy_fidelity_ema_reference.json").read_text())  # noqa: E731
-    md = lambda: (tmp_path / "r" / "proxy_fidelity_ema_reference.md").read_text()  # noqa: E731
     # 3 of the list's 5 run: interim, though every candidate there has both seeds
     assert ref.main(argv) == 0
     rep = result()
@@ -737,7 +631,6 @@ def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_
     s = {x["what"]: x for x in rep["settings"]}
     held, d = s["held-out output MSE after 10 steps (no sampling)"], s["10 steps, 8 samples (FID)"]
     assert held["kendall_tau_third"] == pytest.approx(1.0) and d["kendall_tau_third"] == pytest.approx(1 / 3)
-    assert "tau, third fresh list alone (3)" in md() and "3 of 5 run so far" in md()
     # the whole list run (here: the three): the rule reads
     monkeypatch.setitem(ref.run.LISTS, "fresh-c", [(n, None) for n in third])
     assert ref.main(argv) == 0
@@ -753,20 +646,15 @@ def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_
     # ... but 1/3 over the third list alone: no target met, and not a score that passes
     assert rep["target_met"] is False and d["what"] not in rep["adoptable"] and held["what"] in rep["adoptable"]
     rd = rep["ranking_decision"]
-    assert rd["adopted"] is True and all(rd["checks"].values()) and rd["against"] == d["what"]
-    assert "and over the third fresh list alone" in md() and "It becomes the default way to rank candidates" in md()
-    assert f"| {held['what']} **(adopted: the default way to rank)** |" in md()
-    assert f"| {d['what']} **(the default read: the earlier one)** |" in md()
+    assert rd["adopted"] is True and all(rd["checks"].values()) and rd["against"] == d["what"] and rd["score"] == held["what"]
     # the held-out MSE ranking the third list worse than the default: the decision keeps the default
     write({n: (h, p, e0, e1) for n, (p, h, e0, e1) in third.items()})  # the two scores' figures exchanged
     assert ref.main(argv) == 0
     rd = result()["ranking_decision"]
     assert rd["adopted"] is False and rd["checks"]["third_list_at_least_as_well"] is False
-    assert "The default stays." in md() and f"| {d['what']} **(default)** |" in md() and "(adopted" not in md()
 
 
 def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a_variant_that_holds_on_each_seed(tmp_path, monkeypatch):
-    settle = _script_at("proxy_fidelity/settle")
     monkeypatch.setattr(settle, "STEPS", 10)  # the synthetic first runs score their held-out MSE at step 10
     out = tmp_path / "pf"
     _ema_ref_rows(out)  # first runs: held-out MSE 1-4 at step 10 after 1 s of distillation; long runs 60 s
@@ -797,7 +685,6 @@ def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a
     assert s["cosine"]["kendall_tau"] == pytest.approx(1.0) and s["cosine"]["kendall_tau_seed1"] == pytest.approx(4 / 6)
     assert s["ema"]["kendall_tau"] == pytest.approx(4 / 6)
     assert rep["passing"] == [] and rep["picked"] is None  # cosine holds on the mean, not on seed 1 alone
-    assert "no variant passes" in (tmp_path / "r" / "proxy_fidelity_settle.md").read_text()
     assert (tmp_path / "r" / "proxy_fidelity_settle.png").is_file()
     # seed 1 in order too: cosine passes; the control, as good, is not a candidate; ema's swap keeps it out
     (out / "ema_check" / "bk-sdm-tiny.seed1.json").write_text(json.dumps(
@@ -805,7 +692,6 @@ def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a
     assert settle.main(argv) == 0
     rep = json.loads((tmp_path / "r" / "proxy_fidelity_settle.json").read_text())
     assert rep["passing"] == ["cosine"] and rep["picked"] == "cosine"
-    assert "picked: **cosine**" in (tmp_path / "r" / "proxy_fidelity_settle.md").read_text()
     # over the cost budget it does not pass; a failed run ranks last and is named
     write(lambda i: {"constant": rec(float(i + 1), secs=0.5), "cosine": rec(0.1 * (i + 1), secs=3.5),
                      "ema": rec(0.01, status="failed") if i == 0 else rec(0.01 * (i + 1))})
@@ -819,7 +705,6 @@ def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a
     assert settle.main(argv) == 0
     rep = json.loads((tmp_path / "r" / "proxy_fidelity_settle.json").read_text())
     assert rep["complete"] is False and rep["missing"] == ["drop-mid"] and rep["picked"] is None
-    assert "**Interim**" in (tmp_path / "r" / "proxy_fidelity_settle.md").read_text()
     with pytest.raises(SystemExit) as e:
         settle.main(["--out", str(out), "--only", "no-such-candidate", "--analyse-only"])
     assert e.value.code == 2
@@ -838,7 +723,7 @@ def _set_heldout(out, mse: dict, distill_40: float) -> None:
 
 
 def test_bound_combines_the_measured_scores_post_hoc_and_finds_the_best_within_the_cost(tmp_path, monkeypatch):
-    bnd = _script_at("proxy_fidelity/bound")
+    bnd = bound
     # leave-one-out least squares on an exact line predicts every point
     x = np.arange(6.0)
     assert np.allclose(bnd.loo_fit(np.c_[np.ones(6), x], 1 + 2 * x), 1 + 2 * x)
@@ -865,8 +750,7 @@ def test_bound_combines_the_measured_scores_post_hoc_and_finds_the_best_within_t
     assert any(w.startswith("leave-one-out least squares of the reference") for w in s)
     assert not any(w.startswith("leave-one-out least squares on log MSE@10") for w in s)
     assert rep["best_tau"] == pytest.approx(1.0) and rep["reaches_target"] is True and rep["complete"] is True
-    md = (tmp_path / "r" / "proxy_fidelity_bound.md").read_text()
-    assert "**Post hoc**" in md and "a fresh list fixed before it is run would have to confirm it" in md
+    assert (tmp_path / "r" / "proxy_fidelity_bound.md").stat().st_size > 0
     assert rep["context"][0]["what"].startswith("held-out output MSE at step 100")
     write(distill_40=10.0)  # 10.5 s of 60: every combination over the budget
     assert bnd.main(argv) == 0
@@ -878,7 +762,7 @@ def test_bound_combines_the_measured_scores_post_hoc_and_finds_the_best_within_t
 
 
 def test_extrapolate_reads_the_power_law_of_each_run_at_the_later_step_by_the_same_rule(tmp_path, monkeypatch):
-    ext = _script_at("proxy_fidelity/extrapolate")
+    ext = extrapolate
     monkeypatch.setattr(ext, "AT", 100)  # the synthetic long runs are 100 steps
     out = tmp_path / "pf"
     _ema_ref_rows(out)
@@ -904,11 +788,10 @@ def test_extrapolate_reads_the_power_law_of_each_run_at_the_later_step_by_the_sa
     ctx = {c["what"]: c for c in rep["context"]}
     assert ctx["held-out output MSE measured after 40 steps"]["kendall_tau"] == pytest.approx(4 / 6)
     assert rep["complete"] is True and rep["passes"] is True
-    assert "passes; it becomes the default's quality score only after a third fresh list" in (tmp_path / "r" / "proxy_fidelity_extrapolate.md").read_text()
     write(distill_40=10.0)  # 11.5 s of 60: over the budget
     assert ext.main(argv) == 0
     rep = json.loads((tmp_path / "r" / "proxy_fidelity_extrapolate.json").read_text())
-    assert rep["passes"] is False and "does not pass." in (tmp_path / "r" / "proxy_fidelity_extrapolate.md").read_text()
+    assert rep["passes"] is False
     # a run without one of the fitted steps: left out, the reading interim
     r = json.loads((out / "runs" / "drop-mid.json").read_text())
     del r["evals"]["20"]
