@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hybridsd_nas.arch import Candidate, Plan, describe, plan, resolve_candidate
@@ -81,8 +81,6 @@ def export_unet(
         if fmt == "diffusers":
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            from safetensors.torch import save_file
-
             structure = p.structure_config or p.arch.config
             cfg = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in structure.items() if not k.startswith("_")}}
             cfg["_hybridsd_nas_format"] = "hybridsd: load with hybridsd_nas.load_unet (module surgery or channel pruning)"

@@ -5,9 +5,10 @@ import sys
 import pytest
 import torch
 
-from hybridsd_nas.arch import describe, load_pretrained_unet, load_unet_config
+from hybridsd_nas.arch import describe
+from hybridsd_nas.sources import load_pretrained_unet, load_unet_config
 from hybridsd_nas.cli import main
-from hybridsd_nas.errors import ConfigError, UnknownNameError
+from hybridsd_nas.core.errors import ConfigError, UnknownNameError
 
 from .conftest import TINY_SD1
 
@@ -57,7 +58,7 @@ def test_hub_id_is_real_code_and_fails_cleanly_offline(monkeypatch):
 
 
 def test_cli_cost_json_and_table(capsys):
-    assert main(["cost", "--unet", "sd-v1", "--candidate", "bk-sdm-small", "--json"]) == 0
+    assert main(["cost", "--teacher", "sd-v1", "--candidate", "bk-sdm-small", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["params"] == 482_346_884 and isinstance(r["macs"], int) and isinstance(r["macs_conv_linear"], int)
     assert main(["table", "--resolution", "256"]) == 0
@@ -68,7 +69,7 @@ def test_cli_cost_json_and_table(capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["cost", "--unet", "sd-v9"], "unknown U-Net"),
+        (["cost", "--teacher", "sd-v9"], "unknown U-Net"),
         (["cost", "--candidate", "bk-sdm-huge"], "unknown candidate"),
         (["cost", "--candidate", "/no/such/file.json"], "does not exist"),
         (["cost", "--resolution", "500"], "multiple of the VAE scale factor 8"),

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from hybridsd_nas.arch import Candidate, build_student, describe, plan
+from hybridsd_nas.arch import Candidate, describe, plan
+from hybridsd_nas.build import build_student
 from hybridsd_nas.cost import LatencyTable, count_macs, estimate_cost, measure_latency, unet_inputs
 
 from .conftest import TINY_SD1, TINY_SDXL
@@ -21,18 +22,18 @@ PUBLISHED = {
 def test_reproduces_published_sd_v1_and_bk_sdm_costs(name):
     r = estimate_cost("sd-v1", name, resolution=512)
     params_m, macs_cl_g = PUBLISHED[name]
-    assert round(r["params"] / 1e6, 2) == params_m
-    assert round(r["macs_conv_linear"] / 1e9, 1) == macs_cl_g
-    assert all(isinstance(r[k], int) for k in ("params", "macs", "macs_conv_linear"))
+    assert round(r.params / 1e6, 2) == params_m
+    assert round(r.macs_conv_linear / 1e9, 1) == macs_cl_g
+    assert all(isinstance(getattr(r, k), int) for k in ("params", "macs", "macs_conv_linear"))
     if name == "identity":
-        assert round(r["macs"] / 1e9, 1) == 401.6
+        assert round(r.macs / 1e9, 1) == 401.6
 
 
 def test_preset_unet_and_candidate_agree():
     """bk-sdm-tiny as a config preset and as a candidate of sd-v1 cost the same."""
     a = estimate_cost("bk-sdm-tiny", None, resolution=256)
     b = estimate_cost("sd-v1", "bk-sdm-tiny", resolution=256)
-    assert (a["params"], a["macs"], a["macs_conv_linear"]) == (b["params"], b["macs"], b["macs_conv_linear"])
+    assert (a.params, a.macs, a.macs_conv_linear) == (b.params, b.macs, b.macs_conv_linear)
 
 
 def _real(cfg, cand, seed=0):
@@ -94,15 +95,15 @@ def test_attention_macs_match_formula():
 
 def test_by_block_sums_to_total():
     r = estimate_cost("sd-v1", "bk-sdm-tiny", resolution=256, by_block=True)
-    assert sum(v["macs"] for v in r["by_block"].values()) == r["macs"]
-    assert sum(v["params"] for v in r["by_block"].values()) == r["params"]
-    assert "up1" in r["by_block"] and "up0" not in r["by_block"]  # base names: stage 3 is gone
+    assert sum(v["macs"] for v in r.by_block.values()) == r.macs
+    assert sum(v["params"] for v in r.by_block.values()) == r.params
+    assert "up1" in r.by_block and "up0" not in r.by_block  # base names: stage 3 is gone
 
 
 def test_measured_latency_states_how(tmp_path):
     r = estimate_cost(TINY_SD1, None, resolution=128, latency="measure", repeats=3)
-    lt = r["latency"]
-    assert r["latency_ms"] > 0 and lt["p10_ms"] <= lt["median_ms"] <= lt["p90_ms"]
+    lt = r.latency
+    assert r.latency_ms > 0 and lt["p10_ms"] <= lt["median_ms"] <= lt["p90_ms"]
     assert lt["dtype"] == "float32" and lt["device"].startswith("cpu") and lt["resolution"] == 128
 
 
@@ -117,14 +118,14 @@ def test_latency_table_is_cached_and_reused(tmp_path):
     # a reload answers from disk: same prediction, nothing timed again
     t2 = LatencyTable("cpu", torch.float32, 128, 1, path=path)
     r2 = estimate_cost(TINY_SD1, "bk-sdm-base", resolution=128, latency="lut", lut=t2)
-    assert r2["latency_ms"] == pytest.approx(r1["latency_ms"])
+    assert r2.latency_ms == pytest.approx(r1.latency_ms)
     assert len(t2.units) == n_units
     # the base was timed once to calibrate the fixed overhead: its units are all in the table
     (over,) = t2.overhead.values()
     assert over["measured_ms"] > 0 and over["units_ms"] > 0
     r3 = estimate_cost(TINY_SD1, None, resolution=128, latency="lut", lut=t2)
     assert len(t2.units) == n_units
-    assert r3["latency"]["n_units"] > r1["latency"]["n_units"]
+    assert r3.latency["n_units"] > r1.latency["n_units"]
 
 
 def test_measure_latency_on_real_model():

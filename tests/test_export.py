@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from hybridsd_nas import load_unet
-from hybridsd_nas.arch import Candidate, apply_frozen, build_student, candidate_preset, describe, plan
+from hybridsd_nas.export import load_unet
+from hybridsd_nas.arch import Candidate, candidate_preset, describe, plan
+from hybridsd_nas.build import apply_frozen, build_student
 from hybridsd_nas.cli import main
 from hybridsd_nas.export import export_unet
 
@@ -104,7 +105,7 @@ def test_prune_bad_input(argv, needle, capsys, tmp_path, monkeypatch):
 
 
 def test_load_unet_errors(tmp_path):
-    from hybridsd_nas.errors import ConfigError
+    from hybridsd_nas.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a directory"):
         load_unet(tmp_path / "none")
@@ -124,7 +125,7 @@ def test_channel_pruned_export_loads_back_exactly_and_costs_as_predicted(tiny_sd
     s = build_student(p, teacher=tiny_sd1_teacher, device="cpu",
                       prune_kwargs={"teacher": tiny_sd1_teacher, "example_inputs": x})
     predicted = estimate_cost(TINY_SD1, cand, resolution=128)
-    assert sum(q.numel() for q in s.parameters()) == predicted["params"] < arch.params
+    assert sum(q.numel() for q in s.parameters()) == predicted.params < arch.params
     export_unet(s, p, tmp_path / "pruned", teacher_id="t")
     assert (tmp_path / "pruned" / "prune_record.json").is_file()
     loaded = load_unet(tmp_path / "pruned")

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
 import pytest
 import torch
 
-from hybridsd_nas.errors import HybridSDError
-from hybridsd_nas.hybrid import (
-    Component,
-    HybridPipeline,
-    HybridScheduleError,
-    Link,
-    Segment,
-    account,
-    cloud_share_table,
-    parse_steps,
-    step_groups,
-    tiny_random_vae,
-)
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.cost.pipeline import Component, Link, Segment, account, cloud_share_table
+from hybridsd_nas.hybrid import HybridPipeline, HybridScheduleError, parse_steps, step_groups, tiny_random_vae
 
 PROMPTS = ["a photo of a dress", "a coat", "a sandal"]
 
@@ -224,8 +213,8 @@ def test_pipeline_cost_uses_the_cost_engine(tiny_pipe, tiny_student):
     h = HybridPipeline.from_pipeline(tiny_pipe, ["teacher", tiny_student], [10, 15], vae=tiny_random_vae(4, upsample=2))
     c = h.cost(prompt="a coat")
     cfg = {k: v for k, v in dict(tiny_pipe.unet.config).items() if not k.startswith("_")}
-    small = estimate_cost(cfg, "bk-sdm-tiny", resolution=32, vae_scale=2)["macs"]
-    big = estimate_cost(cfg, None, resolution=32, vae_scale=2)["macs"]
+    small = estimate_cost(cfg, "bk-sdm-tiny", resolution=32, vae_scale=2).macs
+    big = estimate_cost(cfg, None, resolution=32, vae_scale=2).macs
     assert c["segments"][1]["macs_per_step"] == 2 * small and c["segments"][0]["macs_per_step"] == 2 * big
     assert c["cloud_share"]["unet_macs"] == pytest.approx(10 * big / (25 * big))
     assert c["payload_bytes"]["latents"] == 4 * 16 * 16 * 4  # float32 pipeline
@@ -233,21 +222,17 @@ def test_pipeline_cost_uses_the_cost_engine(tiny_pipe, tiny_student):
 
 
 @pytest.mark.slow
-def test_cli_writes_images_and_cost_summary(tiny_pipe, tmp_path):
-    from hybridsd_nas.hybrid_cli import register
+def test_cli_writes_images_and_cost_summary(tiny_pipe, tmp_path, capsys):
+    from hybridsd_nas.cli import main
 
     tdir = tmp_path / "teacher"
     tiny_pipe.save_pretrained(tdir, safe_serialization=True)
-    ap = argparse.ArgumentParser()
-    register(ap.add_subparsers())
     out = tmp_path / "out"
-    a = ap.parse_args(["hybrid", "--teacher", str(tdir), "--unets", "teacher", "bk-sdm-tiny", "--steps", "1,2",
-                       "--prompt", "a coat", "--guidance", "5", "--num-images", "2", "--out", str(out)])
-    assert a.func(a) == 0
+    assert main(["hybrid", "--teacher", str(tdir), "--unets", "teacher", "bk-sdm-tiny", "--steps", "1,2",
+                 "--prompt", "a coat", "--guidance", "5", "--num-images", "2", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == ["image_000_seed0.png", "image_001_seed1.png"]
     assert sorted(p.name for p in out.glob("*.png")) == ["image_000_seed0.png", "image_001_seed1.png"]
     s = json.loads((out / "cost_summary.json").read_text())
     assert s["steps"] == [1, 2] and s["cost"]["cloud_share"]["steps"] == pytest.approx(1 / 3)
-    a = ap.parse_args(["hybrid", "--teacher", str(tdir), "--unets", "teacher", "--steps", "1,2", "--prompt", "x",
-                       "--out", str(out)])
-    with pytest.raises(HybridSDError):
-        a.func(a)
+    assert main(["hybrid", "--teacher", str(tdir), "--unets", "teacher", "--steps", "1,2", "--prompt", "x",
+                 "--out", str(out)]) == 2

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hybridsd_nas.cli import main
-from hybridsd_nas.proxy import ProxySettings, run_proxy
+from hybridsd_nas.proxy import ProxySettings, Stage, run_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,9 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_proxy_scores_a_candidate_on_the_embedded_teacher():
-    r = run_proxy("tiny", "bk-sdm-small", TINY, return_student=True)
-    assert r["status"] == "ok", r.get("reason")
+    res = run_proxy("tiny", "bk-sdm-small", TINY)
+    assert res.ok, res.reason
+    r = res.to_dict()
     for k in ("proxy_fid", "fid_real", "kid", "paired_mse", "heldout_mse", "adherence", "distill_seconds", "eval_seconds"):
         assert isinstance(r[k], float), k
     assert r["proxy_fid"] >= 0 and 0 <= r["adherence"] <= 1 and r["samples"] == 8 and 0 < r["paired_mse"] < 1
@@ -26,23 +27,28 @@ def test_proxy_scores_a_candidate_on_the_embedded_teacher():
     from diffusers import DDPMScheduler
 
     from hybridsd_nas.distill import fashion_mnist_data
-    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.sources import load_pipeline
     from hybridsd_nas.proxy import zero_cost_scores
 
     pipe = load_pipeline("tiny")
     held = fashion_mnist_data(pipe, n=TINY.heldout_latents, seed=TINY.seed, split="test")
-    ref = zero_cost_scores(r["student"].eval(), pipe.unet, held, DDPMScheduler.from_config(pipe.scheduler.config),
+    ref = zero_cost_scores(res.student.eval(), pipe.unet, held, DDPMScheduler.from_config(pipe.scheduler.config),
                            n=TINY.heldout_latents, seed=TINY.seed + 1)
     assert r["heldout_mse"] == pytest.approx(ref["output_mse"], rel=1e-5)
-    again = run_proxy("tiny", "identity", TINY)
+    again = run_proxy("tiny", "identity", TINY).to_dict()
     assert again["zero_cost"]["output_mse"] == 0.0  # the no-op candidate is the teacher
     # two steps of training move the teacher's own copy a little, not as far as BK-SDM-Small is
     assert 0 <= again["heldout_mse"] < r["heldout_mse"]
     # without evaluation the held-out score is still taken (a study ranking by it alone never samples);
     # the hybrid study, which ranks schedules by their samples, turns it off too
-    quiet = run_proxy("tiny", "identity", TINY, evaluate=False)
+    quiet = run_proxy("tiny", "identity", TINY, until=Stage.HELDOUT).to_dict()
     assert quiet["heldout_mse"] == pytest.approx(again["heldout_mse"], rel=1e-5) and "proxy_fid" not in quiet
-    assert "heldout_mse" not in run_proxy("tiny", "identity", TINY, evaluate=False, heldout=False)
+    trained = run_proxy("tiny", "identity", TINY, until=Stage.DISTILL).to_dict()
+    assert "heldout_mse" not in trained and trained["distill_seconds"] > 0
+    zero = run_proxy("tiny", "identity", TINY, until=Stage.ZERO_COST)
+    assert zero.ok and not zero.distill and zero.zero_cost["output_mse"] == 0.0
+    skipped = run_proxy("tiny", "bk-sdm-small", TINY, prefilter=lambda zc: "too far" if zc["output_mse"] > 0 else None)
+    assert skipped.status == "skipped" and skipped.reason == "too far" and not skipped.distill
 
 
 def test_proxy_cli_json(capsys):
@@ -66,10 +72,11 @@ def test_perceptual_term_trains_through_a_frozen_classifier(tmp_path):
     import torch
     from diffusers import DDPMScheduler
 
-    from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
+    from hybridsd_nas.build import build_student
+    from hybridsd_nas.arch import describe, plan, resolve_candidate
     from hybridsd_nas.distill import DistillConfig, LossWeights, distill, fashion_mnist_data, perceptual_term
-    from hybridsd_nas.errors import HybridSDError
-    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.core.errors import HybridSDError
+    from hybridsd_nas.sources import load_pipeline
 
     pipe = load_pipeline("tiny")
     p = plan(describe("tiny"), resolve_candidate("bk-sdm-tiny", describe("tiny")))
@@ -122,7 +129,7 @@ def test_samples_are_made_in_plain_float32_whatever_the_caller_set():
 def test_distill_cli_exports_the_moving_average_and_names_a_bad_decay(tmp_path, capsys):
     """The final training with ``--ema-decay``: the export holds the averaged weights, records the
     average, and loads back; a decay outside (0, 1) is a one-line error with exit status 2."""
-    from hybridsd_nas import load_unet
+    from hybridsd_nas.export import load_unet
 
     out = tmp_path / "small"
     argv = ["distill", "--teacher", "tiny", "--candidate", "bk-sdm-small", "--steps", "3", "--batch-size", "2",

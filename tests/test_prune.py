@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from hybridsd_nas.arch import Candidate, build_student, candidate_preset, describe, plan
+from hybridsd_nas.arch import Candidate, candidate_preset, describe, plan
+from hybridsd_nas.build import build_student
 from hybridsd_nas.cost import count_macs, estimate_cost, unet_inputs
-from hybridsd_nas.errors import ConfigError, HybridSDError, UnknownNameError
+from hybridsd_nas.core.errors import ConfigError, HybridSDError, UnknownNameError
 from hybridsd_nas.prune import (
     IMPORTANCE,
     TARGETS,
@@ -132,9 +133,9 @@ def test_params_and_macs_equal_the_cost_engine(tiny_sd1_teacher, start):
                      depth=s0.depth, prune=prune)
     s = build(tiny_sd1_teacher, cand)
     c = estimate_cost(TINY_SD1, cand)
-    assert _real_counts(s, TINY_SD1) == (c["params"], c["macs"], c["macs_conv_linear"])
+    assert _real_counts(s, TINY_SD1) == (c.params, c.macs, c.macs_conv_linear)
     unpruned = estimate_cost(TINY_SD1, s0)
-    assert c["params"] < unpruned["params"] and c["macs"] < unpruned["macs"]
+    assert c.params < unpruned.params and c.macs < unpruned.macs
     # and the meta build has the very shapes of the real one
     meta = build_student(plan(ARCH, cand))
     assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == {k: tuple(v.shape) for k, v in s.state_dict().items()}
@@ -144,7 +145,7 @@ def test_sdxl_style_pruning_matches_cost(tiny_sdxl_teacher):
     cand = Candidate(prune={"all": {"resnet": 0.5, "heads": 0.5, "ff": 0.25}})
     s = build(tiny_sdxl_teacher, cand, config=TINY_SDXL)
     c = estimate_cost(TINY_SDXL, cand)
-    assert _real_counts(s, TINY_SDXL) == (c["params"], c["macs"], c["macs_conv_linear"])
+    assert _real_counts(s, TINY_SDXL) == (c.params, c.macs, c.macs_conv_linear)
     x = real_inputs(TINY_SDXL)
     with masking(tiny_sdxl_teacher, s.hybridsd_prune_record):
         ref = out(tiny_sdxl_teacher, x)
@@ -177,7 +178,7 @@ def test_full_size_sd1_on_meta_by_hand():
     # heads and ff too, at the three Hybrid SD ratios, with no error
     for r in (0.25, 0.5, 0.75):
         c = estimate_cost("sd-v1", Candidate(prune={"all": {"resnet": r, "heads": r, "ff": r}}), resolution=512)
-        assert 0.2 * n_full < c["params"] < n_full
+        assert 0.2 * n_full < c.params < n_full
 
 
 # -- replay, record, export -----------------------------------------------------------------

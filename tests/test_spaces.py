@@ -5,7 +5,7 @@ import pytest
 
 from hybridsd_nas.arch import Candidate, candidate_preset, describe
 from hybridsd_nas.cli import main
-from hybridsd_nas.errors import ConfigError, UnknownNameError
+from hybridsd_nas.core.errors import ConfigError, UnknownNameError
 from hybridsd_nas.spaces import list_spaces, load_space, space_from_dict
 
 from .conftest import TINY_SD1
@@ -45,16 +45,10 @@ def test_recombination_contains_asdm_m1_to_m6(sd1):
                                   "mid": "original", "freeze": "original"}
 
 
-def _pruning_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("hybridsd_nas.prune") is not None
-
-
 def test_enumerate_json_rows_are_accepted_as_candidates(tmp_path, capsys):
-    names = ["layer-removal", "recombination", "hybrid-schedule"] + (["channel-pruning"] if _pruning_available() else [])
+    names = ["layer-removal", "recombination", "hybrid-schedule", "channel-pruning"]
     for name in names:
-        assert main(["space", "enumerate", name, "--limit", "2", "--json", "--unet", "sd-v1"]) == 0
+        assert main(["space", "enumerate", name, "--limit", "2", "--json", "--teacher", "sd-v1"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["shown"] == 2 and len(out["candidates"]) == 2
         for i, row in enumerate(out["candidates"]):
@@ -63,15 +57,6 @@ def test_enumerate_json_rows_are_accepted_as_candidates(tmp_path, capsys):
             assert Candidate.load(f).key == row["key"]
             assert main(["cost", "--candidate", str(f), "--resolution", "64", "--json"]) == 0
             assert json.loads(capsys.readouterr().out)["candidate_key"] == row["key"]
-
-
-@pytest.mark.skipif(_pruning_available(), reason="the pruning engine is installed")
-def test_pruned_candidates_fail_clearly_without_the_pruning_engine(tmp_path, capsys):
-    assert main(["space", "enumerate", "channel-pruning", "--limit", "1", "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)["candidates"][0]
-    (tmp_path / "p.json").write_text(json.dumps(row))
-    assert main(["cost", "--candidate", str(tmp_path / "p.json")]) == 2
-    assert "asks for channel pruning" in capsys.readouterr().err
 
 
 def test_channel_pruning_space_counts_and_samples(sd1):

@@ -1,4 +1,3 @@
-import argparse
 import json
 
 import numpy as np
@@ -8,7 +7,7 @@ import torch
 from hybridsd_nas import HybridSDError, UnknownNameError, zoo
 from hybridsd_nas.data import CLASS_NAMES
 from hybridsd_nas.zoo import recipe
-from hybridsd_nas.zoo.cli import register
+from hybridsd_nas.cli import main
 
 SD1_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 SD1_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -69,23 +68,18 @@ def test_tokenizer_builder(tmp_path):
     assert ids[0] == tok.bos_token_id and tok.pad_token_id == tok.eos_token_id
 
 
-def _cli(argv):
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="command"))
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli_list_and_path(capsys):
-    assert _cli(["zoo", "list", "--json"]) == 0
+    assert main(["zoo", "list", "--json"]) == 0
     infos = json.loads(capsys.readouterr().out)
     assert [i["name"] for i in infos] == zoo.list_models() and infos[0]["installed"]
-    assert _cli(["zoo", "list"]) == 0
+    assert main(["zoo", "list"]) == 0
     assert "tiny" in capsys.readouterr().out
-    assert _cli(["zoo", "path", "tiny"]) == 0
+    assert main(["zoo", "path", "tiny"]) == 0
     assert capsys.readouterr().out.strip() == str(zoo.model_path("tiny"))
-    with pytest.raises(UnknownNameError, match="known: tiny"):
-        _cli(["zoo", "path", "bogus"])
+    assert main(["zoo", "path", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "tiny", "path": str(zoo.model_path("tiny"))}
+    assert main(["zoo", "path", "bogus"]) == 2
+    assert "unknown model 'bogus'; known: tiny" in capsys.readouterr().err
 
 
 def test_pipeline_fingerprint_follows_the_weights(tmp_path):
@@ -93,7 +87,7 @@ def test_pipeline_fingerprint_follows_the_weights(tmp_path):
     a weight file in place, even with the same size, gives a new key; an untouched copy keeps it."""
     import shutil
 
-    from hybridsd_nas.pipeline import pipeline_fingerprint
+    from hybridsd_nas.sources import pipeline_fingerprint
 
     src = tmp_path / "a"
     (src / "unet").mkdir(parents=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from hybridsd_nas.arch import describe
 from hybridsd_nas.cli.common import add_device, add_json, add_latency, add_parser, add_teacher, print_json, print_table

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 from hybridsd_nas.core.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
+_DECORATE = object()  # register(name) without a value: return a decorator
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, value: T | None = None, *, help: str = "", replace: bool = False):
+    def register(self, name: str, value: Any = _DECORATE, *, help: str = "", replace: bool = False):
         """Register ``value`` under ``name``; without ``value``, a decorator that registers its target."""
 
         def add(v: T) -> T:
@@ -51,7 +52,7 @@ class Registry(Generic[T]):
             self._entries[name] = Entry(name, v, help or (getattr(v, "__doc__", None) or "").strip().split("\n")[0])
             return v
 
-        return add if value is None else add(value)
+        return add if value is _DECORATE else add(value)
 
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)

