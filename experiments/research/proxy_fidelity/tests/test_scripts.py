@@ -133,6 +133,7 @@ def test_fidelity_run_to_run_noise_pools_the_repeats_and_averaging_narrows_the_s
     assert e.value.code == 2 and "--replicate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_missing_base_export_is_rebuilt_from_its_record_which_stays_as_it_was(tmp_path, monkeypatch):
     from hybridsd_nas.arch import describe
 
@@ -598,6 +599,7 @@ def test_ema_reference_reads_every_source_and_a_score_must_hold_on_each_seed_to_
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_average_and_decides_by_its_rule(tmp_path, monkeypatch):
     ref = ema_reference
     out = tmp_path / "pf"
