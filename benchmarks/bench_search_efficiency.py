@@ -46,7 +46,7 @@ REPEAT_STREAK = 200  # the runner's CHEAP_STREAK: a worker stops after this many
 
 # -- the scored table --------------------------------------------------------------------------
 def _cfg(args, **extra):
-    from hybridsd_nas.study.config import study_from_dict
+    from hybridsd_nas.study import study_from_dict
 
     d = {"name": "search-efficiency", "teacher": args.teacher, "space": args.space,
          "objectives": [m for m in args.objectives], "proxy": {"data_images": args.data_images, "seed": args.proxy_seed}}
@@ -59,7 +59,7 @@ def build_table(args, path: Path) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from hybridsd_nas.study.runner import Evaluator
+    from hybridsd_nas.study import Evaluator
 
     ev = Evaluator(_cfg(args))
     points = list(ev.space.enumerate(ev.arch))
@@ -151,7 +151,7 @@ class Replay:
     def __call__(self, trial):
         import optuna
 
-        from hybridsd_nas.errors import InvalidCandidateError
+        from hybridsd_nas.core.errors import InvalidCandidateError
 
         try:
             pt = self.space.suggest(trial, self.arch)
@@ -173,7 +173,7 @@ class Replay:
     def _update(self, vals: list[float]) -> None:
         import numpy as np
 
-        from hybridsd_nas.study.results import hypervolume, nondominated
+        from hybridsd_nas.study import hypervolume, nondominated
 
         pts = np.array(self.front + [vals])
         mask = nondominated(pts, self.directions)
@@ -219,7 +219,7 @@ def replay(args, label: str, sampler: str, options: dict[str, Any], seed: int, s
     import optuna
     from tqdm.auto import tqdm
 
-    from hybridsd_nas.study.runner import make_sampler
+    from hybridsd_nas.study import make_sampler
 
     cfg = _cfg(args, sampler={"name": sampler, "seed": seed, **options})
     full = sampler == "bruteforce" and not args.bruteforce_budget_only
@@ -305,7 +305,7 @@ def summarise(runs: list[dict[str, Any]], n_points: int) -> dict[str, Any]:
 def overhead(args) -> dict[str, Any]:
     import optuna
 
-    from hybridsd_nas.study.runner import evaluated, run_study
+    from hybridsd_nas.study import evaluated, run_study
 
     with tempfile.TemporaryDirectory(prefix="bench-search-eff-") as d:
         url = f"sqlite:///{Path(d) / 'study.db'}"
@@ -560,8 +560,7 @@ def main(argv=None) -> int:
     import optuna
     import torch
 
-    from hybridsd_nas.study.config import METRICS
-    from hybridsd_nas.study.results import HV_NOTE, hypervolume, nondominated, normaliser
+    from hybridsd_nas.study import HV_NOTE, METRICS, hypervolume, nondominated, normaliser
 
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -1,9 +1,107 @@
-"""Studies: Optuna multi-objective search over a space, under cost budgets, on shared storage."""
+"""Studies: Optuna multi-objective search over a space, under cost budgets, on shared storage.
 
-from .config import METRICS, SAMPLERS, Constraint, Objective, StudyConfig, load_study_config, study_from_dict
-from .results import feasible_trials, hypervolume, nondominated, normaliser, pareto_front, summarize
-from .runner import Evaluator, TrialFailed, load_or_create_study, make_sampler, open_storage, run_study
+Modules by job: ``config`` (the YAML, validated), ``metrics`` (the METRICS registry), ``samplers``
+(the SAMPLERS registry), ``storage`` (where a study lives), ``evaluator`` (cost and proxy of a
+point), ``objective`` (one trial), ``status`` (what became of a trial), ``worker`` (run_study),
+``results`` (rows, the front, hypervolume), ``outputs`` (the files a study leaves), ``report``
+(the HTML page), ``hybrid`` (hybrid-schedule points), ``cli`` (the commands).
+"""
 
-__all__ = ["METRICS", "SAMPLERS", "Constraint", "Evaluator", "Objective", "StudyConfig", "TrialFailed", "feasible_trials",
-           "hypervolume", "load_or_create_study", "load_study_config", "make_sampler", "nondominated", "normaliser",
-           "open_storage", "pareto_front", "run_study", "study_from_dict", "summarize"]
+from .config import (
+    WANDB_MODES,
+    Constraint,
+    Objective,
+    StudyConfig,
+    artifacts_dir_of,
+    load_study_config,
+    results_dir_of,
+    study_from_dict,
+)
+from .evaluator import Evaluator, check_constraints, cost_figures
+from .metrics import METRIC_GROUPS, METRICS, Metric, register_metric
+from .objective import Surplus, TrialFailed, TrialObjective, save_grid
+from .outputs import (
+    export_extra,
+    export_row,
+    export_trial,
+    format_table,
+    front_columns,
+    front_json,
+    metric_columns,
+    model_card,
+    pick_best,
+    write_front_csv,
+    write_outputs,
+)
+from .report import build_report
+from .results import (
+    HV_NOTE,
+    feasible_trials,
+    format_value,
+    hypervolume,
+    nondominated,
+    normaliser,
+    pareto_front,
+    summarize,
+    trial_row,
+)
+from .samplers import SAMPLERS, make_sampler
+from .status import StopReason, TrialStatus, evaluated
+from .storage import default_storage_url, load_or_create_study, load_study, open_storage, redact_url
+from .worker import enqueue_known, requeue, run_study
+
+__all__ = [
+    "HV_NOTE",
+    "METRICS",
+    "METRIC_GROUPS",
+    "SAMPLERS",
+    "WANDB_MODES",
+    "Constraint",
+    "Evaluator",
+    "Metric",
+    "Objective",
+    "StopReason",
+    "StudyConfig",
+    "Surplus",
+    "TrialFailed",
+    "TrialObjective",
+    "TrialStatus",
+    "artifacts_dir_of",
+    "build_report",
+    "check_constraints",
+    "cost_figures",
+    "default_storage_url",
+    "enqueue_known",
+    "evaluated",
+    "export_extra",
+    "export_row",
+    "export_trial",
+    "feasible_trials",
+    "format_table",
+    "format_value",
+    "front_columns",
+    "front_json",
+    "hypervolume",
+    "load_or_create_study",
+    "load_study",
+    "load_study_config",
+    "make_sampler",
+    "metric_columns",
+    "model_card",
+    "nondominated",
+    "normaliser",
+    "open_storage",
+    "pareto_front",
+    "pick_best",
+    "redact_url",
+    "register_metric",
+    "requeue",
+    "results_dir_of",
+    "run_study",
+    "save_grid",
+    "study_from_dict",
+    "summarize",
+    "trial_row",
+    "write_front_csv",
+    "write_outputs",
+]

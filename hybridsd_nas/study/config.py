@@ -8,33 +8,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.core.paths import results_root
+from hybridsd_nas.cost import LATENCY_MODES
+from hybridsd_nas.proxy import ProxySettings
+from hybridsd_nas.spaces import read_yaml
 
-# metric -> (group, default direction, what it is)
-METRICS: dict[str, tuple[str, str, str]] = {
-    "params": ("cost", "minimize", "parameter count of the U-Net"),
-    "macs": ("cost", "minimize", "MACs of one U-Net forward, attention matmuls included"),
-    "macs_conv_linear": ("cost", "minimize", "MACs of conv and linear layers only (thop / BK-SDM convention)"),
-    "latency_ms": ("cost", "minimize", "latency of one U-Net forward (measured or from the lookup table)"),
-    "cloud_share": ("cost", "minimize", "hybrid schedules: the cloud's share of the all-cloud MACs (U-Net steps, text encoder, decoder)"),
-    "edge_macs": ("cost", "minimize", "hybrid schedules: MACs the edge runs per image (its U-Net steps with guidance, the decoder)"),
-    "output_mse": ("zero_cost", "minimize", "output MSE against the teacher before any training"),
-    "latent_stat_shift": ("zero_cost", "minimize", "|d mean| + |d std| of the predicted noise vs the teacher, before training"),
-    "proxy_fid": ("quality", "minimize", "FID of the distilled student's samples against the teacher's samples"),
-    "kid": ("quality", "minimize", "KID against the teacher's samples"),
-    "fid_real": ("quality", "minimize", "FID against real images"),
-    "heldout_mse": ("quality", "minimize", "the distilled student's output MSE against the teacher on fixed held-out noisy latents (no sampling)"),
-    "paired_mse": ("quality", "minimize", "mean squared pixel difference of the student's samples from the teacher's, same prompts and seeds"),
-    "adherence": ("quality", "maximize", "share of samples the evaluation classifier assigns to the prompted class"),
-}
-# quality figures that need no sampling: a study that asks for none other skips the proxy's sampling
-UNSAMPLED = ("heldout_mse",)
-SAMPLERS = ("nsga2", "tpe", "gp", "bruteforce", "random")
-LATENCY_MODES = ("off", "lut", "measure")
+from .metrics import DIRECTIONS, METRICS, metrics_in
+from .samplers import SAMPLERS
+
 WANDB_MODES = ("off", "offline", "online")
 _TOP = ("name", "teacher", "base", "space", "objectives", "constraints", "cost", "latency", "sampler", "trials",
-        "timeout", "enqueue", "proxy", "prefilter", "storage", "artifacts", "heartbeat", "wandb", "max_failures",
-        "description")
+        "timeout", "enqueue", "proxy", "prefilter", "storage", "results_dir", "artifacts", "heartbeat", "wandb",
+        "max_failures", "description")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -102,6 +88,7 @@ class StudyConfig:
     proxy: dict[str, Any] = field(default_factory=dict)
     prefilter: tuple[Constraint, ...] = ()
     storage: str | None = None
+    results: str | None = None  # the YAML's results_dir; None: results_root() / name
     artifacts: str | None = None
     heartbeat_interval: int = 10
     heartbeat_grace: int = 30
@@ -118,24 +105,25 @@ class StudyConfig:
                                   + [c.metric for c in self.prefilter]))
 
     def needs(self, group: str) -> bool:
-        return any(METRICS[m][0] == group for m in self.metrics)
+        return any(METRICS.get(m).group == group for m in self.metrics)
 
     def needs_sampling(self) -> bool:
-        """Whether a quality figure of this study comes from the student's samples (all but UNSAMPLED)."""
-        return any(METRICS[m][0] == "quality" and m not in UNSAMPLED for m in self.metrics)
+        """Whether a quality figure of this study comes from the student's samples (all but the unsampled ones)."""
+        return any(METRICS.get(m).group == "quality" and METRICS.get(m).sampled for m in self.metrics)
 
     @property
     def results_dir(self) -> Path:
-        return Path("results") / self.name
+        """Where the study writes: the YAML's ``results_dir``, else ``results_root() / name``."""
+        return results_dir_of(self.name, self.results)
 
     def storage_url(self, override: str | None = None) -> str:
         url = override or self.storage
         if url:
             return url
-        return f"sqlite:///{(self.results_dir / 'study.db').as_posix()}"
+        return sqlite_url(self.results_dir / "study.db")
 
     def artifacts_dir(self) -> Path:
-        return Path(self.artifacts) if self.artifacts else self.results_dir / "artifacts"
+        return artifacts_dir_of(self.name, self.artifacts, self.results)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -143,6 +131,20 @@ class StudyConfig:
         d["constraints"] = [asdict(c) for c in self.constraints]
         d["prefilter"] = [asdict(c) for c in self.prefilter]
         return d
+
+
+def results_dir_of(name: str, results: str | None = None) -> Path:
+    """A study's results folder: ``results`` when given, else ``results_root() / name``."""
+    return Path(results) if results else results_root() / name
+
+
+def artifacts_dir_of(name: str, artifacts: str | None = None, results: str | None = None) -> Path:
+    """A study's artifact store: ``artifacts`` when given, else ``artifacts/`` in its results folder."""
+    return Path(artifacts) if artifacts else results_dir_of(name, results) / "artifacts"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.as_posix()}"
 
 
 def _err(src: str, key: str, msg: str) -> ConfigError:
@@ -196,7 +198,7 @@ def _constraints(src: str, key: str, v: Any) -> tuple[Constraint, ...]:
         c = _mapping(src, k, c, ("metric", "max", "min", "of"))
         m = c.get("metric")
         if m not in METRICS:
-            raise _err(src, f"{k}.metric", f"{m!r} is not a metric; known: {', '.join(METRICS)}")
+            raise _err(src, f"{k}.metric", f"{m!r} is not a metric; known: {', '.join(METRICS.names())}")
         lo, hi = _num(src, f"{k}.min", c.get("min")), _num(src, f"{k}.max", c.get("max"))
         if lo is None and hi is None:
             raise _err(src, k, "needs max, min or both")
@@ -206,8 +208,8 @@ def _constraints(src: str, key: str, v: Any) -> tuple[Constraint, ...]:
         if of is not None:
             if of != "teacher":
                 raise _err(src, f"{k}.of", f"{of!r} is not known; 'teacher' makes max/min fractions of the teacher's figure")
-            if METRICS[m][0] != "cost":
-                raise _err(src, f"{k}.of", f"fractions of the teacher apply to cost metrics ({', '.join(x for x in METRICS if METRICS[x][0] == 'cost')}), not {m}")
+            if METRICS.get(m).group != "cost":
+                raise _err(src, f"{k}.of", f"fractions of the teacher apply to cost metrics ({', '.join(metrics_in('cost'))}), not {m}")
         out.append(Constraint(m, max=hi, min=lo, of=of))
     return tuple(out)
 
@@ -224,8 +226,8 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
             raise _err(src, key, "is required")
     name = data["name"]
     if not isinstance(name, str) or not _NAME.match(name):
-        raise _err(src, "name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names results/NAME/ and the study)")
-    for key in ("teacher", "space", "base", "storage", "artifacts", "description"):
+        raise _err(src, "name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names the study and its results folder NAME/)")
+    for key in ("teacher", "space", "base", "storage", "results_dir", "artifacts", "description"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise _err(src, key, f"must be a string, got {data[key]!r}")
 
@@ -240,17 +242,17 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
         o = _mapping(src, k, o, ("metric", "direction"))
         m = o.get("metric")
         if m not in METRICS:
-            raise _err(src, f"{k}.metric", f"{m!r} is not a metric; known: {', '.join(METRICS)}")
-        d = _choice(src, f"{k}.direction", o.get("direction", METRICS[m][1]), ("minimize", "maximize"))
+            raise _err(src, f"{k}.metric", f"{m!r} is not a metric; known: {', '.join(METRICS.names())}")
+        d = _choice(src, f"{k}.direction", o.get("direction", METRICS.get(m).direction), DIRECTIONS)
         objectives.append(Objective(m, d))
     if len({o.metric for o in objectives}) != len(objectives):
         raise _err(src, "objectives", "names a metric twice")
 
     cost = _mapping(src, "cost", data.get("cost"), ("resolution", "batch"))
     lat = _mapping(src, "latency", data.get("latency"), ("mode", "device", "dtype", "table"))
-    lat_mode = _choice(src, "latency.mode", lat.get("mode", "off"), LATENCY_MODES)
+    lat_mode = _choice(src, "latency.mode", lat.get("mode", "off"), LATENCY_MODES.names())
     smp = _mapping(src, "sampler", data.get("sampler"), ("name", "seed", "population_size", "n_startup_trials"))
-    sampler = _choice(src, "sampler.name", smp.pop("name", "tpe"), SAMPLERS)
+    sampler = _choice(src, "sampler.name", smp.pop("name", "tpe"), SAMPLERS.names())
     seed = _num(src, "sampler.seed", smp.pop("seed", 0), int, allow_none=False)
     for k in ("population_size", "n_startup_trials"):
         if k in smp:
@@ -262,8 +264,6 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
         enq = [enq]
     if not isinstance(enq, list) or not all(isinstance(e, str) for e in enq):
         raise _err(src, "enqueue", f"must be a list of candidate preset names or files, got {enq!r}")
-
-    from ..proxy import ProxySettings
 
     proxy_keys = tuple(k for k in ProxySettings.__dataclass_fields__ if k != "weights")
     proxy = _mapping(src, "proxy", data.get("proxy"), proxy_keys)
@@ -283,7 +283,7 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
         trials=_num(src, "trials", data.get("trials", 20), int, low=1),
         timeout=_num(src, "timeout", data.get("timeout"), float, low=1),
         enqueue=tuple(enq), proxy=proxy, prefilter=_constraints(src, "prefilter", data.get("prefilter")),
-        storage=data.get("storage"), artifacts=data.get("artifacts"),
+        storage=data.get("storage"), results=data.get("results_dir"), artifacts=data.get("artifacts"),
         heartbeat_interval=_num(src, "heartbeat.interval", hb.get("interval", 10), int, low=1, allow_none=False),
         heartbeat_grace=_num(src, "heartbeat.grace", hb.get("grace", 30), int, low=1, allow_none=False),
         max_retry=_num(src, "heartbeat.max_retry", hb.get("max_retry", 3), int, low=0, allow_none=False),
@@ -298,14 +298,12 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
     if "latency_ms" in cfg.metrics and cfg.latency_mode == "off":
         raise _err(src, "latency.mode", "latency_ms is an objective or constraint, so latency.mode must be lut or measure")
     for c in cfg.prefilter:
-        if METRICS[c.metric][0] == "quality":
+        if METRICS.get(c.metric).group == "quality":
             raise _err(src, "prefilter", f"{c.metric} needs the distillation; a pre-filter takes cost or zero-cost metrics only")
     return cfg
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    from ..spaces.loader import read_yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"study file {str(path)!r} does not exist (a YAML file such as experiments/quickstart.yaml)")

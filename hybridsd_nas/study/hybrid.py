@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-HYBRID_METRICS = ("cloud_share", "edge_macs")
+from hybridsd_nas.arch import describe
+from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.hybrid import HybridPipeline
 
 
 def point_key(pt) -> str:
@@ -39,7 +41,6 @@ class ScheduleCost:
     """Cloud/edge accounting of schedules on one teacher pipeline (weight-free)."""
 
     def __init__(self, teacher: str, resolution: int | None = None):
-        from ..arch import describe
         from ..pipeline import pipeline_path
         from ..hybrid._cost import Component, decoder_macs, text_encoder_macs
 
@@ -93,7 +94,6 @@ class HybridProxy:
         return student, res
 
     def __call__(self, pt, prefilter, quality: bool) -> dict[str, Any]:
-        from ..hybrid import HybridPipeline
         from ..hybrid._sweep import generate
         from ..pipeline import load_pipeline
         from ..proxy import evaluate_student, sampling_settings
@@ -108,8 +108,6 @@ class HybridProxy:
         steps, guidance = sampling_settings(self.teacher, s.sampler_steps, s.guidance)
         sched = pt.extra["schedule"]
         if sum(sched["steps"]) != steps:
-            from ..errors import HybridSDError
-
             raise HybridSDError(f"the space's schedules have {sum(sched['steps'])} steps but the proxy samples with {steps}; "
                                 f"set proxy.sampler_steps: {sum(sched['steps'])} (or the space's options.steps: {steps})")
         unets = [pipe.unet if m == "large" else student for m in sched["models"]]

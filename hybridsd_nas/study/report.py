@@ -12,8 +12,12 @@ from typing import Any
 
 import numpy as np
 import optuna
+from plotly.offline import get_plotlyjs
 
+from .config import artifacts_dir_of
+from .metrics import METRICS
 from .results import HV_NOTE, feasible_trials, format_value, normaliser, summarize
+from .status import TrialStatus
 
 _COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -33,7 +37,7 @@ def _fmt(v: Any) -> str:
 
 def _artifact_dir(study: optuna.Study) -> Path:
     cfg = study.user_attrs.get("config", {})
-    return Path(cfg["artifacts"]) if cfg.get("artifacts") else Path("results") / study.study_name / "artifacts"
+    return artifacts_dir_of(study.study_name, cfg.get("artifacts"), cfg.get("results"))
 
 
 def _grid_img(study: optuna.Study, artifact_id: str | None) -> str | None:
@@ -62,11 +66,11 @@ def _hover(row: dict[str, Any], metrics: list[str]) -> str:
 def _figures(group: list[tuple[optuna.Study, dict[str, Any]]], metrics: list[str], directions: list[str]) -> list[dict[str, Any]]:
     """Plotly figure specs (data + layout) for one group of studies sharing their objectives."""
     figs = []
-    extra = sorted({m for _, s in group for r in s["front"] for m in r if m in _all_metrics()} - set(metrics))
+    extra = sorted({m for _, s in group for r in s["front"] for m in r if m in METRICS} - set(metrics))
     if len(metrics) == 1:
         data = []
         for i, (study, s) in enumerate(group):
-            rows = sorted((r for r in s["trials"] if r["status"] == "ok"), key=lambda r: r["trial"])
+            rows = sorted((r for r in s["trials"] if r["status"] == TrialStatus.OK), key=lambda r: r["trial"])
             best, xs, ys = None, [], []
             for r in rows:
                 v = r[metrics[0]]
@@ -83,7 +87,7 @@ def _figures(group: list[tuple[optuna.Study, dict[str, Any]]], metrics: list[str
         data = []
         for i, (study, s) in enumerate(group):
             c = _COLOURS[i % len(_COLOURS)]
-            ok = [r for r in s["trials"] if r["status"] == "ok" and all(m in r for m in metrics)]
+            ok = [r for r in s["trials"] if r["status"] == TrialStatus.OK and all(m in r for m in metrics)]
             data.append({"type": "scatter", "mode": "markers", "name": f"{s['study']}: all feasible", "opacity": 0.35,
                          "x": [r[metrics[0]] for r in ok], "y": [r[metrics[1]] for r in ok],
                          "text": [_hover(r, metrics + extra) for r in ok], "hoverinfo": "text", "marker": {"color": c, "size": 7}})
@@ -107,20 +111,12 @@ def _figures(group: list[tuple[optuna.Study, dict[str, Any]]], metrics: list[str
     return figs
 
 
-def _all_metrics() -> list[str]:
-    from .config import METRICS
-
-    return list(METRICS)
-
-
 def build_report(studies: list[optuna.Study], out: str | Path) -> Path:
     """Write one HTML page comparing the Pareto fronts of ``studies``; returns its path.
 
     Studies are grouped by their objectives (names and directions); within a group, hypervolume is
     computed on one normalisation over all the group's feasible trials, so the numbers compare.
     """
-    from plotly.offline import get_plotlyjs
-
     out = Path(out)
     groups: dict[tuple, list[optuna.Study]] = {}
     for st in studies:
@@ -157,7 +153,7 @@ def build_report(studies: list[optuna.Study], out: str | Path) -> Path:
             body.append(f"<div id='{div}' class='plot' style='width:100%;height:{fig['layout'].get('height', 480)}px'></div>")
             plots.append((div, fig))
         for st, s in summ:
-            cols = ["trial", "candidate_key"] + [m for m in _all_metrics() if any(m in r for r in s["front"])]
+            cols = ["trial", "candidate_key"] + [m for m in METRICS if any(m in r for r in s["front"])]
             body.append(f"<h3>{_esc(s['study'])}: Pareto front ({len(s['front'])} trials)</h3><table><tr>"
                         + "".join(f"<th class='l'>{_esc(c)}</th>" if c == "candidate_key" else f"<th>{_esc(c)}</th>" for c in cols) + "</tr>")
             for r in s["front"]:

@@ -6,11 +6,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import moocore
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from .config import StudyConfig
+from .metrics import METRICS
+from .status import TrialStatus, evaluated
 
 HV_NOTE = ("hypervolume of the objectives min-max normalised over the trials compared (best 0, worst 1, "
            "maximised ones flipped), against the reference point 1.1 in every objective")
@@ -29,7 +32,7 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Complete trials that keep every constraint, one per candidate (reused duplicates left out)."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("status") != "ok" or "duplicate_of" in t.user_attrs:
+        if t.user_attrs.get("status") != TrialStatus.OK or "duplicate_of" in t.user_attrs:
             continue
         if t.values is None or not all(math.isfinite(v) for v in t.values):
             continue
@@ -44,8 +47,6 @@ def _minimise(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
 
 def nondominated(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     """Boolean mask of the non-dominated rows (first of identical rows kept)."""
-    import moocore
-
     if len(values) == 0:
         return np.zeros(0, bool)
     return np.asarray(moocore.is_nondominated(_minimise(np.asarray(values, float), directions), keep_weakly=False))
@@ -71,8 +72,6 @@ def normaliser(values: np.ndarray, directions: Sequence[str]):
 def hypervolume(points: np.ndarray, directions: Sequence[str], scale=None, ref: float = 1.1) -> float:
     """Hypervolume of ``points`` (raw objective values). ``scale`` is a :func:`normaliser`; by
     default the points' own range. See :data:`HV_NOTE`."""
-    import moocore
-
     pts = np.asarray(points, float)
     if len(pts) == 0:
         return 0.0
@@ -89,8 +88,6 @@ def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None 
     row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "status": ua.get("status"), "reason": ua.get("reason"),
                            "candidate_key": ua.get("candidate_key"), "params": dict(t.params), "candidate": ua.get("candidate"),
                            "worker": ua.get("worker")}
-    from .config import METRICS
-
     for m in METRICS:
         if m in ua:
             row[m] = ua[m]
@@ -123,9 +120,7 @@ def summarize(study: optuna.Study, scale=None) -> dict[str, Any]:
         "objectives": [{"metric": n, "direction": d} for n, d in zip(names, directions)],
         "constraints": cfg.get("constraints", []),
         "config": cfg,
-        "counts": {"trials": len(trials), "evaluated": sum(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
-                                                            for t in trials),
-                   **states},
+        "counts": {"trials": len(trials), "evaluated": sum(evaluated(t) for t in trials), **states},
         "front": [trial_row(t) for t in front],
         "hypervolume": hv,
         "hypervolume_note": HV_NOTE if scale is None else HV_NOTE.replace("the trials compared", "the trials of all compared studies"),

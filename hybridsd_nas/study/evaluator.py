@@ -1,0 +1,138 @@
+"""Evaluating the points of one study's space: cost, zero-cost scores and the quality proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from hybridsd_nas.arch import Candidate, describe
+from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.cost import CostReport, LatencyTable, estimate_cost, parse_dtype
+from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, run_proxy
+from hybridsd_nas.spaces import load_space
+
+from .config import Constraint, StudyConfig
+from .hybrid import HybridProxy, ScheduleCost, point_key
+from .metrics import METRICS, hybrid_metrics, unsampled_metrics
+
+
+class Evaluator:
+    """Cost, zero-cost scores and the proxy for the points of one study's space."""
+
+    def __init__(self, cfg: StudyConfig, device: str = "cpu"):
+        self.cfg, self.device = cfg, device
+        self.arch = describe(cfg.teacher)
+        self.space = load_space(cfg.space)
+        self.hybrid = self.space.kind == "hybrid-schedule"
+        hybrid, unsampled = hybrid_metrics(), unsampled_metrics()
+        used = [o.metric for o in cfg.objectives] + [c.metric for c in cfg.constraints]
+        if not self.hybrid and any(m in hybrid for m in used):
+            m = next(m for m in used if m in hybrid)
+            raise ConfigError(f"{cfg.source}: {m} is a figure of hybrid schedules; it needs a hybrid-schedule space "
+                              f"(space {self.space.name!r} is {self.space.kind})")
+        for c in cfg.constraints:
+            if c.metric in hybrid and c.of == "teacher":
+                raise ConfigError(f"{cfg.source}: constraints: {c.metric} takes no 'of: teacher' "
+                                  "(cloud_share is already a share of the all-cloud run; give edge_macs in MACs)")
+        if self.hybrid and any(m in unsampled for m in used):
+            m = next(m for m in used if m in unsampled)
+            raise ConfigError(f"{cfg.source}: {m} is a figure of one distilled U-Net; a hybrid-schedule space is ranked by "
+                              "the figures of its samples (proxy_fid, kid, fid_real, paired_mse, adherence)")
+        if self.hybrid and cfg.enqueue:
+            raise ConfigError(f"{cfg.source}: enqueue: names candidates of layer-removal or recombination spaces; "
+                              f"space {self.space.name!r} is a hybrid-schedule space (leave enqueue out)")
+        self.settings = ProxySettings(**cfg.proxy)
+        self._lut = None
+        self._teacher_cost: dict[str, Any] | None = None
+        self._schedule_cost = None
+        self._hybrid_proxy = None
+
+    def key(self, pt) -> str:
+        """What makes two trials the same evaluation: the candidate, and for schedules the schedule too."""
+        if self.hybrid:
+            return point_key(pt)
+        return pt.candidate.key
+
+    def schedule_figures(self, pt, cost: CostReport) -> dict[str, Any]:
+        """Cloud/edge figures of a schedule point (its small U-Net's ``cost`` given)."""
+        if self._schedule_cost is None:
+            self._schedule_cost = ScheduleCost(self.cfg.teacher, self.cfg.resolution)
+        return self._schedule_cost(pt.extra["schedule"], int(cost.macs), int(self.teacher_figures()["macs"]))
+
+    def teacher_figures(self) -> dict[str, Any]:
+        """The teacher's own cost figures (the no-op candidate), counted once."""
+        if self._teacher_cost is None:
+            self._teacher_cost = cost_figures(self.cost(Candidate()))
+        return self._teacher_cost
+
+    def constraints(self, group: str) -> list[Constraint]:
+        """The config's constraints on metrics of ``group``, fractions of the teacher made absolute."""
+        out = []
+        for c in self.cfg.constraints:
+            if METRICS.get(c.metric).group != group:
+                continue
+            if c.of == "teacher":
+                c = c.absolute(float(self.teacher_figures()[c.metric]))
+            out.append(c)
+        return out
+
+    def measured(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"cost": {"resolution": c.resolution, "batch": c.batch, "method": "meta-device count, no weights"},
+                "latency": None if c.latency_mode == "off" else {"mode": c.latency_mode, "device": c.latency_device,
+                                                                 "dtype": c.latency_dtype, "batch": c.batch},
+                "proxy": {**self.settings.as_dict(), "device": self.device, "dtype": "float32"}}
+
+    def cost(self, candidate) -> CostReport:
+        c = self.cfg
+        lut = None
+        if c.latency_mode == "lut":
+            if self._lut is None:
+                first = estimate_cost(c.teacher, candidate, resolution=c.resolution, batch=c.batch, arch=self.arch)
+                dt = parse_dtype(c.latency_dtype) if c.latency_dtype else (torch.float16 if c.latency_device.startswith("cuda") else torch.float32)
+                self._lut = LatencyTable(c.latency_device, dt, first.measured["resolution"], c.batch, path=c.latency_table)
+            lut = self._lut
+        return estimate_cost(c.teacher, candidate, resolution=c.resolution, batch=c.batch, latency=c.latency_mode,
+                             device=c.latency_device, dtype=c.latency_dtype, lut=lut, arch=self.arch)
+
+    def proxy(self, candidate, prefilter: Callable[[dict[str, float]], str | None] | None, quality: bool,
+              point=None, sample: bool = True) -> dict[str, Any]:
+        """The proxy's figures of one candidate as a flat dict (see :func:`proxy_record`): zero-cost
+        scores only unless ``quality``; ``sample=False`` stops after the distillation and its held-out
+        score (no student samples, no FID: the default proxy's 40 steps and held-out score, the ranking
+        score, cost 7.8% of a long distillation, results/proxy_fidelity_ema_reference.md)."""
+        if self.hybrid:
+            if self._hybrid_proxy is None:
+                self._hybrid_proxy = HybridProxy(self.cfg.teacher, self.settings, self.device, self.cfg.base)
+            return self._hybrid_proxy(point, prefilter, quality)
+        until = Stage.ZERO_COST if not quality else Stage.SAMPLES if sample else Stage.HELDOUT
+        res = run_proxy(self.cfg.teacher, candidate, self.settings, base=self.cfg.base, device=self.device, until=until,
+                        keep_images=quality and sample, prefilter=prefilter)
+        return proxy_record(res)
+
+
+def proxy_record(res: ProxyResult) -> dict[str, Any]:
+    """A proxy result as the objective reads it: its JSON (``status`` and ``reason``, ``zero_cost``,
+    every figure and timing flat) plus the student's samples under ``images`` when kept."""
+    out = res.to_dict()
+    if res.images is not None:
+        out["images"] = res.images
+    return out
+
+
+def cost_figures(cost: CostReport) -> dict[str, Any]:
+    """The study metrics among the cost engine's figures (params, both MACs, latency when measured)."""
+    out: dict[str, Any] = {"params": cost.params, "macs": cost.macs, "macs_conv_linear": cost.macs_conv_linear}
+    if cost.latency is not None:
+        out["latency_ms"] = cost.latency_ms
+    return out
+
+
+def check_constraints(constraints: Sequence[Constraint], figures: dict[str, Any]) -> str | None:
+    """Why ``figures`` break the first of ``constraints`` they break (one line), else None."""
+    for c in constraints:
+        if c.metric in figures and c.violation(figures[c.metric]) > 0:
+            return f"{c.metric} = {figures[c.metric]:.6g} breaks {c.describe()}"
+    return None
