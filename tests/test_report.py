@@ -8,8 +8,7 @@ import numpy as np
 import optuna
 import pytest
 
-from hybridsd_nas.study import feasible_trials, hypervolume, normaliser, pareto_front, run_study, study_from_dict
-from hybridsd_nas.study.report import build_report
+from hybridsd_nas.study import build_report, feasible_trials, hypervolume, normaliser, pareto_front, run_study, study_from_dict
 
 BASE = {"teacher": "tiny", "space": "layer-removal", "objectives": [{"metric": "macs"}, {"metric": "output_mse"}],
         "proxy": {"data_images": 32}, "trials": 6}

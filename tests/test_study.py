@@ -1,6 +1,7 @@
 """Studies: config validation, cost-first rejection, resume, failures, the CLI, and many workers
 on real storages (SQLite and the PostgreSQL server) with SIGKILL and Ctrl-C."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,8 +18,21 @@ import yaml
 from optuna.trial import TrialState
 
 from hybridsd_nas.cli import main
-from hybridsd_nas.errors import ConfigError
-from hybridsd_nas.study import load_study_config, pareto_front, run_study, study_from_dict, summarize
+from hybridsd_nas.core.errors import ConfigError, UnknownNameError
+from hybridsd_nas.core.paths import RESULTS_ENV
+from hybridsd_nas.study import (
+    SAMPLERS,
+    StopReason,
+    TrialStatus,
+    build_report,
+    hypervolume,
+    load_study_config,
+    make_sampler,
+    pareto_front,
+    run_study,
+    study_from_dict,
+    summarize,
+)
 
 PG_URL = os.environ.get("HYBRIDSD_NAS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -31,6 +45,18 @@ COST_ONLY = {
 # the shortest real proxy: a few distillation steps, a few samples (seconds per trial)
 SHORT_PROXY = {"distill_steps": 4, "batch_size": 8, "data_images": 64, "samples": 4, "sampler_steps": 2,
                "reference_images": 20, "kid_subset": 4}
+
+
+@pytest.fixture(autouse=True)
+def _results_root(tmp_path, monkeypatch):
+    """Studies that set no storage write under $HYBRIDSD_NAS_RESULTS: a temporary folder here."""
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "results-root"))
+
+
+def _default_results_root(tmp_path, monkeypatch):
+    """In ``tmp_path``, with no $HYBRIDSD_NAS_RESULTS: studies write under ./runs/ (the default)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RESULTS_ENV, raising=False)
 
 
 def _cfg(tmp_path, name, **kw):
@@ -65,14 +91,78 @@ def test_config_errors_name_the_key(patch, needle):
     assert needle in msg and msg.startswith("study.yaml: ") and "\n" not in msg
 
 
-def test_config_reads_yaml_numbers_and_defaults(tmp_path):
+def test_config_reads_yaml_numbers_and_defaults(tmp_path, monkeypatch):
+    _default_results_root(tmp_path, monkeypatch)
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({"name": "y", **COST_ONLY, "constraints": [{"metric": "params", "max": "5.0e6"}], "wandb": False}))
     cfg = load_study_config(p)
     assert cfg.constraints[0].max == 5.0e6 and cfg.wandb == "off"
-    assert cfg.storage_url() == "sqlite:///results/y/study.db"
+    assert cfg.storage_url() == "sqlite:///runs/y/study.db"
+    assert cfg.results_dir == Path("runs/y") and cfg.artifacts_dir() == Path("runs/y/artifacts")
     assert [o.direction for o in cfg.objectives] == ["minimize", "minimize"]
     assert study_from_dict({"name": "z", **COST_ONLY, "objectives": ["adherence"]}).objectives[0].direction == "maximize"
+
+
+def test_results_go_under_the_results_root_unless_the_yaml_names_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "elsewhere"))
+    cfg = study_from_dict({"name": "r", **COST_ONLY}, "<test>")
+    assert cfg.results_dir == tmp_path / "elsewhere" / "r"
+    assert cfg.storage_url() == f"sqlite:///{(tmp_path / 'elsewhere' / 'r' / 'study.db').as_posix()}"
+    own = study_from_dict({"name": "r", **COST_ONLY, "results_dir": str(tmp_path / "mine")}, "<test>")
+    assert own.results_dir == tmp_path / "mine" and own.artifacts_dir() == tmp_path / "mine" / "artifacts"
+    assert own.storage_url() == f"sqlite:///{(tmp_path / 'mine' / 'study.db').as_posix()}"
+    assert own.storage_url("sqlite:///x.db") == "sqlite:///x.db"
+    with pytest.raises(ConfigError, match=r"^<test>: results_dir: must be a string, got 3$"):
+        study_from_dict({"name": "r", **COST_ONLY, "results_dir": 3}, "<test>")
+
+
+def test_status_values_are_the_stored_strings():
+    assert [s.value for s in TrialStatus] == ["ok", "infeasible", "rejected", "duplicate", "failed", "interrupted", "surplus"]
+    for s in (*TrialStatus, *StopReason):
+        assert s == s.value and str(s) == f"{s}" == s.value and json.dumps(s) == json.dumps(s.value)
+
+
+class _CountingSampler(optuna.samplers.RandomSampler):
+    def __init__(self, seed):
+        super().__init__(seed=seed)
+        self.calls = 0
+
+    def sample_independent(self, *a, **kw):
+        self.calls += 1
+        return super().sample_independent(*a, **kw)
+
+
+@pytest.fixture
+def counting_sampler():
+    made = []
+
+    def factory(cfg):
+        made.append(_CountingSampler(cfg.seed))
+        return made[-1]
+
+    SAMPLERS.register("test-counting", factory, help="random, counting its draws (a test's own sampler)")
+    yield made
+    SAMPLERS.unregister("test-counting")
+
+
+def test_a_registered_sampler_is_accepted_and_used(tmp_path, counting_sampler):
+    cfg = _cfg(tmp_path, "own-sampler", objectives=["params", "macs"], sampler={"name": "test-counting", "seed": 5}, trials=3)
+    assert cfg.sampler == "test-counting" and isinstance(make_sampler(cfg), _CountingSampler)
+    res = run_study(cfg, storage=_sqlite(tmp_path), progress=False)
+    assert res["evaluated"] == 3 and res["stopped"] == "trials"
+    assert counting_sampler and sum(s.calls for s in counting_sampler) >= len(res["trials_run"])
+    study = optuna.load_study(study_name="own-sampler", storage=_sqlite(tmp_path))
+    assert study.user_attrs["config"]["sampler"] == "test-counting"
+
+
+def test_an_unknown_sampler_is_one_line_listing_the_registered_ones(counting_sampler):
+    with pytest.raises(ConfigError) as e:
+        study_from_dict({"name": "x", **COST_ONLY, "sampler": {"name": "cmaes"}}, "study.yaml")
+    assert str(e.value) == "study.yaml: sampler.name: 'cmaes' is not one of nsga2, tpe, gp, bruteforce, random, test-counting"
+    cfg = study_from_dict({"name": "x", **COST_ONLY}, "<test>")
+    with pytest.raises(UnknownNameError) as e:
+        make_sampler(dataclasses.replace(cfg, sampler="cmaes"))
+    assert str(e.value) == "unknown sampler 'cmaes'; known: bruteforce, gp, nsga2, random, test-counting, tpe"
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -111,7 +201,7 @@ def test_cost_first_rejection_records_every_figure_and_the_front(tmp_path):
     assert base.state == TrialState.PRUNED and base.user_attrs["status"] == "rejected"
     from hybridsd_nas.cost import estimate_cost
 
-    expected = estimate_cost("tiny", "bk-sdm-base")["params"]
+    expected = estimate_cost("tiny", "bk-sdm-base").params
     assert expected > cap and base.user_attrs["params"] == expected
     assert base.user_attrs["reason"] == f"params = {expected:.6g} breaks params <= 3.3e+06"
     assert "output_mse" not in base.user_attrs and "proxy_seconds" not in base.user_attrs["timings"]
@@ -140,7 +230,7 @@ def test_budgets_as_fractions_of_the_teacher(tmp_path):
 
     cfg = _cfg(tmp_path, "rel", trials=4, constraints=[{"metric": "macs", "max": 0.8, "of": "teacher"}])
     run_study(cfg, storage=_sqlite(tmp_path), progress=False)
-    limit = 0.8 * estimate_cost("tiny")["macs"]
+    limit = 0.8 * estimate_cost("tiny").macs
     trials = optuna.load_study(study_name="rel", storage=_sqlite(tmp_path)).trials
     assert sum(t.state == TrialState.COMPLETE for t in trials) >= 4
     for t in trials:
@@ -171,9 +261,9 @@ def test_rerun_resumes_to_the_asked_total(tmp_path):
 
 
 def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
-    from hybridsd_nas.study import runner
+    from hybridsd_nas.study import Evaluator
 
-    real = runner.Evaluator.proxy
+    real = Evaluator.proxy
     calls = []
 
     def flaky(self, candidate, prefilter, quality, point=None, **kw):
@@ -182,7 +272,7 @@ def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, candidate, prefilter, quality, point=point, **kw)
 
-    monkeypatch.setattr(runner.Evaluator, "proxy", flaky)
+    monkeypatch.setattr(Evaluator, "proxy", flaky)
     res = run_study(_cfg(tmp_path, "flaky", trials=4), storage=_sqlite(tmp_path), progress=False)
     assert res["evaluated"] == 4 and len(res["trials_run"]) == 5
     trials = optuna.load_study(study_name="flaky", storage=_sqlite(tmp_path)).trials
@@ -208,12 +298,10 @@ def test_the_example_studies_load_and_the_quickstart_ranks_by_the_default_rankin
 
 @pytest.mark.slow
 def test_a_study_ranked_by_the_held_out_score_distils_but_never_samples(tmp_path, monkeypatch):
-    from hybridsd_nas import proxy
-
     def no_sampling(*a, **k):
         raise AssertionError("the study sampled the student")
 
-    monkeypatch.setattr(proxy, "evaluate_student", no_sampling)
+    monkeypatch.setattr("hybridsd_nas.proxy.run.evaluate_student", no_sampling)  # what the proxy's sampling stage calls
     cfg = _cfg(tmp_path, "heldout", objectives=[{"metric": "macs"}, {"metric": "heldout_mse"}], proxy=SHORT_PROXY, trials=2)
     assert not cfg.needs_sampling() and _cfg(tmp_path, "fid", objectives=["macs", "proxy_fid"]).needs_sampling()
     res = run_study(cfg, storage=_sqlite(tmp_path), progress=False)
@@ -226,7 +314,7 @@ def test_a_study_ranked_by_the_held_out_score_distils_but_never_samples(tmp_path
 
 @pytest.mark.slow
 def test_nan_in_the_proxy_fails_trials_then_stops_with_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    _default_results_root(tmp_path, monkeypatch)
     proxy = {**SHORT_PROXY, "lr": 1.0e12}
     Path("nan.yaml").write_text(yaml.safe_dump({"name": "nan", **COST_ONLY, "objectives": ["proxy_fid", "macs"],
                                                 "proxy": proxy, "trials": 3, "max_failures": 2}))
@@ -235,7 +323,7 @@ def test_nan_in_the_proxy_fails_trials_then_stops_with_one_line(tmp_path, capsys
     assert err[0].startswith("trial 0 failed: proxy failed: loss is nan at step")  # each failure, one line
     assert len(err) == 3 and err[-1].startswith("hybridsd-nas: error: ")
     assert "study nan: 2 trials failed in a row, stopped (last: trial 1: proxy failed: loss is nan" in err[-1]
-    trials = optuna.load_study(study_name="nan", storage="sqlite:///results/nan/study.db").trials
+    trials = optuna.load_study(study_name="nan", storage="sqlite:///runs/nan/study.db").trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     assert all("macs" in t.user_attrs for t in trials)  # what was computed is kept
 
@@ -243,11 +331,13 @@ def test_nan_in_the_proxy_fails_trials_then_stops_with_one_line(tmp_path, capsys
 def test_cli_search_pareto_export(tmp_path, capsys, monkeypatch):
     from hybridsd_nas.export import load_unet, read_metadata
 
-    monkeypatch.chdir(tmp_path)
+    _default_results_root(tmp_path, monkeypatch)
     Path("s.yaml").write_text(yaml.safe_dump({"name": "cli", **COST_ONLY, "trials": 5, "enqueue": ["bk-sdm-tiny"]}))
     assert main(["search", "s.yaml", "--quiet", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["evaluated"] == 5 and Path("results/cli/study.db").is_file()
+    assert res["evaluated"] == 5 and Path("runs/cli/study.db").is_file()
+    assert set(res["outputs"].values()) == {"runs/cli/pareto.json", "runs/cli/pareto.csv", "runs/cli/best_unet",
+                                            "runs/cli/pareto.md", "runs/cli/report.html"}
     assert main(["pareto", "--study", "cli", "--json"]) == 0
     front = json.loads(capsys.readouterr().out)
     assert front["objectives"] == [{"metric": "macs", "direction": "minimize"}, {"metric": "output_mse", "direction": "minimize"}]
@@ -271,7 +361,7 @@ def test_cli_search_pareto_export(tmp_path, capsys, monkeypatch):
     assert main(["export", "--study", "cli", "--trial", "999", "--out", "x"]) == 2
     assert "has no completed trial 999" in capsys.readouterr().err
     assert main(["pareto", "--study", "nope"]) == 2
-    assert "no study 'nope' at results/nope/study.db" in capsys.readouterr().err
+    assert "no study 'nope' at runs/nope/study.db" in capsys.readouterr().err
 
 
 # -- many workers, faults --------------------------------------------------------------------------
@@ -342,8 +432,6 @@ def test_sqlite_worker_killed_mid_trial_is_retried_on_rerun(tmp_path):
     assert all(t.user_attrs.get("sample_grid_artifact") for t in ok)  # samples stored as artifacts
     assert all((tmp_path / "artifacts" / t.user_attrs["sample_grid_artifact"]).is_file() for t in ok)
     # the report embeds the sample grid of every front member
-    from hybridsd_nas.study.report import build_report
-
     study = optuna.load_study(study_name=name, storage=url)
     page = build_report([study], tmp_path / "r.html").read_text()
     front = pareto_front(study)
@@ -417,8 +505,6 @@ def test_postgres_two_workers_one_killed_study_completes(tmp_path):
 
 
 def test_hypervolume_matches_a_hand_computed_case():
-    from hybridsd_nas.study import hypervolume
-
     pts = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
     # normalised = the points themselves (range 0..1); reference 1.1; area by vertical strips
     expected = (0.5 - 0.0) * (1.1 - 1.0) + (1.0 - 0.5) * (1.1 - 0.5) + (1.1 - 1.0) * (1.1 - 0.0)

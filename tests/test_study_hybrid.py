@@ -7,7 +7,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from hybridsd_nas.errors import ConfigError
+from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.study import Evaluator, load_or_create_study, open_storage, pareto_front, run_study, study_from_dict
 
 SHORT_PROXY = {"distill_steps": 3, "batch_size": 4, "data_images": 32, "samples": 4, "sampler_steps": 4,
@@ -49,11 +49,11 @@ def _expected_share(large_steps: int, total: int) -> float:
     from pathlib import Path
 
     from hybridsd_nas.cost import estimate_cost
-    from hybridsd_nas.hybrid import decoder_macs, text_encoder_macs
-    from hybridsd_nas.pipeline import pipeline_path
+    from hybridsd_nas.cost.pipeline import decoder_macs, text_encoder_macs
+    from hybridsd_nas.sources import pipeline_path
 
     root = Path(pipeline_path("tiny"))
-    m = estimate_cost("tiny", "identity")["macs"]
+    m = estimate_cost("tiny", "identity").macs
     te = 2 * text_encoder_macs(json.loads((root / "text_encoder" / "config.json").read_text()))
     vae = json.loads((root / "vae" / "config.json").read_text())
     dec = decoder_macs({k: v for k, v in vae.items() if not k.startswith("_")}, (16, 16))
