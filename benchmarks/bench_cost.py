@@ -78,12 +78,12 @@ def main() -> None:
             "real_model_build_s": round(t_build, 2),
             "thop_over_engine": round(t_thop / t_ours, 1),
             "fvcore_over_engine": round(t_fv / t_ours, 1),
-            "engine_macs_conv_linear": ours["macs_conv_linear"],
+            "engine_macs_conv_linear": ours.macs_conv_linear,
             "thop_macs": int(thop_macs),
             "engine_conv_plus_linear": ours["breakdown"]["conv"] + ours["breakdown"]["linear"],
             "fvcore_conv_plus_linear": int(fv_cl),
             "fvcore_total_reported": int(fv_total),
-            "engine_macs_with_attention": ours["macs"],
+            "engine_macs_with_attention": ours.macs,
         })
         print(rows[-1], flush=True)
     meta = {"device": device_label(torch.device("cpu")), "torch": torch.__version__, "python": platform.python_version(),

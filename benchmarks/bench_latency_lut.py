@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--resolution", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--lut-repeats", type=int, default=10)
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -61,24 +61,24 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     stem = out_dir / f"latency_lut_{label}_{dname}_{args.resolution}px"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lut_path = out_dir / "lut" / f"{label}-{dname}-{args.resolution}px-b{args.batch}.json"
+    lut_path = out_dir / "lut" / f"{label}-{dname}-{args.resolution}px-b{args.batch_size}.json"
     if lut_path.exists():
         lut_path.unlink()  # a fresh table: this benchmark measures building it too
-    table = LatencyTable(str(dev), dt, args.resolution, args.batch, path=lut_path, warmup=3, repeats=args.lut_repeats)
+    table = LatencyTable(str(dev), dt, args.resolution, args.batch_size, path=lut_path, warmup=3, repeats=args.lut_repeats)
     arch = describe("sd-v1")
     rows = []
     t_lut = 0.0
     for c in candidates(arch):
         t0 = time.perf_counter()
-        pred = estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch, latency="lut", lut=table, arch=arch)
+        pred = estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch_size, latency="lut", lut=table, arch=arch)
         t_lut += time.perf_counter() - t0
-        meas = estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch, latency="measure",
+        meas = estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch_size, latency="measure",
                              device=str(dev), dtype=dt, repeats=args.repeats, arch=arch)
-        err = (pred["latency_ms"] - meas["latency_ms"]) / meas["latency_ms"] * 100
-        rows.append({"candidate": c.label, "build": pred["build"], "params_M": round(pred["params"] / 1e6, 2),
-                     "macs_G": round(pred["macs"] / 1e9, 2), "measured_ms": round(meas["latency_ms"], 3),
-                     "measured_p10_ms": round(meas["latency"]["p10_ms"], 3), "measured_p90_ms": round(meas["latency"]["p90_ms"], 3),
-                     "predicted_ms": round(pred["latency_ms"], 3), "error_pct": round(err, 2)})
+        err = (pred.latency_ms - meas.latency_ms) / meas.latency_ms * 100
+        rows.append({"candidate": c.label, "build": pred.build, "params_M": round(pred.params / 1e6, 2),
+                     "macs_G": round(pred.macs / 1e9, 2), "measured_ms": round(meas.latency_ms, 3),
+                     "measured_p10_ms": round(meas.latency["p10_ms"], 3), "measured_p90_ms": round(meas.latency["p90_ms"], 3),
+                     "predicted_ms": round(pred.latency_ms, 3), "error_pct": round(err, 2)})
         print(rows[-1], flush=True)
     from scipy.stats import kendalltau, spearmanr
 
@@ -86,7 +86,7 @@ def main() -> None:
     p = [r["predicted_ms"] for r in rows]
     abs_err = [abs(r["error_pct"]) for r in rows]
     summary = {
-        "device": label, "dtype": dname, "resolution": args.resolution, "batch": args.batch, "text_tokens": 77,
+        "device": label, "dtype": dname, "resolution": args.resolution, "batch": args.batch_size, "text_tokens": 77,
         "candidates": len(rows), "repeats_measured": args.repeats, "repeats_per_unit": args.lut_repeats,
         "mean_abs_error_pct": round(sum(abs_err) / len(abs_err), 2), "max_abs_error_pct": round(max(abs_err), 2),
         "spearman": round(float(spearmanr(m, p).statistic), 4), "kendall_tau": round(float(kendalltau(m, p).statistic), 4),
@@ -98,7 +98,7 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    lines = [f"# Latency lookup table vs measured latency: {label}, {dname}, {args.resolution} px, batch {args.batch}", "",
+    lines = [f"# Latency lookup table vs measured latency: {label}, {dname}, {args.resolution} px, batch {args.batch_size}", "",
              f"SD-1.x candidates, 77 text tokens, random weights. Measured: median of {args.repeats} forwards after at least 3 warm-up "
              f"forwards{' lasting at least 0.5 s' if dev.type != 'cpu' else ''}; "
              f"table: each unit timed standalone ({args.lut_repeats} repeats), plus the base's fixed overhead "
@@ -123,7 +123,7 @@ def main() -> None:
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlabel("measured latency (ms)")
         ax.set_ylabel("predicted by lookup table (ms)")
-        ax.set_title(f"{label}\n{dname}, {args.resolution}px, batch {args.batch}", fontsize=8)
+        ax.set_title(f"{label}\n{dname}, {args.resolution}px, batch {args.batch_size}", fontsize=8)
         fig.tight_layout()
         fig.savefig(stem.with_suffix(".png"), dpi=120)
     except ImportError:

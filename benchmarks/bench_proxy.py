@@ -38,17 +38,19 @@ def main(argv=None) -> int:
         import torch
 
         from hybridsd_nas.cost.latency import device_label
-        from hybridsd_nas.proxy import ProxySettings, run_proxy
+        from hybridsd_nas.proxy import ProxySettings, Stage, run_proxy
 
         torch.set_num_threads(args.threads)
         runs = []
         for label, evaluate in (("cold caches", True), ("warm caches", True), ("warm caches, no sampling", False)):
             t0 = time.perf_counter()
-            r = run_proxy(args.teacher, args.candidate, ProxySettings(), device=args.device, evaluate=evaluate)
+            res = run_proxy(args.teacher, args.candidate, ProxySettings(), device=args.device,
+                            until=Stage.SAMPLES if evaluate else Stage.HELDOUT)
             wall = time.perf_counter() - t0
-            if r["status"] != "ok":
-                print(f"proxy {r['status']}: {r.get('reason')}", file=sys.stderr)
+            if not res.ok:
+                print(f"proxy {res.status}: {res.reason}", file=sys.stderr)
                 return 1
+            r = res.to_dict()
             runs.append({"run": label, "wall_seconds": round(wall, 1), "distill_seconds": r["distill_seconds"],
                          "heldout_seconds": r["heldout_seconds"], "heldout_mse": r["heldout_mse"],
                          "eval_seconds": r.get("eval_seconds"), "proxy_fid": r.get("proxy_fid"), "adherence": r.get("adherence")})
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
                   + (f", proxy FID {r['proxy_fid']:.2f}" if evaluate else ""), flush=True)
         dev = device_label(torch.device(args.device))
         res = {"what": f"run_proxy({args.teacher!r}, {args.candidate!r}) at the default ProxySettings, once with empty caches, "
-                       "once with warm ones, once warm without sampling (evaluate=False)", "device": dev, "threads": args.threads, "dtype": "float32",
+                       "once with warm ones, once warm without sampling (until=Stage.HELDOUT)", "device": dev, "threads": args.threads, "dtype": "float32",
                "torch": torch.__version__, "python": platform.python_version(), "settings": r["settings"], "runs": runs,
                "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)

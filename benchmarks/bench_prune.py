@@ -41,14 +41,14 @@ def cost_rows(resolution: int) -> list[dict]:
     for start_name in ("identity", "bk-sdm-tiny"):
         start = candidate_preset(start_name, arch)
         base = estimate_cost("sd-v1", start, resolution=resolution, arch=arch)
-        rows.append({"start": start_name, "targets": "-", "keep": 1.0, "params": base["params"], "macs": base["macs"],
-                     "macs_conv_linear": base["macs_conv_linear"], "seconds": base["count_seconds"]})
+        rows.append({"start": start_name, "targets": "-", "keep": 1.0, "params": base.params, "macs": base.macs,
+                     "macs_conv_linear": base.macs_conv_linear, "seconds": base.count_seconds})
         for tname, targets in TARGET_SETS.items():
             for r in RATIOS:
                 t0 = time.perf_counter()
                 c = estimate_cost("sd-v1", with_prune(start, targets, r), resolution=resolution, arch=arch)
-                rows.append({"start": start_name, "targets": tname, "keep": r, "params": c["params"], "macs": c["macs"],
-                             "macs_conv_linear": c["macs_conv_linear"], "seconds": round(time.perf_counter() - t0, 3)})
+                rows.append({"start": start_name, "targets": tname, "keep": r, "params": c.params, "macs": c.macs,
+                             "macs_conv_linear": c.macs_conv_linear, "seconds": round(time.perf_counter() - t0, 3)})
     return rows
 
 

@@ -2,7 +2,7 @@
 
 Everything here is stock diffusers / transformers: the shipped directory loads with
 ``StableDiffusionPipeline.from_pretrained(path)`` and no hybridsd_nas code. The training itself
-is in ``experiments/train_tiny_teacher.py``.
+is in ``experiments/research/tiny_teacher/train_tiny_teacher.py``.
 """
 
 from __future__ import annotations

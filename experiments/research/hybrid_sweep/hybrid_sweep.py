@@ -21,24 +21,21 @@ import torch
 
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.cost.latency import device_label
-from hybridsd_nas.hybrid import (
+from hybridsd_nas.cost.pipeline import (
     SD15_TEXT_CONFIG,
     SD15_VAE_CONFIG,
-    SweepSettings,
     cloud_share_table,
     decoder_macs,
-    plot,
-    run_sweep,
     text_encoder_macs,
-    write_csv,
 )
+from hybridsd_nas.hybrid import SweepSettings, plot, run_sweep, write_csv
 
 
 def arithmetic(out: Path) -> list[dict]:
     u = estimate_cost("sd-v1", resolution=512)
     te = text_encoder_macs(SD15_TEXT_CONFIG, 77)
     dec = decoder_macs(SD15_VAE_CONFIG, (64, 64))
-    rows = cloud_share_table(u["macs"], te, dec, totals=(25, 50))
+    rows = cloud_share_table(u.macs, te, dec, totals=(25, 50))
     with (out / "cloud_cost_arithmetic.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -123,7 +120,7 @@ def main() -> None:
     print("66% settings:", [(r["total_steps"], r["cloud_steps"], k) for r, k in near])
     if a.arithmetic_only:
         return
-    from hybridsd_nas.pipeline import pipeline_path
+    from hybridsd_nas.sources import pipeline_path
 
     tdir = Path(pipeline_path(a.teacher))
     cache: dict = {}

@@ -34,7 +34,8 @@ import torch
 
 from experiments.research.proxy_fidelity import run  # the experiment this one checks: candidates, settings, reference
 from experiments.research.proxy_fidelity.records import Records
-from hybridsd_nas.arch import build_student, plan
+from hybridsd_nas.build import build_student
+from hybridsd_nas.arch import plan
 from hybridsd_nas.distill import DistillConfig, averaged_weights, distill
 from hybridsd_nas.proxy import ProxySettings, evaluate_student
 

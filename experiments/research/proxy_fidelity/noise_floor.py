@@ -31,8 +31,8 @@ import torch
 
 from experiments.research.proxy_fidelity.records import Records
 from hybridsd_nas import load_unet
-from hybridsd_nas.pipeline import load_pipeline, pipeline_fingerprint
-from hybridsd_nas.proxy import ProxySettings, evaluate_student, sampling_settings
+from hybridsd_nas.sources import load_pipeline, pipeline_fingerprint, resolve_teacher
+from hybridsd_nas.proxy import ProxySettings, evaluate_student
 
 
 def _long_fid(run: dict) -> float:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {out / (n + '-long')} is missing; run `python -m experiments.research.proxy_fidelity.run` first "
                              f"(it exports {', '.join(names)})")
     pipe = load_pipeline(args.teacher, device="cpu")
-    steps, guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
+    steps, guidance = resolve_teacher(args.teacher).sampling_settings(args.sampler_steps, args.guidance)
     students = {n: load_unet(out / f"{n}-long").eval() for n in names}
     recorded = {n: _long_fid(r) for n in names if (r := _run_record(out, n))}
     fid: dict[str, dict[int, float]] = {n: {} for n in names}

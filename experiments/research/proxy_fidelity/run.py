@@ -62,12 +62,13 @@ import numpy as np
 import torch
 
 from experiments.research.proxy_fidelity.records import Records
-from hybridsd_nas.arch import build_student, describe, plan, resolve_candidate
+from hybridsd_nas.build import build_student
+from hybridsd_nas.arch import describe, plan, resolve_candidate
 from hybridsd_nas.core.errors import InvalidCandidateError
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.distill import DistillConfig, averaged_weights, distill, fashion_mnist_data
-from hybridsd_nas.pipeline import load_pipeline
-from hybridsd_nas.proxy import ProxySettings, evaluate_student, paired_sample_score, sampling_settings, zero_cost_scores
+from hybridsd_nas.sources import load_pipeline, resolve_teacher
+from hybridsd_nas.proxy import ProxySettings, evaluate_student, paired_sample_score, zero_cost_scores
 
 CANDIDATES: list[tuple[str, object]] = [
     ("bk-sdm-base", "bk-sdm-base"),  # first: the Base the recombinations take their blocks from
@@ -192,7 +193,7 @@ def run_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_
     p = plan(arch, cand)
     uses_base = bool(p.candidate.base_blocks)
     student = build_student(p, teacher=pipe.unet, device=args.device, base_unet=base_unet if uses_base else None)
-    cost = estimate_cost(args.teacher, cand, arch=arch)
+    cost = estimate_cost(args.teacher, cand, arch=arch).to_dict()
     space = "recombination" if uses_base else "channel-pruning" if cand.prune else "layer-removal"
     row: dict = {"candidate": name, "candidate_key": cand.key, "space": space, "params": cost["params"], "macs": cost["macs"],
                  "set": args.list, "train_seed": args.train_seed, "machine": machine_label(args.device)}
@@ -276,10 +277,10 @@ def save_long_samples(args, pipe, student, name: str, out_dir: Path, suffix: str
     ``--score-deferred`` to score where the feature network is; returns what the record keeps."""
     from safetensors.numpy import save_file
 
-    from hybridsd_nas.proxy import eval_prompt_set, generate
+    from hybridsd_nas.proxy import generate
 
     t0 = time.perf_counter()
-    prompts = [r["prompt"] for r in eval_prompt_set(args.teacher, args.long_samples)]
+    prompts = [r["prompt"] for r in resolve_teacher(args.teacher).eval_prompts(args.long_samples)]
     imgs = generate(pipe, student, prompts, args.seed, args.sampler_steps, args.guidance)
     f = out_dir / f"{name}-long{suffix}-samples.safetensors"
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +377,7 @@ def load_noise(path: Path, teacher: str) -> dict | None:
     """noise_floor.py's report, if there is one for this teacher: the sampling noise of one long FID
     (``fid_sd``, over seed sets) and of the difference of two candidates on the same seeds (``diff_sd``).
     The run-to-run noise of the distillation comes from the replicates (``run_to_run``), not from it."""
-    from hybridsd_nas.pipeline import pipeline_fingerprint
+    from hybridsd_nas.sources import pipeline_fingerprint
 
     if not path.is_file():
         return None
@@ -1131,7 +1132,7 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     pipe = load_pipeline(args.teacher, device=args.device)
-    args.sampler_steps, args.guidance = sampling_settings(args.teacher, args.sampler_steps, args.guidance)
+    args.sampler_steps, args.guidance = resolve_teacher(args.teacher).sampling_settings(args.sampler_steps, args.guidance)
     data = fashion_mnist_data(pipe, n=ProxySettings.data_images, seed=args.seed)
     heldout = fashion_mnist_data(pipe, n=args.heldout_latents, seed=args.seed, split="test")
     return pipe, describe(args.teacher), data, heldout, DDPMScheduler.from_config(pipe.scheduler.config)

@@ -66,7 +66,8 @@ LABELS = {"constant": f"held-out output MSE after {STEPS} steps, constant lr (co
 def settle_candidate(name: str, spec, args, pipe, arch, data, heldout, sched, base_unet, record: dict) -> dict:
     """The variants of ``VARIANTS`` that ``record`` lacks, each a fresh 40-step run of ``name`` scored
     by the held-out output MSE; ``record`` updated in place and returned."""
-    from hybridsd_nas.arch import build_student, plan
+    from hybridsd_nas.build import build_student
+    from hybridsd_nas.arch import plan
     from hybridsd_nas.distill import DistillConfig, distill
     from hybridsd_nas.proxy import zero_cost_scores
 

@@ -34,7 +34,7 @@ def test_fidelity_analysis_counts_only_the_pairs_the_long_run_separates(tmp_path
                               long_samples=32, default_steps=10, seed=0, batch_size=4, lr=1e-3, sampler_steps=5,
                               guidance=4.0, notes=None)
     meta = {"machine": "test", "sampler": "PNDMScheduler", "torch": torch.__version__, "wall_seconds": 60}
-    from hybridsd_nas.pipeline import pipeline_fingerprint
+    from hybridsd_nas.sources import pipeline_fingerprint
 
     f = tmp_path / "noise_floor.json"
     # an earlier report's own run-to-run figures are not used: the replicates measure them
@@ -189,7 +189,7 @@ def test_deferred_long_samples_score_as_a_direct_evaluation_would(tmp_path, monk
     import copy
     import functools
 
-    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.sources import load_pipeline
     from hybridsd_nas.proxy import ProxySettings, evaluate_student
 
     # without a replicate tag there is nothing to defer: the first runs score their proxies as they train
@@ -471,7 +471,7 @@ def test_ema_check_scores_both_weights_and_the_average_starts_as_the_weights(tmp
 
     from hybridsd_nas.arch import describe
     from hybridsd_nas.distill import fashion_mnist_data
-    from hybridsd_nas.pipeline import load_pipeline
+    from hybridsd_nas.sources import load_pipeline
     from hybridsd_nas.proxy import ProxySettings
 
     check = ema_check
