@@ -59,7 +59,7 @@ def test_recombination_takes_base_blocks_from_the_base(teacher_dir, tmp_path):
     base = build_student(base_p, device="cpu")  # a "trained" Base: weights unlike the teacher's
     base.save_pretrained(tmp_path / "base")
     assert main(["prune", "--teacher", str(d), "--candidate", "asdm-m1", "--out", str(tmp_path / "m1"),
-                 "--base", str(tmp_path / "base")]) == 0
+                 "--base-unet", str(tmp_path / "base")]) == 0
     m1 = load_unet(tmp_path / "m1")
     sd, bsd, tsd = m1.state_dict(), base.state_dict(), teacher.state_dict()
     assert torch.equal(sd["down_blocks.0.resnets.0.conv1.weight"], bsd["down_blocks.0.resnets.0.conv1.weight"])

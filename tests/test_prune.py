@@ -266,6 +266,32 @@ def test_every_criterion_cuts_dead_units(tiny_sd1_teacher, criterion):
         assert not set(g.keep) & set(dead[g.path]), (g.path, g.keep)
 
 
+def test_a_registered_criterion_is_accepted_by_candidates_and_spaces_and_used_by_prune(tiny_sd1_teacher, tmp_path):
+    from hybridsd_nas.prune import register_importance
+    from hybridsd_nas.spaces import load_space
+
+    seen = []
+
+    @register_importance("last-units-test", help="keeps the last units (a test criterion)")
+    def last_units(model, groups, ctx):
+        seen.append(len(groups))
+        return [torch.arange(g.units, dtype=torch.float32) for g in groups]  # higher = kept
+
+    try:
+        cand = Candidate(prune={"stage1": {"resnet": 0.5}}, importance="last-units-test")  # validated against IMPORTANCE
+        s = build(tiny_sd1_teacher, cand)
+        rec = s.hybridsd_prune_record
+        assert seen and rec.importance == "last-units-test"
+        assert all(list(g.keep) == list(range(g.units - len(g.keep), g.units)) for g in rec.groups)
+        f = tmp_path / "space.yaml"
+        f.write_text("name: t\nversion: 1\nkind: channel-pruning\noptions:\n  importance: [last-units-test]\n")
+        assert load_space(f).options["importance"] == ["last-units-test"]
+    finally:
+        IMPORTANCE.unregister("last-units-test")
+    with pytest.raises(HybridSDError, match="importance 'last-units-test' is unknown"):
+        Candidate(prune={"stage1": {"resnet": 0.5}}, importance="last-units-test")
+
+
 def test_magnitude_keeps_the_largest_norm_channels(tiny_sd1_teacher):
     cand = Candidate(prune={"stage2": {"ff": 0.25}})
     p = plan(ARCH, cand)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hybridsd_nas.cli import arch, cost, hybrid, proxy, space, study, train, zoo
+from hybridsd_nas.cli import arch, cost, hybrid, proxy, registries, space, study, train, zoo
 from hybridsd_nas.cli.common import ExitCode, RunFailed
 from hybridsd_nas.core.errors import HybridSDError
 from hybridsd_nas.core.runtime import __version__
 
-GROUPS = (cost, arch, space, train, proxy, study, hybrid, zoo)
+GROUPS = (cost, arch, space, train, proxy, study, hybrid, zoo, registries)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -69,7 +69,7 @@ def _per_unit(channel_scores: torch.Tensor, units: int) -> torch.Tensor:
     return channel_scores.reshape(units, -1).sum(1)
 
 
-@register_importance("magnitude")
+@register_importance("magnitude", help="L2 norm of the weights that belong to each unit (no data)")
 @torch.no_grad()
 def magnitude(model: nn.Module, groups: list, ctx: Context) -> list[torch.Tensor]:
     out = []
@@ -93,7 +93,7 @@ def _need_data(name: str, ctx: Context, teacher: bool) -> None:
         raise HybridSDError(f"importance {name!r} needs {' and '.join(missing)}; or use importance 'magnitude', which needs no data")
 
 
-@register_importance("taylor")
+@register_importance("taylor", help="first-order Taylor |w * dL/dw| of the distillation loss on calibration batches")
 def taylor(model: nn.Module, groups: list, ctx: Context) -> list[torch.Tensor]:
     _need_data("taylor", ctx, teacher=True)
     params = {id(p): p for g in groups for p in g.module.parameters()}
@@ -175,7 +175,7 @@ def _mask_shape(consumer: nn.Module, rows: int, width: int) -> tuple[int, ...]:
     return (rows, 1, width)  # Linear on (batch, tokens, width)
 
 
-@register_importance("latent-stats")
+@register_importance("latent-stats", help="LD-Pruner: shift of the output statistics when the unit is removed")
 @torch.no_grad()
 def latent_stats(model: nn.Module, groups: list, ctx: Context) -> list[torch.Tensor]:
     _need_data("latent-stats", ctx, teacher=False)
