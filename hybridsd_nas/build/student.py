@@ -3,16 +3,17 @@ module surgery on the base; weights inherited from a teacher through the plan's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-from hybridsd_nas.arch import Plan, instantiate
+from hybridsd_nas.arch import Plan, describe, instantiate, plan, resolve_candidate
 from hybridsd_nas.core.errors import InvalidCandidateError
 from hybridsd_nas.prune import prune_student
+from hybridsd_nas.sources import Teacher, load_pretrained_unet, resolve_teacher
 
 
 class SkippedResnet(nn.Module):
@@ -169,3 +170,26 @@ def apply_frozen(model: nn.Module, p: Plan) -> list[str]:
             param.requires_grad_(False)
             frozen.append(n)
     return frozen
+
+
+@dataclass
+class Distillable:
+    """A student ready to train: the teacher it comes from (resolved once), its loaded pipeline, the
+    validated plan, and the student with inherited weights (from ``base_unet`` for a recombination's
+    Base blocks)."""
+
+    teacher: Teacher
+    pipe: Any
+    plan: Plan
+    student: nn.Module
+
+
+def student_of(teacher: Teacher | str, candidate: Any, base_unet: str | None = None, device: str = "cpu") -> Distillable:
+    """Resolve the teacher, plan the candidate on its U-Net (rejecting an impossible one before any
+    weight is read), load the pipeline and build the student with the teacher's weights."""
+    t = resolve_teacher(teacher)
+    arch = describe(t.path)
+    p = plan(arch, resolve_candidate(candidate, arch))
+    pipe = t.pipeline(device=device)
+    base = load_pretrained_unet(base_unet, device=device) if base_unet else None
+    return Distillable(t, pipe, p, build_student(p, teacher=pipe.unet, device=device, base_unet=base))

@@ -9,15 +9,14 @@ from typing import Any
 
 from diffusers import DDPMScheduler
 
-from hybridsd_nas.arch import describe, plan, resolve_candidate
-from hybridsd_nas.build import build_student
+from hybridsd_nas.build import student_of
 from hybridsd_nas.core.status import RunStatus
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.distill.data import DistillData, fashion_mnist_data, folder_data, teacher_sample_data
 from hybridsd_nas.distill.losses import perceptual_term
 from hybridsd_nas.distill.trainer import DistillConfig, DistillResult, distill
 from hybridsd_nas.export import export_unet
-from hybridsd_nas.sources import Teacher, load_pretrained_unet, resolve_teacher
+from hybridsd_nas.sources import Teacher
 
 DATA_SOURCES = ("fashion-mnist", "teacher-samples", "a folder of image-caption pairs")
 
@@ -60,13 +59,8 @@ def distill_candidate(teacher: Teacher | str, candidate: Any, out: str | Path, c
     """Distil ``candidate`` from ``teacher`` for ``config.steps`` steps, checkpointing into
     ``OUT.work`` every ``config.checkpoint_every`` steps (``resume`` picks up from there), and export
     the student to ``out`` when the run ends ok."""
-    t = resolve_teacher(teacher)
-    arch = describe(t.path)
-    cand = resolve_candidate(candidate, arch)
-    p = plan(arch, cand)
-    pipe = t.pipeline(device=device)
-    base = load_pretrained_unet(base_unet, device=device) if base_unet else None
-    student = build_student(p, teacher=pipe.unet, device=device, base_unet=base)
+    d = student_of(teacher, candidate, base_unet=base_unet, device=device)
+    t, pipe, p, student, cand = d.teacher, d.pipe, d.plan, d.student, d.plan.candidate
     train = distill_data(pipe, t, data, config.seed)
     work = Path(out).with_name(Path(out).name + ".work")
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -75,7 +69,7 @@ def distill_candidate(teacher: Teacher | str, candidate: Any, out: str | Path, c
                   perceptual=perc, decode=dec)
     if res.status != RunStatus.OK:
         return FinalTraining(res, None, work, train.source, cand.label)
-    cost = estimate_cost(t.path, cand, arch=arch).to_dict()
+    cost = estimate_cost(t.path, cand, arch=p.arch).to_dict()
     path = export_unet(student, p, out, teacher_id=t.spec, cost=cost, overwrite=overwrite,
                        extra={"distill": {k: v for k, v in res.as_dict().items() if k != "curve"}, "data": train.source,
                               "loss_curve": res.curve})

@@ -20,14 +20,14 @@ from typing import Any
 
 from diffusers import DDPMScheduler
 
-from hybridsd_nas.arch import Plan, describe, plan, resolve_candidate
-from hybridsd_nas.build import build_student
+from hybridsd_nas.arch import Plan
+from hybridsd_nas.build import student_of
 from hybridsd_nas.core.status import RunStatus
 from hybridsd_nas.distill import DistillConfig, DistillData, distill, fashion_mnist_data, perceptual_term
 from hybridsd_nas.proxy.sampling import evaluate_student
 from hybridsd_nas.proxy.scores import heldout_score, zero_cost_scores
 from hybridsd_nas.proxy.settings import ProxySettings
-from hybridsd_nas.sources import Teacher, load_pretrained_unet, resolve_teacher
+from hybridsd_nas.sources import Teacher
 
 
 class Stage(IntEnum):
@@ -94,14 +94,9 @@ def prepare(teacher: Teacher | str, candidate: Any, settings: ProxySettings | No
             device: str = "cpu") -> tuple[ProxyRun, ProxyResult]:
     """Stage 1: everything the later stages use, and the result they fill in."""
     s = settings or ProxySettings()
-    t = resolve_teacher(teacher)
+    d = student_of(teacher, candidate, base_unet=base, device=device)
+    t, pipe, p, student, cand = d.teacher, d.pipe, d.plan, d.student, d.plan.candidate
     steps, guidance = t.sampling_settings(s.sampler_steps, s.guidance)
-    arch = describe(t.path)
-    cand = resolve_candidate(candidate, arch)
-    p = plan(arch, cand)
-    pipe = t.pipeline(device=device)
-    base_unet = load_pretrained_unet(base, device=device) if base else None
-    student = build_student(p, teacher=pipe.unet, device=device, base_unet=base_unet)
     data = fashion_mnist_data(pipe, n=s.data_images, seed=s.seed)
     run = ProxyRun(t, s, device, pipe, p, student, data, DDPMScheduler.from_config(pipe.scheduler.config), steps, guidance)
     result = ProxyResult(cand.to_dict(), cand.key, t.spec,
