@@ -3,16 +3,10 @@ import json
 import pytest
 import torch
 
-from hybridsd_nas.arch import (
-    Candidate,
-    build_student,
-    candidate_preset,
-    describe,
-    instantiate,
-    plan,
-    unet_preset,
-)
-from hybridsd_nas.errors import InvalidCandidateError
+from hybridsd_nas.arch import Candidate, candidate_preset, describe, instantiate, plan
+from hybridsd_nas.build import build_student
+from hybridsd_nas.sources import unet_preset
+from hybridsd_nas.core.errors import InvalidCandidateError
 
 from .conftest import TINY_SD1, TINY_SDXL, real_inputs
 
@@ -175,7 +169,7 @@ def test_dropped_attention_is_identity(tiny_sd1_teacher):
     """Removing a Transformer unit by surgery equals running the teacher with that unit bypassed."""
     import copy
 
-    from hybridsd_nas.arch import SkippedTransformer
+    from hybridsd_nas.build import SkippedTransformer
 
     arch = describe(TINY_SD1)
     s = build_student(plan(arch, Candidate(drop_units=["down1.1.attn"])), teacher=tiny_sd1_teacher, device="cpu")

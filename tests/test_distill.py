@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from hybridsd_nas.arch import Candidate, build_student, candidate_preset, describe, plan
+from hybridsd_nas.arch import Candidate, candidate_preset, describe, plan
+from hybridsd_nas.build import build_student
 from hybridsd_nas.distill import DistillConfig, DistillData, LossWeights, distill
 
 from .conftest import TINY_SD1
@@ -114,7 +115,7 @@ def test_the_student_at_step_n_of_a_long_run_is_the_n_step_student(tiny_sd1_teac
 
 def test_fashion_mnist_data_names_the_valid_splits():
     from hybridsd_nas.distill import fashion_mnist_data
-    from hybridsd_nas.errors import ConfigError
+    from hybridsd_nas.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="valid: train, test"):
         fashion_mnist_data(None, n=4, split="validation")
@@ -162,7 +163,7 @@ def test_ema_averages_the_trained_weights_and_the_student_ends_holding_the_avera
 
 def test_ema_resumes_exactly_and_a_checkpoint_without_it_is_named(tiny_sd1_teacher, tmp_path):
     from hybridsd_nas.distill import averaged_weights
-    from hybridsd_nas.errors import ConfigError
+    from hybridsd_nas.core.errors import ConfigError
 
     cand = candidate_preset("bk-sdm-small", describe(TINY_SD1))
     cfg = DistillConfig(steps=4, batch_size=2, checkpoint_every=2, seed=3, ema_decay=0.5)
@@ -203,7 +204,7 @@ def test_cosine_schedule_decays_the_rate_to_zero_and_resumes_exactly(tiny_sd1_te
     the same weights; the constant default keeps lr throughout; an unknown schedule is named."""
     import math
 
-    from hybridsd_nas.errors import ConfigError
+    from hybridsd_nas.core.errors import ConfigError
 
     cand = candidate_preset("bk-sdm-small", describe(TINY_SD1))
     cfg = DistillConfig(steps=4, batch_size=2, checkpoint_every=2, seed=3, lr=1e-3, log_every=1, lr_schedule="cosine")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from hybridsd_nas.errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError
 from hybridsd_nas.proxy import paired_mse, zero_cost_scores
 
 

@@ -318,10 +318,10 @@ def test_nan_in_the_proxy_fails_trials_then_stops_with_one_line(tmp_path, capsys
     proxy = {**SHORT_PROXY, "lr": 1.0e12}
     Path("nan.yaml").write_text(yaml.safe_dump({"name": "nan", **COST_ONLY, "objectives": ["proxy_fid", "macs"],
                                                 "proxy": proxy, "trials": 3, "max_failures": 2}))
-    assert main(["search", "nan.yaml", "--quiet"]) == 2
+    assert main(["search", "nan.yaml", "--quiet"]) == 1  # the run failed (not the user's input): exit status 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("trial 0 failed: proxy failed: loss is nan at step")  # each failure, one line
-    assert len(err) == 3 and err[-1].startswith("hybridsd-nas: error: ")
+    assert len(err) == 3 and err[-1].startswith("hybridsd-nas: failed: ")
     assert "study nan: 2 trials failed in a row, stopped (last: trial 1: proxy failed: loss is nan" in err[-1]
     trials = optuna.load_study(study_name="nan", storage="sqlite:///runs/nan/study.db").trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]

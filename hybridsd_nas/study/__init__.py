@@ -4,7 +4,7 @@ Modules by job: ``config`` (the YAML, validated), ``metrics`` (the METRICS regis
 (the SAMPLERS registry), ``storage`` (where a study lives), ``evaluator`` (cost and proxy of a
 point), ``objective`` (one trial), ``status`` (what became of a trial), ``worker`` (run_study),
 ``results`` (rows, the front, hypervolume), ``outputs`` (the files a study leaves), ``report``
-(the HTML page), ``hybrid`` (hybrid-schedule points), ``cli`` (the commands).
+(the HTML page), ``hybrid`` (hybrid-schedule points). The commands are :mod:`hybridsd_nas.cli.study`.
 """
 
 from .config import (

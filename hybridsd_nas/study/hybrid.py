@@ -25,7 +25,10 @@ import numpy as np
 
 from hybridsd_nas.arch import describe
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.hybrid import HybridPipeline
+from hybridsd_nas.cost.pipeline import Component, Segment, account, decoder_macs, text_encoder_macs
+from hybridsd_nas.hybrid import HybridPipeline, generate
+from hybridsd_nas.proxy import Stage, evaluate_student, run_proxy
+from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
 
 
 def point_key(pt) -> str:
@@ -40,16 +43,13 @@ def point_key(pt) -> str:
 class ScheduleCost:
     """Cloud/edge accounting of schedules on one teacher pipeline (weight-free)."""
 
-    def __init__(self, teacher: str, resolution: int | None = None):
-        from ..pipeline import pipeline_path
-        from ..hybrid._cost import Component, decoder_macs, text_encoder_macs
-
-        self.teacher = teacher
-        root = Path(pipeline_path(teacher))
-        self.arch = describe(teacher)
+    def __init__(self, teacher: Teacher | str, resolution: int | None = None):
+        self.teacher = resolve_teacher(teacher)
+        root = Path(self.teacher.path)
+        self.arch = describe(self.teacher.path)
         te_cfg = json.loads((root / "text_encoder" / "config.json").read_text())
         vae_cfg = json.loads((root / "vae" / "config.json").read_text())
-        self.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
+        self.vae_scale = vae_scale_factor(self.teacher)
         self.resolution = resolution or int(self.arch.config.get("sample_size") or 64) * self.vae_scale
         h = self.resolution // self.vae_scale
         self.latent_shape = (int(self.arch.config.get("in_channels", 4)), h, h)
@@ -58,8 +58,6 @@ class ScheduleCost:
         self.dec = Component("VAE decoder", "edge", decoder_macs({k: v for k, v in vae_cfg.items() if not k.startswith("_")}, (h, h)))
 
     def __call__(self, schedule: dict[str, Any], small_macs: int, large_macs: int) -> dict[str, Any]:
-        from ..hybrid._cost import Segment, account
-
         macs = {"large": large_macs, "small": small_macs}
         where = {"large": "cloud", "small": "edge"}
         segs = [Segment(m, where[m], k, macs[m]) for m, k in zip(schedule["models"], schedule["steps"])]
@@ -75,37 +73,32 @@ class ScheduleCost:
 class HybridProxy:
     """The proxy for schedule points; distilled small U-Nets are kept per candidate for this worker."""
 
-    def __init__(self, teacher: str, settings, device: str = "cpu", base: str | None = None):
+    def __init__(self, teacher: Teacher | str, settings, device: str = "cpu", base: str | None = None):
         self.teacher, self.settings, self.device, self.base = teacher, settings, device, base
         self._students: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     def _student(self, cand, pipe, zero_cost_only: bool, prefilter) -> tuple[Any, dict[str, Any]]:
-        from ..proxy import run_proxy
-
         if cand.key in self._students:
             student, info = self._students[cand.key]
             return student, {**info, "distill_seconds": 0.0, "distilled_before": True}
-        res = run_proxy(self.teacher, cand, self.settings, base=self.base, device=self.device,
-                        # a schedule is scored on its samples; the small U-Net's own held-out score is not used
-                        zero_cost_only=zero_cost_only, prefilter=prefilter, return_student=True, evaluate=False, heldout=False)
-        student = res.pop("student", None)
+        # a schedule is scored on its samples; the small U-Net's own held-out score is not used
+        result = run_proxy(self.teacher, cand, self.settings, base=self.base, device=self.device, prefilter=prefilter,
+                           until=Stage.ZERO_COST if zero_cost_only else Stage.DISTILL)
+        student, res = result.student, result.to_dict()
         if res["status"] == "ok" and not zero_cost_only:
             self._students[cand.key] = (student, {k: res.get(k) for k in ("zero_cost", "zero_cost_seconds", "distill_final_loss")})
         return student, res
 
     def __call__(self, pt, prefilter, quality: bool) -> dict[str, Any]:
-        from ..hybrid._sweep import generate
-        from ..pipeline import load_pipeline
-        from ..proxy import evaluate_student, sampling_settings
-
-        pipe = load_pipeline(self.teacher, device=self.device)
+        teacher = resolve_teacher(self.teacher)
+        pipe = teacher.pipeline(device=self.device)
         student, out = self._student(pt.candidate, pipe, not quality, prefilter)
         out = dict(out)
         if out.get("status", "ok") != "ok" or not quality:
             out.setdefault("status", "ok")
             return out
         s = self.settings
-        steps, guidance = sampling_settings(self.teacher, s.sampler_steps, s.guidance)
+        steps, guidance = teacher.sampling_settings(s.sampler_steps, s.guidance)
         sched = pt.extra["schedule"]
         if sum(sched["steps"]) != steps:
             raise HybridSDError(f"the space's schedules have {sum(sched['steps'])} steps but the proxy samples with {steps}; "
@@ -118,7 +111,7 @@ class HybridProxy:
             return np.ascontiguousarray(generate(hp, prompts, s.seed, steps, guidance, batch=32).transpose(0, 3, 1, 2))
 
         t0 = time.perf_counter()
-        out.update(evaluate_student(self.teacher, pipe, student, s, steps, guidance, device=self.device,
+        out.update(evaluate_student(teacher, pipe, student, s, steps, guidance, device=self.device,
                                     return_images=True, sample=sample))
         out["eval_seconds"] = round(time.perf_counter() - t0, 2)
         out["status"] = "ok"
