@@ -82,6 +82,7 @@ def test_cli_bad_input_one_line_exit_2(argv, needle, capsys):
     assert needle in err and "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"drop_layers": ["up1.0", "up1.1", "up1.2"]}))
     p = subprocess.run([sys.executable, "-m", "hybridsd_nas", "cost", "--candidate", str(tmp_path / "c.json")],

@@ -58,6 +58,7 @@ def test_torchmetrics_fid_matches_fid_helper(fx, two_sets):
     assert abs(ours["fid"] - ref) / ref < 1e-3, (ours["fid"], ref)
 
 
+@pytest.mark.slow
 def test_fid_kid_behave(fx, two_sets):
     a, b = two_sets
     fa, fb = fx.features(a), fx.features(b)

@@ -27,6 +27,7 @@ def two_studies(tmp_path_factory):
     return d, out
 
 
+@pytest.mark.slow
 def test_report_compares_fronts_on_one_normalisation(two_studies):
     d, studies = two_studies
     page = build_report(studies, d / "r.html").read_text()

@@ -45,6 +45,7 @@ def test_recombination_contains_asdm_m1_to_m6(sd1):
                                   "mid": "original", "freeze": "original"}
 
 
+@pytest.mark.slow
 def test_enumerate_json_rows_are_accepted_as_candidates(tmp_path, capsys):
     names = ["layer-removal", "recombination", "hybrid-schedule", "channel-pruning"]
     for name in names:

@@ -186,6 +186,7 @@ def test_enqueue_outside_the_space_is_refused_before_any_trial(tmp_path):
 
 
 # -- one worker ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cost_first_rejection_records_every_figure_and_the_front(tmp_path):
     cap = 3.3e6  # between BK-SDM-Small (3.23 M) and BK-SDM-Base (3.79 M) on the tiny teacher
     cfg = _cfg(tmp_path, "cost", trials=10, enqueue=["bk-sdm-base", "bk-sdm-small"],
@@ -225,6 +226,7 @@ def test_cost_first_rejection_records_every_figure_and_the_front(tmp_path):
     assert len(feas) == 10  # the budget counts new candidates scored; rejections and repeats come free
 
 
+@pytest.mark.slow
 def test_budgets_as_fractions_of_the_teacher(tmp_path):
     from hybridsd_nas.cost import estimate_cost
 
@@ -242,6 +244,7 @@ def test_budgets_as_fractions_of_the_teacher(tmp_path):
         _cfg(tmp_path, "rel2", constraints=[{"metric": "proxy_fid", "max": 2, "of": "teacher"}])
 
 
+@pytest.mark.slow
 def test_rerun_resumes_to_the_asked_total(tmp_path):
     cfg = _cfg(tmp_path, "resume", trials=3)
     first = run_study(cfg, storage=_sqlite(tmp_path), progress=False)
@@ -260,6 +263,7 @@ def test_rerun_resumes_to_the_asked_total(tmp_path):
         run_study(other, storage=_sqlite(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_a_failing_proxy_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     from hybridsd_nas.study import Evaluator
 
@@ -328,6 +332,7 @@ def test_nan_in_the_proxy_fails_trials_then_stops_with_one_line(tmp_path, capsys
     assert all("macs" in t.user_attrs for t in trials)  # what was computed is kept
 
 
+@pytest.mark.slow
 def test_cli_search_pareto_export(tmp_path, capsys, monkeypatch):
     from hybridsd_nas.export import load_unet, read_metadata
 
