@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.cost.pipeline import Component, Link, Segment, account, cloud_share_table
+from hybridsd_nas.cost.pipeline import Baseline, Component, Link, Payload, Segment, account, cloud_share_table
 from hybridsd_nas.hybrid import HybridPipeline, HybridScheduleError, parse_steps, step_groups, tiny_random_vae
 
 PROMPTS = ["a photo of a dress", "a coat", "a sandal"]
@@ -168,8 +168,8 @@ def test_cost_accounting_large_first_by_hand():
     segs = [Segment("L", "cloud", 10, 100, 4.0), Segment("S", "edge", 15, 40, 1.0)]
     te = Component("te", "cloud", 6, 0.5)
     dec = Component("dec", "edge", 50, 2.0)
-    c = account(segs, 100, latent_shape=(4, 8, 8), text_shape=(77, 128), image_shape=(16, 16, 3), cfg=True,
-                dtype_bytes=2, text_encoder=te, decoder=dec, baseline_ms_per_step=4.0, link=link, prompt_bytes=7)
+    c = account(segs, Baseline(100, ms_per_step=4.0), Payload((4, 8, 8), (77, 128), (16, 16, 3), cfg=True, dtype_bytes=2, prompt_bytes=7),
+                text_encoder=te, decoder=dec, link=link)
     lat, emb = 4 * 8 * 8 * 2, 2 * 77 * 128 * 2
     assert c["payload_bytes"] == {"latents": lat, "text_embeddings": emb, "image": 16 * 16 * 3}
     assert [(t["what"], t["bytes"]) for t in c["transfers"]] == [("prompt", 7), ("latents + text embeddings", lat + emb)]
@@ -188,9 +188,8 @@ def test_cost_accounting_large_first_by_hand():
 
 def test_cost_accounting_small_first_and_cloud_decode_by_hand():
     segs = [Segment("S", "edge", 10, 40), Segment("L", "cloud", 15, 100)]
-    c = account(segs, 100, latent_shape=(4, 8, 8), text_shape=(77, 128), image_shape=(16, 16, 3), cfg=False,
-                dtype_bytes=4, text_encoder=Component("te", "cloud", 6), decoder=Component("dec", "cloud", 50),
-                link=Link(100.0, 50.0))
+    c = account(segs, Baseline(100), Payload((4, 8, 8), (77, 128), (16, 16, 3), cfg=False, dtype_bytes=4),
+                text_encoder=Component("te", "cloud", 6), decoder=Component("dec", "cloud", 50), link=Link(100.0, 50.0))
     lat, emb = 4 * 8 * 8 * 4, 1 * 77 * 128 * 4  # no guidance: the cond embeddings only
     assert [(t["what"], t["from"], t["to"], t["bytes"]) for t in c["transfers"]] == [
         ("prompt", "edge", "cloud", 0), ("text embeddings", "cloud", "edge", emb),

@@ -120,27 +120,41 @@ def decoder_macs(vae: nn.Module | Mapping[str, Any], latent_hw: tuple[int, int])
     return _flop_macs(lambda x: model.decode(x, return_dict=False), z)
 
 
+@dataclass
+class Payload:
+    """What one request moves: latents (C, h, w), text embeddings (tokens, width), the image (H, W, 3),
+    for ``batch`` images, with or without classifier-free guidance, at ``dtype_bytes`` per element."""
+
+    latent_shape: tuple[int, int, int]
+    text_shape: tuple[int, int]
+    image_shape: tuple[int, int, int]
+    batch: int = 1
+    cfg: bool = True
+    dtype_bytes: int = 2
+    prompt_bytes: int = 0
+
+
+@dataclass
+class Baseline:
+    """The all-cloud reference: its U-Net's batch-1 forward MACs, a step's time if known, its decoder."""
+
+    macs_per_forward: int
+    ms_per_step: float | None = None
+    decoder: Component | None = None
+
+
 def account(
     segments: Sequence[Segment],
-    baseline_macs_per_forward: int,
-    latent_shape: tuple[int, int, int],
-    text_shape: tuple[int, int],
-    image_shape: tuple[int, int, int],
-    batch: int = 1,
-    cfg: bool = True,
-    dtype_bytes: int = 2,
+    baseline: Baseline,
+    payload: Payload,
     text_encoder: Component | None = None,
     decoder: Component | None = None,
-    baseline_decoder: Component | None = None,
-    baseline_ms_per_step: float | None = None,
     link: Link | None = None,
-    prompt_bytes: int = 0,
 ) -> dict[str, Any]:
-    """The cost summary of a schedule of ``segments`` (see the module docstring for the model).
-
-    ``latent_shape`` is (C, h, w), ``text_shape`` (tokens, width), ``image_shape`` (H, W, 3);
-    ``baseline_macs_per_forward`` is the all-cloud reference U-Net's batch-1 forward.
-    """
+    """The cost summary of a schedule of ``segments`` (see the module docstring for the model)."""
+    latent_shape, text_shape, image_shape = payload.latent_shape, payload.text_shape, payload.image_shape
+    batch, cfg, dtype_bytes, prompt_bytes = payload.batch, payload.cfg, payload.dtype_bytes, payload.prompt_bytes
+    baseline_macs_per_forward, baseline_ms_per_step, baseline_decoder = baseline.macs_per_forward, baseline.ms_per_step, baseline.decoder
     link = link or Link()
     segs = [s for s in segments if s.steps > 0]
     if not segs:
@@ -356,13 +370,12 @@ def pipeline_cost(
         dtype_bytes = DTYPE_BYTES.get(str(pipe.unet.dtype).replace("torch.", ""), 4)
     out_hw = h * decoder_scale(dec)
     summary = account(
-        segments, base["macs"],
-        latent_shape=(int(pipe.unet.config.in_channels), h, h),
-        text_shape=(text_len, int(pipe.text_encoder.config.hidden_size)),
-        image_shape=(out_hw, out_hw, 3), batch=batch, cfg=guidance, dtype_bytes=dtype_bytes,
-        text_encoder=te, decoder=de, baseline_decoder=bde,
-        baseline_ms_per_step=given.get("baseline", base.get("latency_ms")), link=link,
-        prompt_bytes=len(prompt.encode("utf-8")) * batch,
+        segments,
+        Baseline(base["macs"], given.get("baseline", base.get("latency_ms")), bde),
+        Payload((int(pipe.unet.config.in_channels), h, h), (text_len, int(pipe.text_encoder.config.hidden_size)),
+                (out_hw, out_hw, 3), batch=batch, cfg=guidance, dtype_bytes=dtype_bytes,
+                prompt_bytes=len(prompt.encode("utf-8")) * batch),
+        text_encoder=te, decoder=de, link=link,
     )
     summary["models"] = models
     summary["resolution"] = res

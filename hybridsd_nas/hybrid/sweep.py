@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.cost.pipeline import Component, Segment, account, decoder_macs, text_encoder_macs, unet_macs
+from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, account, decoder_macs, text_encoder_macs, unet_macs
 from hybridsd_nas.hybrid.pipeline import HybridPipeline, resolve_unet
 from hybridsd_nas.hybrid.quality import Scorer
 from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
@@ -132,9 +132,9 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
                     imgs = generate(hp, prompts, s.seed, s.steps, s.guidance, s.batch)
                 q = scorer(imgs)
                 segs = [Segment(m.name, m.location, n, figs[id(m.unet)]["macs"]) for m, n in zip((first, second), sched)]
-                c = account(segs, base["macs"], latent_shape=(int(pipe.unet.config.in_channels), h, h),
-                            text_shape=(77, int(pipe.text_encoder.config.hidden_size)), image_shape=(res, res, 3),
-                            dtype_bytes=4, text_encoder=te, decoder=dec)
+                c = account(segs, Baseline(base["macs"]),
+                            Payload((int(pipe.unet.config.in_channels), h, h), (77, int(pipe.text_encoder.config.hidden_size)),
+                                    (res, res, 3), dtype_bytes=4), text_encoder=te, decoder=dec)
                 cache[runs] = {**q, "cloud_share_steps": c["cloud_share"]["steps"],
                                "cloud_share_unet_macs": c["cloud_share"]["unet_macs"],
                                "cloud_share_all_macs": c["cloud_share"]["all_macs"], "bytes_sent": c["bytes_sent"],

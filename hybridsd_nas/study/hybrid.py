@@ -25,7 +25,7 @@ import numpy as np
 
 from hybridsd_nas.arch import describe
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.cost.pipeline import Component, Segment, account, decoder_macs, text_encoder_macs
+from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, account, decoder_macs, text_encoder_macs
 from hybridsd_nas.hybrid import HybridPipeline, generate
 from hybridsd_nas.proxy import Stage, evaluate_student, run_proxy
 from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
@@ -61,8 +61,9 @@ class ScheduleCost:
         macs = {"large": large_macs, "small": small_macs}
         where = {"large": "cloud", "small": "edge"}
         segs = [Segment(m, where[m], k, macs[m]) for m, k in zip(schedule["models"], schedule["steps"])]
-        c = account(segs, large_macs, latent_shape=self.latent_shape, text_shape=self.text_shape,
-                    image_shape=(self.resolution, self.resolution, 3), dtype_bytes=4, text_encoder=self.te, decoder=self.dec)
+        c = account(segs, Baseline(large_macs),
+                    Payload(self.latent_shape, self.text_shape, (self.resolution, self.resolution, 3), dtype_bytes=4),
+                    text_encoder=self.te, decoder=self.dec)
         edge = c["per_location"]["edge"]
         return {"cloud_share": float(c["cloud_share"]["all_macs"]), "edge_macs": int(edge["unet_macs"] + edge["component_macs"]),
                 "accounting": {"cloud_share_steps": c["cloud_share"]["steps"], "cloud_share_unet_macs": c["cloud_share"]["unet_macs"],
