@@ -29,6 +29,11 @@ def add_parser(sub, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return sub.add_parser(name, allow_abbrev=False, **kwargs)
 
 
+def add_group(sub, name: str, help: str):
+    """A command group (``space list``, ``zoo path``): its parser's sub-commands, one of which is required."""
+    return add_parser(sub, name, help=help).add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from hybridsd_nas.arch import describe
-from hybridsd_nas.cli.common import add_json, add_parser, add_seed, add_teacher, print_json
+from hybridsd_nas.cli.common import add_group, add_json, add_parser, add_seed, add_teacher, print_json
 from hybridsd_nas.spaces import list_spaces, load_space, spaces_dir
 
 
@@ -65,8 +65,7 @@ def cmd_enumerate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    sp = add_parser(sub, "space", help="list, show and enumerate search spaces")
-    ssub = sp.add_subparsers(dest="space_command", required=True, metavar="{list,show,enumerate}")
+    ssub = add_group(sub, "space", help="list, show and enumerate search spaces")
     s = add_parser(ssub, "list", help="the shipped search spaces")
     add_json(s)
     s.set_defaults(func=cmd_list)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hybridsd_nas.cli.common import add_json, add_parser, print_json
+from hybridsd_nas.cli.common import add_group, add_json, add_parser, print_json
 from hybridsd_nas.zoo import list_models, model_info, model_path
 
 
@@ -26,8 +26,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    zoo = add_parser(sub, "zoo", help="embedded pipelines that need no download (e.g. 'tiny')")
-    zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="{list,path}")
+    zsub = add_group(sub, "zoo", help="embedded pipelines that need no download (e.g. 'tiny')")
     p = add_parser(zsub, "list", help="list the embedded pipelines")
     add_json(p)
     p.set_defaults(func=cmd_list)
