@@ -350,7 +350,7 @@ def overhead(args) -> dict[str, Any]:
                            for s in sorted({t.user_attrs.get("status") or t.state.name.lower() for t in trials})},
                 "run_study_wall_seconds": round(wall, 2),
                 "run_study_outside_work_fraction": round(1 - work / wall, 4),
-                "note": ("overhead_seconds is runner.py's figure: trial_seconds (time inside the objective) minus cost counting, "
+                "note": ("overhead_seconds is the study objective's figure (hybridsd_nas.study.objective): trial_seconds (time inside the objective) minus cost counting, "
                          "the proxy and the artifact upload; it does not include the sampler's relative sampling, the storage "
                          "write of the result, or the worker loop between trials (stale-trial check, counts, Pareto front for "
                          "the progress bar). run_study_outside_work_fraction is 1 - (cost + proxy + artifact seconds) / the "
@@ -689,7 +689,7 @@ def main(argv=None) -> int:
             f"Overhead: `run_study` with `sqlite:///<tmp>/study.db`, {args.overhead_trials} evaluated trials, "
             f"sampler {args.overhead_sampler} seed 0, the same proxy settings, progress off, in this process after the "
             "replays (pipeline and data caches warm). From each trial's `user_attrs['timings']`: overhead_seconds / "
-            "trial_seconds and overhead_seconds (runner.py: everything in the objective except cost counting, the proxy "
+            "trial_seconds and overhead_seconds (hybridsd_nas.study.objective: everything in the objective except cost counting, the proxy "
             "and the artifact upload).")
     rec["recommendation"] = recommend(results)
     rec["meta"]["seconds_total_this_run"] = round(time.perf_counter() - t_start, 1)
