@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from enum import IntEnum
 from typing import Any
 
@@ -45,10 +44,6 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
     print("-" * len(line))
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-
-
-def warn(message: str) -> None:
-    print(f"hybridsd-nas: {message}", file=sys.stderr)
 
 
 # --- one option name per concept ------------------------------------------------------------------

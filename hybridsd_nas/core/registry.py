@@ -8,13 +8,13 @@ everywhere at once::
     from hybridsd_nas.prune import IMPORTANCE
 
     @IMPORTANCE.register("my-criterion", help="L1 of the weights, squared")
-    def my_criterion(ctx):
+    def my_criterion(model, groups, ctx):
         ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -63,11 +63,6 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise UnknownNameError(self.kind, str(name), self.names()) from None
 
-    def check(self, name: str) -> str:
-        """``name`` if registered, else a one-line :class:`UnknownNameError` listing the known ones."""
-        self.get(name)
-        return name
-
     def help(self, name: str) -> str:
         self.get(name)
         return self._entries[name].help
@@ -96,7 +91,3 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
 
-
-def call(registry: Registry[Callable[..., Any]], name: str, *args: Any, **kwargs: Any) -> Any:
-    """Look ``name`` up in ``registry`` and call its factory."""
-    return registry.get(name)(*args, **kwargs)

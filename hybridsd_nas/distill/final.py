@@ -27,8 +27,8 @@ def distill_data(pipe, teacher: Teacher, spec: str | None, seed: int = 0) -> Dis
     if spec in (None, "default", "fashion-mnist"):
         return fashion_mnist_data(pipe, n=4096, seed=seed)
     if spec == "teacher-samples":
-        prompts = [r["prompt"] for r in teacher.eval_prompts(16)] if teacher.has_eval_prompts else ["a photo"]
-        return teacher_sample_data(pipe, list(dict.fromkeys(prompts)), n=256, seed=seed)
+        prompts = [r["prompt"] for r in teacher.eval_prompts()] if teacher.has_eval_prompts else ["a photo"]
+        return teacher_sample_data(pipe, prompts, n=256, seed=seed)
     return folder_data(pipe, spec)
 
 

@@ -143,13 +143,14 @@ class Teacher:
     def has_eval_prompts(self) -> bool:
         return self.asset("eval_prompts.json") is not None
 
-    def eval_prompts(self, n: int) -> list[dict[str, Any]]:
-        """``n`` evaluation prompts (the teacher's ``eval_prompts.json``, cycled), each with its sample index."""
+    def eval_prompts(self, n: int | None = None) -> list[dict[str, Any]]:
+        """``n`` evaluation prompts (the teacher's ``eval_prompts.json``, cycled; all of them once when ``n``
+        is None), each with its sample index."""
         p = self.asset("eval_prompts.json")
         if p is None:
             raise HybridSDError(f"{self.path} has no eval_prompts.json; the proxy needs fixed evaluation prompts")
         rows = json.loads(p.read_text())
-        return [dict(rows[i % len(rows)], sample=i) for i in range(n)]
+        return [dict(rows[i % len(rows)], sample=i) for i in range(len(rows) if n is None else n)]
 
     def sampling_settings(self, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
         """Sampler steps and guidance scale: the ones given, else the teacher's ``sampling.json``, else 20 and 5.0."""
