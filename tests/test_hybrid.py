@@ -17,10 +17,10 @@ PROMPTS = ["a photo of a dress", "a coat", "a sandal"]
 
 @pytest.fixture(scope="module")
 def tiny_pipe(tmp_path_factory):
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from hybridsd_nas.zoo.recipe import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, vocab_size, write_clip_tokenizer
+    from hybridsd_nas.zoo.recipe import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, sampling_scheduler, vocab_size, write_clip_tokenizer
 
     tok_dir = write_clip_tokenizer(tmp_path_factory.mktemp("tok"), PROMPTS)
     torch.manual_seed(0)
@@ -28,7 +28,7 @@ def tiny_pipe(tmp_path_factory):
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
     vae = AutoencoderKL(**VAE_CONFIG).eval()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
-                                   scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+                                   scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -100,3 +100,27 @@ def test_pipeline_fingerprint_follows_the_weights(tmp_path):
     assert first.split("@")[1] == pipeline_fingerprint(dst).split("@")[1]
     (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x01" + b"\x00" * 4095)
     assert pipeline_fingerprint(src) != first
+
+
+def test_normalise_latents_keeps_the_round_trip_and_centres_the_latents():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from hybridsd_nas.zoo import recipe
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**{**recipe.VAE_CONFIG, "block_out_channels": [32, 32], "scaling_factor": 0.3}).eval()
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        d = vae.encode(x).latent_dist
+        z = d.mean * 0.3
+        mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
+        before = vae.decode(d.mean).sample
+        recipe.normalise_latents(vae, mean, std)
+        d2 = vae.encode(x).latent_dist
+        after = vae.decode(d2.mean / vae.config.scaling_factor).sample
+    assert vae.config.scaling_factor == 1.0
+    assert torch.allclose(d2.mean.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(d2.mean.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert torch.allclose(d2.std, d.std * 0.3 / std.view(1, -1, 1, 1), rtol=1e-3)
+    assert torch.allclose(before, after, atol=1e-4)

@@ -11,10 +11,7 @@ default; ``lr_schedule`` takes any of diffusers' schedules in ``LR_SCHEDULES`` o
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 import weakref
 from contextlib import contextmanager
@@ -26,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from hybridsd_nas.arch import Plan
 from hybridsd_nas.build import apply_frozen
+from hybridsd_nas.core.checkpoint import load_state, save_state
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.status import RunStatus
 from hybridsd_nas.distill.data import DistillData
@@ -124,32 +121,12 @@ def _target(scheduler, latents, noise, t):
 
 def _save_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, step: int, curve: list, rng: torch.Generator,
                      ema=None, ema_names: list[str] | None = None) -> None:
-
-    tmp = ckpt.parent / f".{ckpt.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(tmp / "student.safetensors"))
-    osd = opt.state_dict()
-    tensors, state_meta = {}, {}
-    for pid, st in osd["state"].items():
-        state_meta[str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                state_meta[str(pid)][k] = v
-    if tensors:
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "curve": curve, "param_groups": osd["param_groups"], "state_meta": state_meta, "rng": rng.get_state().tolist()}
+    tensors = {"student": student.state_dict()}
+    meta: dict[str, Any] = {"step": step, "curve": curve, "rng": rng.get_state().tolist()}
     if ema is not None:
-        save_file({n: v.detach().contiguous().cpu() for n, v in zip(ema_names, ema.shadow_params)}, str(tmp / "ema.safetensors"))
+        tensors["ema"] = dict(zip(ema_names, ema.shadow_params))
         meta["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    old = ckpt.parent / f".{ckpt.name}.old-{os.getpid()}"
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    save_state(ckpt, tensors, meta, optimizer=opt)
 
 
 def _lr_scheduler(opt: torch.optim.Optimizer, cfg: DistillConfig, start: int):
@@ -164,23 +141,14 @@ def _lr_scheduler(opt: torch.optim.Optimizer, cfg: DistillConfig, start: int):
 
 def _load_checkpoint(ckpt: Path, student: nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator,
                      ema=None, ema_names: list[str] | None = None) -> tuple[int, list]:
-
-    student.load_state_dict(load_file(str(ckpt / "student.safetensors")), strict=True)
-    meta = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").is_file() else {}
-    state: dict[int, dict[str, Any]] = {}
-    for pid, m in meta["state_meta"].items():
-        state[int(pid)] = dict(m)
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    tensors, meta = load_state(ckpt, ["student", "ema"], optimizer=opt, optional=("ema",))
+    student.load_state_dict(tensors["student"], strict=True)
     rng.set_state(torch.tensor(meta["rng"], dtype=torch.uint8))
     if ema is not None:
-        if "ema" not in meta or not (ckpt / "ema.safetensors").is_file():
+        if "ema" not in meta or "ema" not in tensors:
             raise ConfigError(f"checkpoint {ckpt} holds no moving average of the weights; resume it without ema_decay "
                              "(--ema-decay 0), or start the run again to average its weights")
-        shadow = load_file(str(ckpt / "ema.safetensors"))
+        shadow = tensors["ema"]
         ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[n].to(p_.device) for n, p_ in zip(ema_names, ema.shadow_params)]})
     return int(meta["step"]), list(meta["curve"])
 

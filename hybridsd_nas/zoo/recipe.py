@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import regex
+import torch
+from diffusers import DDPMScheduler, PNDMScheduler
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py), applied to lower-cased text.
 _PAT = regex.compile(
@@ -73,6 +75,56 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+
+
+def sampling_scheduler(prediction_type: str = "epsilon") -> PNDMScheduler:
+    """The shipped sampler: PNDM with SD-1.5's settings. Its config also says ``clip_sample: false``
+    (as SD-1.5's does): PNDM ignores it, but DDIM and others made ``from_config`` of it read it, and
+    their default (True) clips the predicted clean latents to [-1, 1], cutting off latents of std 1."""
+    sched = PNDMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
+    sched.register_to_config(clip_sample=False)
+    return sched
+
+
+def training_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The noise schedule training uses: the sampler's betas and timesteps, as a DDPM scheduler."""
+    keep = {k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    return DDPMScheduler(**{**keep, "prediction_type": prediction_type, "clip_sample": False})
+
+
+@torch.no_grad()
+def normalise_latents(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Fold a per-channel affine map into ``vae`` so that its scaled latents have per-channel ``mean``
+    0 and ``std`` 1: ``z' = (z * scaling_factor - mean) / std``.
+
+    ``mean`` and ``std`` are per-channel statistics of the scaled latents (``z * scaling_factor``).
+    The encoder's ``quant_conv`` (which outputs the posterior's mean and log-variance) absorbs the map,
+    the decoder's ``post_quant_conv`` its inverse, and ``scaling_factor`` becomes 1: encoding then
+    decoding is unchanged, and a stock ``StableDiffusionPipeline`` (which only divides by the scaling
+    factor) samples in the normalised space.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("normalise_latents needs a VAE with quant_conv and post_quant_conv (use_quant_conv=True)")
+    c = vae.config.latent_channels
+    sigma = float(vae.config.scaling_factor)
+    mean, std = mean.double().flatten(), std.double().flatten()
+    if mean.numel() != c or std.numel() != c or bool((std <= 0).any()):
+        raise ValueError(f"need {c} per-channel means and positive stds, got {mean.tolist()} and {std.tolist()}")
+    gain = sigma / std  # raw posterior mean -> normalised
+    q = vae.quant_conv
+    w, b = q.weight.double(), q.bias.double()
+    w[:c] *= gain.view(-1, 1, 1, 1)
+    b[:c] = b[:c] * gain - mean / std
+    b[c:] += 2 * torch.log(gain)  # log-variance of the scaled posterior
+    q.weight.copy_(w)
+    q.bias.copy_(b)
+    p = vae.post_quant_conv
+    w, b = p.weight.double(), p.bias.double()
+    b += (w[:, :, 0, 0] @ (mean / sigma))  # the raw latent is (std * z' + mean) / sigma
+    w *= (std / sigma).view(1, -1, 1, 1)
+    p.weight.copy_(w)
+    p.bias.copy_(b)
+    vae.register_to_config(scaling_factor=1.0)
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
 from hybridsd_nas.data import load_fashion_mnist, to_rgb_uint8
@@ -53,7 +53,7 @@ def blank_share(images: np.ndarray) -> float:
 
 
 def check_schedule(pipe) -> dict:
-    train = DDPMScheduler(**{k: v for k, v in recipe.SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
+    train = recipe.training_scheduler()
     ship = pipe.scheduler
     out = {"train_betas_equal": bool(torch.allclose(train.betas, ship.betas)),
            "train_prediction_type": train.config.prediction_type, "sampler_prediction_type": ship.config.prediction_type,

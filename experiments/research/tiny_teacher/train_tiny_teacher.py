@@ -100,7 +100,7 @@ def ema_update(ema_model, model, decay: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     else:
         text_encoder = CLIPTextModel(text_cfg).to(device)
         unet = UNet2DConditionModel(**recipe.UNET_CONFIG).to(device)
-    noise_sched = DDPMScheduler(**{k: v for k, v in recipe.SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
+    noise_sched = recipe.training_scheduler()
     alphas = noise_sched.alphas_cumprod.to(device)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for m in (ema_unet, ema_text):
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     # save the pipeline (EMA weights), float32
     pipe = StableDiffusionPipeline(
         vae=vae.cpu(), text_encoder=ema_text.cpu(), tokenizer=tokenizer, unet=ema_unet.cpu(),
-        scheduler=PNDMScheduler(**recipe.SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        scheduler=recipe.sampling_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
