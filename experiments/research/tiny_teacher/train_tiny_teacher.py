@@ -5,20 +5,21 @@ Phases, all from scratch on the real Fashion-MNIST training images (32x32, zero-
   2. the VAE (32x32x3 <-> 16x16x4), reconstruction MSE + a small KL term; optionally (--decoder-steps)
      the decoder alone fine-tuned to reconstruct the image from noisy latents, which makes it robust to
      the small latent errors of a sampled U-Net output (the encoder, hence the latent space, is unchanged);
-  3. the text encoder and the U-Net (SD-1.x block topology) together, noise-prediction MSE on the
-     VAE latents, 10% of prompts dropped to "" for classifier-free guidance, EMA of the weights;
+  3. the text encoder and U-Net (SD-1.x block topology), written untrained (or as --resume has them);
+     ``train_unet.py --init DIR --from-scratch`` trains them, in chunks that resume exactly;
   4. the prompt-adherence classifier (a small CNN on the real training images).
 Writes the pipeline directory (default: hybridsd_nas/zoo/tiny) and settings.json, loss.csv,
 loss.png and train_log.txt to --results (default results/tiny_teacher/).
 
 Runs on CPU or CUDA (``--device``); the saved pipeline is float32 and runs on CPU.
-  python -m experiments.research.tiny_teacher.train_tiny_teacher --device cuda
+  python -m experiments.research.tiny_teacher.train_tiny_teacher --device cuda --out runs/new-teacher
+  python -m experiments.research.tiny_teacher.train_unet --work runs/new-teacher-unet --init runs/new-teacher --from-scratch
+(The teachers v1-v3 were trained by this script's own U-Net phase, as of commit 6cd081b.)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -57,15 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--decoder-lr", type=float, default=2e-4)
     p.add_argument("--decoder-batch", type=int, default=128)
     p.add_argument("--decoder-minutes", type=float, default=0.0, help="also stop the decoder phase after this many minutes (0: no limit)")
-    p.add_argument("--unet-steps", type=int, default=20000, help="at most this many U-Net steps")
-    p.add_argument("--unet-minutes", type=float, default=0.0, help="also stop the U-Net phase after this many minutes (0: no limit)")
-    p.add_argument("--unet-batch", type=int, default=256)
-    p.add_argument("--unet-lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="U-Net learning rate after warm-up: constant, or cosine decay to 0 over the step or time budget, whichever ends first")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (0: save the trained weights as they are)")
-    p.add_argument("--uncond-prob", type=float, default=0.1, help="share of prompts replaced by '' (classifier-free guidance)")
     p.add_argument("--classifier-epochs", type=int, default=6, help="0 skips the classifier")
     p.add_argument("--limit-images", type=int, default=0, help="train on the first N images only (smoke tests)")
     p.add_argument("--log-every", type=int, default=50)
@@ -92,12 +84,6 @@ def end_of_step(phase: str, step: int, total: int, mse: float, extra: str, deadl
     return False
 
 
-def ema_update(ema_model, model, decay: float) -> None:
-    with torch.no_grad():
-        for pe, p in zip(ema_model.parameters(), model.parameters()):
-            pe.lerp_(p, 1.0 - decay)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -109,7 +95,6 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     out, res = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     res.mkdir(parents=True, exist_ok=True)
@@ -126,7 +111,6 @@ def main(argv=None) -> int:
     if args.limit_images:
         imgs_u8, labels = imgs_u8[: args.limit_images], labels[: args.limit_images]
     x_all = torch.from_numpy(to_rgb_uint8(imgs_u8, 32)).float().div(127.5).sub(1.0).to(device)
-    y_all = torch.from_numpy(labels).to(device)
     n = len(x_all)
     log(f"Fashion-MNIST train: {n} images, 32x32 RGB in [-1, 1]", fh)
 
@@ -144,9 +128,6 @@ def main(argv=None) -> int:
     else:
         recipe.write_clip_tokenizer(out / "tokenizer", all_prompts)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    prompt_ids = tokenizer(all_prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids.to(device)
-    n_templates = len(PROMPT_TEMPLATES)
     log(f"tokenizer: {len(tokenizer)} tokens; {len(all_prompts)} prompts", fh)
 
     # 2. VAE
@@ -175,25 +156,21 @@ def main(argv=None) -> int:
             break
     vae_steps_done = step if args.vae_steps > 0 else 0
     vae.eval()
-    need_latents = args.unet_steps > 0 or args.vae_steps > 0 or not args.resume
-    with torch.no_grad():
-        means, stds = [], []
-        for i in range(0, n if need_latents else 0, 1024):
-            d = vae.encode(x_all[i : i + 1024]).latent_dist
-            means.append(d.mean)
-            stds.append(d.std)
-        if args.vae_steps > 0 or not args.resume:
+    if args.vae_steps > 0 or not args.resume:  # a new VAE: scale its latents to unit std
+        with torch.no_grad():
+            means, stds = [], []
+            for i in range(0, n, 1024):
+                d = vae.encode(x_all[i : i + 1024]).latent_dist
+                means.append(d.mean)
+                stds.append(d.std)
             lat_mean, lat_std = torch.cat(means), torch.cat(stds)
-            sample = lat_mean + lat_std * torch.randn_like(lat_std)
-            scaling = float(1.0 / sample.std())
-            vae.register_to_config(scaling_factor=scaling)
-        else:
-            scaling = float(vae.config.scaling_factor)
-        if need_latents:
-            lat_mean, lat_std = torch.cat(means), torch.cat(stds)
+            scaling = float(1.0 / (lat_mean + lat_std * torch.randn_like(lat_std)).std())
+        vae.register_to_config(scaling_factor=scaling)
+    else:
+        scaling = float(vae.config.scaling_factor)
 
     # 2b. decoder fine-tuning on noisy latents (encoder frozen)
-    dec_steps_done, dec_curve_start = 0, len(curve)
+    dec_steps_done = 0
     if args.decoder_steps > 0:
         t_dec = time.time()
         train_params = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
@@ -224,82 +201,23 @@ def main(argv=None) -> int:
     timings["vae_s"] = time.time() - t0
     log(f"vae done in {timings['vae_s']:.1f}s; latent scaling_factor {scaling:.4f}; test reconstruction MSE {rec_test:.5f} ([-1,1] scale)", fh)
 
-    # 3. text encoder + U-Net
-    t0 = time.time()
+    # 3. text encoder + U-Net: fresh weights (or --resume's) here; train_unet.py trains them
     text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **recipe.TEXT_CONFIG)
     if args.resume:
-        text_encoder = CLIPTextModel.from_pretrained(Path(args.resume) / "text_encoder").to(device)
-        unet = UNet2DConditionModel.from_pretrained(Path(args.resume) / "unet").to(device)
+        text_encoder = CLIPTextModel.from_pretrained(Path(args.resume) / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(Path(args.resume) / "unet")
     else:
-        text_encoder = CLIPTextModel(text_cfg).to(device)
-        unet = UNet2DConditionModel(**recipe.UNET_CONFIG).to(device)
-    noise_sched = recipe.training_scheduler()
-    alphas = noise_sched.alphas_cumprod.to(device)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    for m in (ema_unet, ema_text):
-        m.requires_grad_(False)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
-    t_start = time.time()
-
-    def unet_lr_factor(s: int) -> float:
-        warm = min(1.0, (s + 1) / max(args.warmup, 1))
-        if args.lr_schedule == "constant":
-            return warm
-        progress = s / max(args.unet_steps, 1)
-        if args.unet_minutes > 0:  # the time budget may end the run first: decay along whichever is further on
-            progress = max(progress, (time.time() - t_start) / (args.unet_minutes * 60))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, unet_lr_factor)
+        text_encoder = CLIPTextModel(text_cfg)
+        unet = UNet2DConditionModel(**recipe.UNET_CONFIG)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    log(f"U-Net {n_unet / 1e6:.3f}M params, text encoder {n_text / 1e6:.3f}M params", fh)
-    unet.train()
-    text_encoder.train()
-    deadline = time.time() + args.unet_minutes * 60 if args.unet_minutes > 0 else math.inf
-    acc_loss, acc_n, step = 0.0, 0, 0
-    for step in range(1, args.unet_steps + 1):
-        idx = torch.randint(0, n, (args.unet_batch,), device=device)
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_std[idx])) * scaling
-        tmpl = torch.randint(0, n_templates, (len(idx),), device=device)
-        pid = y_all[idx] * n_templates + tmpl
-        pid = torch.where(torch.rand(len(idx), device=device) < args.uncond_prob, torch.full_like(pid, len(all_prompts)), pid)
-        cond = text_encoder(prompt_ids[pid])[0]
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), device=device)
-        eps = torch.randn_like(z0)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_start = 0 if args.resume else args.warmup  # resumed weights are already a good average
-        ema_update(ema_unet, unet, args.ema if step > ema_start else 0.0)
-        ema_update(ema_text, text_encoder, args.ema if step > ema_start else 0.0)
-        acc_loss += loss.detach()
-        acc_n += 1
-        if step % args.log_every == 0:
-            avg = float(acc_loss) / acc_n
-            curve.append(("unet_mse", step, avg))
-            acc_loss, acc_n = 0.0, 0
-            if step % (args.log_every * 10) == 0 or step == args.log_every:
-                el = time.time() - t0
-                log(f"unet step {step}/{args.unet_steps} loss {avg:.4f} ({el:.0f}s, {step / el:.2f} it/s)", fh)
-        if time.time() > deadline:
-            log(f"unet: time limit of {args.unet_minutes} min reached at step {step}", fh)
-            break
-    unet_steps_done = step
-    timings["unet_s"] = time.time() - t0
-    log(f"unet done: {unet_steps_done} steps in {timings['unet_s']:.1f}s", fh)
+    log(f"U-Net {n_unet / 1e6:.3f}M params, text encoder {n_text / 1e6:.3f}M params"
+        f"{' (from --resume)' if args.resume else ' (untrained: train them with train_unet.py --init ' + str(out) + ' --from-scratch)'}", fh)
 
-    # save the pipeline (EMA weights), float32
+    # save the pipeline, float32
     pipe = StableDiffusionPipeline(
-        vae=vae.cpu(), text_encoder=ema_text.cpu(), tokenizer=tokenizer, unet=ema_unet.cpu(),
+        vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
         scheduler=recipe.sampling_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
@@ -332,7 +250,7 @@ def main(argv=None) -> int:
         "unet_config": recipe.UNET_CONFIG, "vae_config": recipe.VAE_CONFIG, "text_config": recipe.TEXT_CONFIG,
         "unet_params": n_unet, "text_encoder_params": n_text, "vae_params": sum(p.numel() for p in vae.parameters()),
         "vocab_size": len(tokenizer), "vae_scaling_factor": scaling, "vae_test_recon_mse": rec_test,
-        "vae_steps_done": vae_steps_done, "decoder_steps_done": dec_steps_done, "unet_steps_done": unet_steps_done, "final_unet_loss": curve[-1][2] if curve else None,
+        "vae_steps_done": vae_steps_done, "decoder_steps_done": dec_steps_done,
         "wall_seconds": timings, "classifier": clf_report.as_dict() if clf_report else None,
     }
     (res / "settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n")
@@ -355,7 +273,7 @@ def plot_curve(curve, path: Path, where: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = [("vae_mse", "VAE reconstruction MSE"), ("decoder_mse", "decoder MSE from noisy latents"), ("unet_mse", "U-Net noise-prediction MSE")]
+    phases = [("vae_mse", "VAE reconstruction MSE"), ("decoder_mse", "decoder MSE from noisy latents")]
     phases = [(k, t) for k, t in phases if any(p == k for p, _, _ in curve)] or phases[:1]
     fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.6), squeeze=False)
     for ax, (phase, title) in zip(axes[0], phases):

@@ -38,11 +38,11 @@ def test_decoder_finetuning_keeps_the_latent_space_and_the_unet(tmp_path):
     train = train_tiny_teacher
     data = _fake_fashion_mnist(tmp_path / "data")
     common = ["--data-root", str(data), "--device", "cpu", "--classifier-epochs", "0", "--log-every", "1",
-              "--vae-batch", "4", "--unet-batch", "4", "--decoder-batch", "4", "--warmup", "1"]
+              "--vae-batch", "4", "--decoder-batch", "4"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert train.main(["--out", str(a), "--results", str(tmp_path / "ra"), "--vae-steps", "2", "--unet-steps", "2", *common]) == 0
+    assert train.main(["--out", str(a), "--results", str(tmp_path / "ra"), "--vae-steps", "2", *common]) == 0
     assert train.main(["--out", str(b), "--results", str(tmp_path / "rb"), "--resume", str(a), "--vae-steps", "0",
-                       "--unet-steps", "0", "--decoder-steps", "3", "--decoder-noise", "0.3", *common]) == 0
+                       "--decoder-steps", "3", "--decoder-noise", "0.3", *common]) == 0
     vae_a = _state(a, "vae", "diffusion_pytorch_model.safetensors")
     vae_b = _state(b, "vae", "diffusion_pytorch_model.safetensors")
     enc = [k for k in vae_a if k.startswith(("encoder.", "quant_conv."))]
@@ -58,7 +58,7 @@ def test_decoder_finetuning_keeps_the_latent_space_and_the_unet(tmp_path):
     cfg_b = json.loads((b / "vae" / "config.json").read_text())
     assert cfg_b["scaling_factor"] == cfg_a["scaling_factor"]  # same latent scale: the U-Net stays valid
     settings = json.loads((tmp_path / "rb" / "settings.json").read_text())
-    assert settings["decoder_steps_done"] == 3 and settings["unet_steps_done"] == 0
+    assert settings["decoder_steps_done"] == 3
     assert (tmp_path / "rb" / "loss.csv").read_text().count("decoder_mse") == 3
 
 
