@@ -62,6 +62,18 @@ def add_teacher(p: argparse.ArgumentParser, default: str | None = None, weights:
         p.add_argument("--teacher", default=default, help=f"{what} (default: {default})")
 
 
+def add_eval_set(p: argparse.ArgumentParser) -> None:
+    """``--eval-prompts``, ``--classifier``, ``--clip-model``: what sampled scores are measured on."""
+    g = p.add_argument_group("evaluation set")
+    g.add_argument("--eval-prompts", default=None, metavar="FILE",
+                   help="fixed evaluation prompts: .txt (one per line), .jsonl or .json ({\"prompt\", \"label\"}); "
+                        "default: the teacher's own (evaluation.json or eval_prompts.json beside it)")
+    g.add_argument("--classifier", default=None, metavar="DIR",
+                   help="adherence classifier for the prompts' labels (default: the teacher's own, where it ships one)")
+    g.add_argument("--clip-model", default=None, metavar="DIR",
+                   help="local CLIP model directory: adds CLIP score and CMMD (skipped without one)")
+
+
 def add_base_unet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-unet", default=None,
                    help="compressed Base U-Net for recombination candidates (A-SDM); default: built from the teacher")

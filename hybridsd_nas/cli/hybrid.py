@@ -10,7 +10,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hybridsd_nas.cli.common import add_device, add_json, add_latency, add_out, add_parser, add_seed, add_teacher, print_json
+from hybridsd_nas.cli.common import (
+    add_device,
+    add_eval_set,
+    add_json,
+    add_latency,
+    add_out,
+    add_parser,
+    add_seed,
+    add_teacher,
+    print_json,
+)
 from hybridsd_nas.core.errors import HybridSDError
 from hybridsd_nas.cost.pipeline import Link
 from hybridsd_nas.hybrid import HybridPipeline, SweepSettings, parse_steps, plot, run_sweep, write_csv
@@ -57,7 +67,8 @@ def cmd_hybrid_sweep(args: argparse.Namespace) -> int:
     if len(args.unets) != 2:
         raise HybridSDError(f"--unets takes two U-Nets (large, small), got {len(args.unets)}")
     st = SweepSettings(steps=args.steps, step_every=args.step_every, orders=args.orders, samples=args.samples,
-                       seed=args.seed, guidance=args.guidance, batch=args.batch_size, device=args.device)
+                       seed=args.seed, guidance=args.guidance, batch=args.batch_size, device=args.device,
+                       eval_prompts=args.eval_prompts, classifier=args.classifier, clip_model=args.clip_model)
     r = run_sweep(args.teacher, args.unets, st, progress=not (args.quiet or args.json))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +114,7 @@ def register(sub) -> None:
     add_seed(sp)
     sp.add_argument("--guidance", type=float, default=d.guidance, help=f"(default: {d.guidance})")
     sp.add_argument("--batch-size", type=int, default=d.batch, help=f"images per sampling batch (default: {d.batch})")
+    add_eval_set(sp)
     add_device(sp)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     add_out(sp)

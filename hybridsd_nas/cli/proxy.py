@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from hybridsd_nas.cli.common import RunFailed, add_base_unet, add_device, add_json, add_parser, add_seed, add_teacher, print_json
+from hybridsd_nas.cli.common import (
+    RunFailed,
+    add_base_unet,
+    add_device,
+    add_eval_set,
+    add_json,
+    add_parser,
+    add_seed,
+    add_teacher,
+    print_json,
+)
 from hybridsd_nas.distill import LossWeights
 from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, run_proxy
 
@@ -20,9 +30,16 @@ def _print(r: ProxyResult, st: ProxySettings, args: argparse.Namespace) -> None:
           f"after {st.distill_steps} steps at batch {st.batch_size}); distill {f['distill_seconds']:.1f} s, "
           f"held-out {f['heldout_seconds']:.1f} s")
     if r.evaluation:
-        print(f"  proxy FID {f['proxy_fid']:.2f} (vs teacher samples), paired MSE {f['paired_mse']:.5f}, "
-              f"FID real {f['fid_real']:.2f}, KID {f['kid']:.4f}, "
-              f"adherence {100 * f['adherence']:.1f}% (teacher {100 * f['adherence_teacher']:.1f}%)")
+        parts = [f"proxy FID {f['proxy_fid']:.2f} (vs teacher samples)", f"KID {f['kid']:.4f}", f"paired MSE {f['paired_mse']:.5f}"]
+        if "fid_real" in f:
+            parts.append(f"FID real {f['fid_real']:.2f}")
+        if "adherence" in f:
+            parts.append(f"adherence {100 * f['adherence']:.1f}% (teacher {100 * f['adherence_teacher']:.1f}%)")
+        if "clip_score" in f:
+            parts.append(f"CLIP score {f['clip_score']:.2f} (teacher {f['clip_score_teacher']:.2f}), CMMD {f['cmmd']:.3f}")
+        print("  " + ", ".join(parts))
+        for name, why in f.get("skipped", {}).items():
+            print(f"  {name}: not measured ({why})")
         print(f"  eval {f['eval_seconds']:.1f} s; {f['samples']} samples, "
               f"{r.settings['sampler_steps']} {r.settings['sampler']} steps, guidance {r.settings['guidance']}, "
               f"seed {args.seed}, {args.device} float32")
@@ -32,7 +49,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     st = ProxySettings(distill_steps=args.distill_steps, samples=args.samples, seed=args.seed,
                        sampler_steps=args.sampler_steps, guidance=args.guidance, batch_size=args.batch_size,
                        weights=LossWeights(mid=args.w_mid), reference_images=args.reference_images,
-                       data_images=args.data_images, kid_subset=args.kid_subset)
+                       data_images=args.data_images, kid_subset=args.kid_subset, eval_prompts=args.eval_prompts,
+                       classifier=args.classifier, clip_model=args.clip_model)
     r = run_proxy(args.teacher, args.candidate, st, base=args.base_unet, device=args.device, progress=not args.json,
                   until=Stage.HELDOUT if args.no_sampling else Stage.SAMPLES)
     print_json(r.to_dict()) if args.json else _print(r, st, args)
@@ -60,6 +78,7 @@ def register(sub) -> None:
     sp.add_argument("--data-images", type=int, default=d.data_images,
                     help=f"training images encoded for the distillation, cached (default: {d.data_images})")
     sp.add_argument("--kid-subset", type=int, default=d.kid_subset, help=f"(default: {d.kid_subset})")
+    add_eval_set(sp)
     add_base_unet(sp)
     add_seed(sp)
     add_device(sp)

@@ -13,7 +13,6 @@ from hybridsd_nas.hybrid.pipeline import (
     step_groups,
     tiny_random_vae,
 )
-from hybridsd_nas.hybrid.quality import Scorer
 from hybridsd_nas.hybrid.sweep import SweepSettings, generate, plot, run_sweep, switch_points, write_csv
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "HybridModelError",
     "HybridPipeline",
     "HybridScheduleError",
-    "Scorer",
     "SweepSettings",
     "generate",
     "parse_steps",

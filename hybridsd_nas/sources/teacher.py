@@ -19,7 +19,7 @@ import torch
 
 from hybridsd_nas.core.errors import ConfigError, HybridSDError, UnknownNameError
 from hybridsd_nas.core.runtime import quiet
-from hybridsd_nas.sources.unet import HUB_ID, known_names, zoo_path
+from hybridsd_nas.sources.unet import HUB_ID, hub_snapshot, known_names, zoo_path
 
 with quiet():  # importing the pipeline class makes transformers warn about optional image backends
     from diffusers import StableDiffusionPipeline
@@ -29,7 +29,8 @@ DEFAULT_GUIDANCE = 5.0
 
 
 def pipeline_path(spec: str | Path) -> str:
-    """Where a pipeline spec points: a local directory, or the hub id itself."""
+    """The local directory a pipeline spec points at: an embedded model, a directory, or a hub id's
+    snapshot in the Hugging Face cache (downloaded there first when it is not cached and there is a network)."""
     s = str(spec)
     z = zoo_path(s)
     if z is not None:
@@ -41,7 +42,10 @@ def pipeline_path(spec: str | Path) -> str:
             raise ConfigError(f"{s} is not a pipeline directory (no model_index.json); a teacher needs its VAE and text encoder too")
         return s
     if HUB_ID.match(s):
-        return s
+        snap = hub_snapshot(s)
+        if not (snap / "model_index.json").is_file():
+            raise ConfigError(f"hub id {s!r} is not a diffusers pipeline (no model_index.json in {snap})")
+        return str(snap)
     raise UnknownNameError("teacher pipeline (zoo name, directory or hub id)", s, [n for n in known_names() if zoo_path(n)])
 
 
@@ -125,7 +129,7 @@ class Teacher:
 
     @property
     def local_dir(self) -> Path | None:
-        """The pipeline directory, or None for a hub id (not downloaded here)."""
+        """The pipeline directory (a hub id's is its snapshot in the Hugging Face cache)."""
         p = Path(self.path)
         return p if p.is_dir() else None
 

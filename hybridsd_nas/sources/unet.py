@@ -16,13 +16,39 @@ from pathlib import Path
 from typing import Any
 
 from diffusers import UNet2DConditionModel
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_hub_download, snapshot_download
 
 from hybridsd_nas import zoo
 from hybridsd_nas.core.errors import ConfigError, UnknownNameError
 from hybridsd_nas.sources.presets import UNET_PRESETS, unet_preset
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+# What a pipeline needs from a hub repository: configs, tokenizer files and the components' safetensors
+# (not the single-file checkpoints at the root, pickles, ONNX or half-precision duplicates).
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx*", "*.pt"]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local directory of a hub pipeline: its snapshot in the Hugging Face cache when there is one
+    (no network needed), else downloaded there (safetensors and JSON only). A one-line
+    :class:`ConfigError` when neither works."""
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and its relatives): try the network below
+        pass
+    cache = hub_constants.HF_HUB_CACHE
+    if hub_constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"hub id {repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+                          f"run `hf download {repo_id}` where there is a network, or give a local pipeline directory")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE))
+    except Exception as e:  # no network, unknown or gated repository
+        raise ConfigError(f"hub id {repo_id!r} is not in the local Hugging Face cache ({cache}) and cannot be downloaded "
+                          f"({type(e).__name__}); give a local pipeline directory") from None
 
 
 def zoo_path(name: str) -> Path | None:
