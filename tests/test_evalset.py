@@ -134,3 +134,23 @@ def test_proxy_and_sweep_refuse_a_teacher_without_evaluation_set_before_loading_
     assert main(["proxy", "--teacher", str(bare), "--candidate", "bk-sdm-small", "--eval-prompts", str(empty)]) == 2
     assert "empty.txt: the prompt file is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_study_names_its_evaluation_set_and_is_refused_what_it_cannot_measure(tmp_path):
+    from hybridsd_nas.study import Evaluator, study_from_dict
+
+    base = {"name": "e", "teacher": "tiny", "space": "layer-removal", "sampler": {"name": "random", "seed": 0}}
+    with pytest.raises(ConfigError, match=r"<t>: eval_prompts: evaluation prompt file 'nope.txt' does not exist"):
+        study_from_dict({**base, "objectives": ["macs"], "eval_prompts": "nope.txt"}, "<t>")
+    with pytest.raises(ConfigError, match="classifier: needs eval_prompts"):
+        study_from_dict({**base, "objectives": ["macs"], "classifier": str(tmp_path)}, "<t>")
+    (tmp_path / "p.txt").write_text("a sneaker\na bag\n")
+    cfg = study_from_dict({**base, "objectives": ["macs", "clip_score"], "eval_prompts": str(tmp_path / "p.txt")}, "<t>")
+    assert cfg.proxy["eval_prompts"] == str(tmp_path / "p.txt")
+    with pytest.raises(ConfigError, match="clip_score needs clip_model"):
+        Evaluator(cfg)
+    cfg = study_from_dict({**base, "objectives": ["macs", "adherence"], "eval_prompts": str(tmp_path / "p.txt")}, "<t>")
+    with pytest.raises(ConfigError, match="adherence needs an adherence classifier"):
+        Evaluator(cfg)
+    own = study_from_dict({**base, "objectives": ["macs", "adherence", "fid_real"]}, "<t>")  # the embedded teacher's own set
+    assert Evaluator(own).settings.eval_prompts is None

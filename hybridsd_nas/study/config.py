@@ -11,6 +11,7 @@ from typing import Any
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.paths import results_root
 from hybridsd_nas.cost import LATENCY_MODES
+from hybridsd_nas.data.evalset import load_eval_set
 from hybridsd_nas.proxy import ProxySettings
 from hybridsd_nas.spaces import read_yaml
 
@@ -20,7 +21,8 @@ from .samplers import SAMPLERS
 WANDB_MODES = ("off", "offline", "online")
 _TOP = ("name", "teacher", "base", "space", "objectives", "constraints", "cost", "latency", "sampler", "trials",
         "timeout", "enqueue", "proxy", "prefilter", "storage", "results_dir", "artifacts", "heartbeat", "wandb",
-        "max_failures", "description")
+        "max_failures", "description", "eval_prompts", "classifier", "clip_model")
+EVAL_KEYS = ("eval_prompts", "classifier", "clip_model")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -227,7 +229,8 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
     name = data["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise _err(src, "name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names the study and its results folder NAME/)")
-    for key in ("teacher", "space", "base", "storage", "results_dir", "artifacts", "description"):
+    for key in ("teacher", "space", "base", "storage", "results_dir", "artifacts", "description", "eval_prompts", "classifier",
+                "clip_model"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise _err(src, key, f"must be a string, got {data[key]!r}")
 
@@ -265,13 +268,23 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
     if not isinstance(enq, list) or not all(isinstance(e, str) for e in enq):
         raise _err(src, "enqueue", f"must be a list of candidate preset names or files, got {enq!r}")
 
-    proxy_keys = tuple(k for k in ProxySettings.__dataclass_fields__ if k != "weights")
+    proxy_keys = tuple(k for k in ProxySettings.__dataclass_fields__ if k not in ("weights", *EVAL_KEYS))
     proxy = _mapping(src, "proxy", data.get("proxy"), proxy_keys)
     for k, v in proxy.items():
         if k in ("sampler_steps", "guidance") and v is None:
             continue
         kind = float if k in ("lr", "guidance") else int
         proxy[k] = _num(src, f"proxy.{k}", v, kind, low=0 if k == "seed" else 1e-12, allow_none=False)
+    for k in EVAL_KEYS:  # top-level keys: what the samples are scored on
+        if data.get(k) is not None:
+            proxy[k] = data[k]
+    if data.get("eval_prompts") is not None:
+        try:
+            load_eval_set(data["eval_prompts"], classifier=data.get("classifier"))
+        except ConfigError as e:
+            raise _err(src, "eval_prompts", str(e)) from None
+    elif data.get("classifier") is not None:
+        raise _err(src, "classifier", "needs eval_prompts: (labelled prompts for the classifier to check)")
 
     cfg = StudyConfig(
         name=name, teacher=data["teacher"], space=data["space"], objectives=tuple(objectives),

@@ -10,7 +10,7 @@ import torch
 from hybridsd_nas.arch import Candidate, describe
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.cost import CostReport, LatencyTable, estimate_cost, parse_dtype
-from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, run_proxy
+from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, eval_set_for, run_proxy
 from hybridsd_nas.spaces import load_space
 
 from .config import Constraint, StudyConfig
@@ -44,6 +44,16 @@ class Evaluator:
             raise ConfigError(f"{cfg.source}: enqueue: names candidates of layer-removal or recombination spaces; "
                               f"space {self.space.name!r} is a hybrid-schedule space (leave enqueue out)")
         self.settings = ProxySettings(**cfg.proxy)
+        sampled = [m for m in used if METRICS.get(m).group == "quality" and METRICS.get(m).sampled]
+        if sampled:  # what the samples are scored on, checked before any model loads
+            es = eval_set_for(cfg.teacher, self.settings)
+            needs = {"adherence": (es.classifier, "an adherence classifier (classifier:) and labelled eval_prompts"),
+                     "fid_real": (es.real_reference, "an evaluation set that names real reference images"),
+                     "clip_score": (self.settings.clip_model, "clip_model: (a local CLIP model directory)"),
+                     "cmmd": (self.settings.clip_model, "clip_model: (a local CLIP model directory)")}
+            for m in sampled:
+                if m in needs and not needs[m][0]:
+                    raise ConfigError(f"{cfg.source}: {m} needs {needs[m][1]}; evaluation set {es.source} has none")
         self._lut = None
         self._teacher_cost: dict[str, Any] | None = None
         self._schedule_cost = None

@@ -59,6 +59,8 @@ register_metric("heldout_mse", "quality", "minimize",
 register_metric("paired_mse", "quality", "minimize",
                 "mean squared pixel difference of the student's samples from the teacher's, same prompts and seeds")
 register_metric("adherence", "quality", "maximize", "share of samples the evaluation classifier assigns to the prompted class")
+register_metric("clip_score", "quality", "maximize", "CLIP score of the student's samples and their prompts (needs clip_model)")
+register_metric("cmmd", "quality", "minimize", "CMMD of the student's samples against the teacher's (needs clip_model)")
 
 
 def metric_group(name: str) -> str:

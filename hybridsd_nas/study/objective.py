@@ -28,7 +28,7 @@ from .status import SCORED, TrialStatus, evaluated
 
 # figures of the proxy's result recorded as user attributes (study metrics and their companions)
 PROXY_FIGURES = ("proxy_fid", "kid", "fid_real", "paired_mse", "heldout_mse", "adherence", "kid_std", "adherence_teacher",
-                 "distill_final_loss")
+                 "clip_score", "clip_score_teacher", "cmmd", "kid_real", "distill_final_loss")
 PROXY_TIMINGS = ("zero_cost_seconds", "distill_seconds", "heldout_seconds", "eval_seconds")  # parts of proxy_seconds
 
 
@@ -169,6 +169,8 @@ class TrialObjective:
             for k in PROXY_FIGURES:
                 if res.get(k) is not None:
                     figures[k] = float(res[k])
+            if res.get("provenance"):  # what it was measured on: teacher, data, evaluation set, sampler
+                trial.set_user_attr("provenance", res["provenance"])
             if "images" in res and self.store is not None:
                 timings["artifact_seconds"] = self._upload_grid(trial, res["images"])
             bad = [m for m in (o.metric for o in self.cfg.objectives) if m in figures and not math.isfinite(figures[m])]
