@@ -1,15 +1,9 @@
 """Distillation of a candidate from its teacher (BK-SDM losses, A-SDM mid supervision and progressive
 incubation), used short by the quality proxy and long as the final training."""
 
-from hybridsd_nas.distill.data import (
-    DistillData,
-    encode_images,
-    encode_prompts,
-    fashion_mnist_data,
-    folder_data,
-    teacher_sample_data,
-)
-from hybridsd_nas.distill.final import DATA_SOURCES, FinalTraining, distill_candidate, distill_data
+from hybridsd_nas.data import encode_images
+from hybridsd_nas.distill.data import DistillData, fashion_mnist_data, folder_data, teacher_sample_data
+from hybridsd_nas.distill.final import DATA_SOURCES, FinalTraining, data_spec, distill_candidate, distill_data
 from hybridsd_nas.distill.losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
 from hybridsd_nas.distill.trainer import LR_SCHEDULES, DistillConfig, DistillResult, averaged_weights, distill
 
@@ -17,6 +11,7 @@ __all__ = [
     "DATA_SOURCES",
     "FinalTraining",
     "LR_SCHEDULES",
+    "data_spec",
     "distill_candidate",
     "distill_data",
     "perceptual_term",
@@ -29,7 +24,6 @@ __all__ = [
     "averaged_weights",
     "distill",
     "encode_images",
-    "encode_prompts",
     "fashion_mnist_data",
     "feature_pairs",
     "folder_data",
