@@ -126,12 +126,16 @@ def test_proxy_and_sweep_refuse_a_teacher_without_evaluation_set_before_loading_
     monkeypatch.setattr(teacher_module, "_load", no_loading)
     assert main(["proxy", "--teacher", str(bare), "--candidate", "bk-sdm-small"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names no training data of its own" in err[0] and "--data SPEC" in err[0]
+    assert main(["proxy", "--teacher", str(bare), "--candidate", "bk-sdm-small", "--data", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ships no evaluation prompts" in err[0] and "--eval-prompts" in err[0]
     assert main(["hybrid-sweep", "--teacher", str(bare), "--unets", "teacher", "bk-sdm-small", "--out", str(tmp_path / "o")]) == 2
     assert "ships no evaluation prompts" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    assert main(["proxy", "--teacher", str(bare), "--candidate", "bk-sdm-small", "--eval-prompts", str(empty)]) == 2
+    assert main(["proxy", "--teacher", str(bare), "--candidate", "bk-sdm-small", "--data", "fashion-mnist",
+                 "--eval-prompts", str(empty)]) == 2
     assert "empty.txt: the prompt file is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -140,7 +144,7 @@ def test_a_study_names_its_evaluation_set_and_is_refused_what_it_cannot_measure(
     from hybridsd_nas.study import Evaluator, study_from_dict
 
     base = {"name": "e", "teacher": "tiny", "space": "layer-removal", "sampler": {"name": "random", "seed": 0}}
-    with pytest.raises(ConfigError, match=r"<t>: eval_prompts: evaluation prompt file 'nope.txt' does not exist"):
+    with pytest.raises(ConfigError, match=r"<t>: eval_prompts: prompt file 'nope.txt' does not exist"):
         study_from_dict({**base, "objectives": ["macs"], "eval_prompts": "nope.txt"}, "<t>")
     with pytest.raises(ConfigError, match="classifier: needs eval_prompts"):
         study_from_dict({**base, "objectives": ["macs"], "classifier": str(tmp_path)}, "<t>")

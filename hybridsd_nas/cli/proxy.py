@@ -49,7 +49,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     st = ProxySettings(distill_steps=args.distill_steps, samples=args.samples, seed=args.seed,
                        sampler_steps=args.sampler_steps, guidance=args.guidance, batch_size=args.batch_size,
                        weights=LossWeights(mid=args.w_mid), reference_images=args.reference_images,
-                       data_images=args.data_images, kid_subset=args.kid_subset, eval_prompts=args.eval_prompts,
+                       data=args.data, data_images=args.data_images, kid_subset=args.kid_subset, eval_prompts=args.eval_prompts,
                        classifier=args.classifier, clip_model=args.clip_model)
     r = run_proxy(args.teacher, args.candidate, st, base=args.base_unet, device=args.device, progress=not args.json,
                   until=Stage.HELDOUT if args.no_sampling else Stage.SAMPLES)
@@ -75,6 +75,9 @@ def register(sub) -> None:
     sp.add_argument("--w-mid", type=float, default=d.weights.mid, help=f"A-SDM mid-block supervision (default: {d.weights.mid})")
     sp.add_argument("--reference-images", type=int, default=d.reference_images,
                     help=f"held-out real images for fid_real, cached (default: {d.reference_images})")
+    sp.add_argument("--data", default=None, metavar="SPEC",
+                    help="training data (docs/data.md): fashion-mnist, DIR, hf:DIR, parquet:GLOB, wds:PATTERN, prompts:FILE; "
+                         "default: the teacher's own (fashion-mnist for tiny); its last 64 examples are held out for the ranking score")
     sp.add_argument("--data-images", type=int, default=d.data_images,
                     help=f"training images encoded for the distillation, cached (default: {d.data_images})")
     sp.add_argument("--kid-subset", type=int, default=d.kid_subset, help=f"(default: {d.kid_subset})")

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.data.sources import read_prompt_file
 from hybridsd_nas.sources import Teacher
 
 EVAL_FILE = "evaluation.json"
-PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
 @dataclass(frozen=True)
@@ -60,55 +60,11 @@ class EvalSet:
                 "labelled": self.labelled, "classifier": self.classifier, "real_reference": self.real_reference}
 
 
-def _label(row: dict[str, Any], where: str) -> int | None:
-    lab = row.get("label", row.get("class_index"))
-    if lab is not None and (not isinstance(lab, int) or isinstance(lab, bool)):
-        raise ConfigError(f"{where}: label must be an integer class index, got {lab!r}")
-    return lab
-
-
-def _rows_of(path: Path) -> list[tuple[str, int | None]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        return [(line.strip(), None) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
-            rows.append(obj)
-    else:
-        try:
-            rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(rows, list):
-            raise ConfigError(f"{path}: a .json prompt file is a list of {{\"prompt\": ..., \"label\": ...}} objects")
-    out = []
-    for i, obj in enumerate(rows, 1):
-        if isinstance(obj, str):
-            obj = {"prompt": obj}
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-            raise ConfigError(f"{path}: entry {i} has no \"prompt\" text")
-        out.append((obj["prompt"], _label(obj, f"{path}: entry {i}")))
-    return out
-
-
 def load_eval_set(path: str | Path, classifier: str | Path | None = None, real_reference: str | None = None) -> EvalSet:
     """The evaluation set of a prompt file (``.txt``, ``.jsonl`` or ``.json``); ``classifier``: an
     adherence classifier directory (its labels are the prompt labels)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"evaluation prompt file {str(path)!r} does not exist")
-    if p.suffix not in PROMPT_SUFFIXES:
-        raise ConfigError(f"{p}: an evaluation prompt file is {', '.join(PROMPT_SUFFIXES)}, not {p.suffix or 'a file without suffix'}")
-    rows = _rows_of(p)
-    if not rows:
-        raise ConfigError(f"{p}: the prompt file is empty")
+    rows = [(prompt, None if lab < 0 else lab) for prompt, lab in read_prompt_file(p)]
     if classifier is not None:
         if not Path(classifier).is_dir():
             raise ConfigError(f"adherence classifier {str(classifier)!r} is not a directory")
@@ -120,19 +76,33 @@ def load_eval_set(path: str | Path, classifier: str | Path | None = None, real_r
                    str(classifier) if classifier is not None else None, real_reference)
 
 
+def teacher_assets(teacher: Teacher) -> dict[str, Any]:
+    """The teacher directory's ``evaluation.json`` (prompts, classifier, real_reference, data), or {}."""
+    d = teacher.local_dir
+    if d is None or not (d / EVAL_FILE).is_file():
+        return {}
+    try:
+        spec = json.loads((d / EVAL_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{d / EVAL_FILE}: not JSON ({e.msg})") from None
+    if not isinstance(spec, dict) or "prompts" not in spec:
+        raise ConfigError(f"{d / EVAL_FILE}: needs \"prompts\" (a prompt file beside it)")
+    return spec
+
+
+def teacher_default_data(teacher: Teacher) -> str | None:
+    """The training data a teacher directory names as its own (``data`` in ``evaluation.json``), or None."""
+    return teacher_assets(teacher).get("data")
+
+
 def teacher_eval_set(teacher: Teacher) -> EvalSet | None:
     """The evaluation set a teacher directory ships (``evaluation.json``, else ``eval_prompts.json`` with
     ``eval_classifier/`` when present), or None where it ships none."""
     d = teacher.local_dir
     if d is None:
         return None
-    if (d / EVAL_FILE).is_file():
-        try:
-            spec = json.loads((d / EVAL_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{d / EVAL_FILE}: not JSON ({e.msg})") from None
-        if not isinstance(spec, dict) or "prompts" not in spec:
-            raise ConfigError(f"{d / EVAL_FILE}: needs \"prompts\" (a prompt file beside it)")
+    spec = teacher_assets(teacher)
+    if spec:
         clf = spec.get("classifier")
         return load_eval_set(d / spec["prompts"], classifier=d / clf if clf else None, real_reference=spec.get("real_reference"))
     if (d / "eval_prompts.json").is_file():

@@ -215,6 +215,10 @@ class LatentData:
         lat, text = self.gather(idx, p_uncond, g)
         return lat, text[next(iter(self.text))]
 
+    def subset(self, start: int, stop: int) -> Subset:
+        """Examples ``start..stop-1`` as data of their own (e.g. a held-out tail)."""
+        return Subset(self, start, stop)
+
     @classmethod
     def open(cls, root: str | Path, map_budget: int = MAP_BUDGET) -> LatentData:
         """A finished cache folder (one with ``index.json``), memory-mapped (at most ``map_budget`` bytes
@@ -239,6 +243,32 @@ class LatentData:
 
         return cls(Rows(files("latents.npy"), counts, map_budget), Rows(files("text_index.npy"), counts, map_budget), text,
                    captions, index["source"], index["provenance"], Rows(files("labels.npy"), counts, map_budget), root)
+
+
+class Subset:
+    """A contiguous range of a :class:`LatentData`'s examples, used as data of its own (training and
+    scoring call only ``len``, ``gather`` and ``batch``)."""
+
+    def __init__(self, data: LatentData, start: int, stop: int):
+        if not 0 <= start < stop <= len(data):
+            raise ValueError(f"examples {start}..{stop - 1} are not within the data's {len(data)}")
+        self.data, self.start, self.stop = data, start, stop
+        self.source = f"{data.source}, examples {start}..{stop - 1}"
+        self.provenance = {**data.provenance, "examples": [start, stop]}
+        self.text = data.text
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.data.prompts
+
+    def gather(self, idx: Any, p_uncond: float = 0.0, g: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.data.gather(torch.as_tensor(idx).reshape(-1) + self.start, p_uncond, g)
+
+    def batch(self, idx: Any, p_uncond: float = 0.0, g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.batch(torch.as_tensor(idx).reshape(-1) + self.start, p_uncond, g)
 
 
 # --- the write side ----------------------------------------------------------------------------------

@@ -3,7 +3,14 @@ incubation), used short by the quality proxy and long as the final training."""
 
 from hybridsd_nas.data import encode_images
 from hybridsd_nas.distill.data import DistillData, fashion_mnist_data, folder_data, teacher_sample_data
-from hybridsd_nas.distill.final import DATA_SOURCES, FinalTraining, data_spec, distill_candidate, distill_data
+from hybridsd_nas.distill.final import (
+    DATA_SOURCES,
+    FinalTraining,
+    data_spec,
+    distill_candidate,
+    distill_data,
+    teacher_resolution,
+)
 from hybridsd_nas.distill.losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
 from hybridsd_nas.distill.trainer import LR_SCHEDULES, DistillConfig, DistillResult, averaged_weights, distill
 
@@ -27,5 +34,6 @@ __all__ = [
     "fashion_mnist_data",
     "feature_pairs",
     "folder_data",
+    "teacher_resolution",
     "teacher_sample_data",
 ]

@@ -15,6 +15,7 @@ from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.status import RunStatus
 from hybridsd_nas.cost import estimate_cost
 from hybridsd_nas.data import SPEC_FORMS, DataSpec, encode_source, parse_data_spec, validate_source
+from hybridsd_nas.data.evalset import teacher_default_data
 from hybridsd_nas.distill.data import DistillData
 from hybridsd_nas.distill.losses import perceptual_term
 from hybridsd_nas.distill.trainer import DistillConfig, DistillResult, distill
@@ -28,8 +29,14 @@ TEACHER_SAMPLES = 256  # samples of the teacher's evaluation prompts for teacher
 
 def data_spec(spec: str | DataSpec | None, teacher: Teacher, resize: bool = False) -> DataSpec:
     """The source a ``--data`` string names: any data spec (:func:`hybridsd_nas.data.parse_data_spec`;
-    Fashion-MNIST, the default, with 4096 images unless it says ``?limit=``), or ``teacher-samples``: 256
-    samples of the teacher's evaluation prompts."""
+    Fashion-MNIST with 4096 images unless it says ``?limit=``), or ``teacher-samples``: 256 samples of
+    the teacher's evaluation prompts. Without one, the teacher's own (``data`` in its
+    ``evaluation.json``: Fashion-MNIST for the embedded ``tiny``); a teacher with none needs one named."""
+    if spec is None:
+        spec = teacher_default_data(teacher)
+        if spec is None:
+            raise ConfigError(f"teacher {teacher.spec!r} names no training data of its own; give one: --data SPEC "
+                              f"(data: in a study), one of {', '.join(DATA_SOURCES)}")
     if isinstance(spec, DataSpec):
         s = spec
     elif spec == "teacher-samples":
@@ -39,7 +46,7 @@ def data_spec(spec: str | DataSpec | None, teacher: Teacher, resize: bool = Fals
                               "name a prompt file instead: --data prompts:FILE")
         s = parse_data_spec(f"prompts:{prompts}", resize).with_defaults(count=TEACHER_SAMPLES)
     else:
-        s = parse_data_spec(spec or "fashion-mnist", resize)
+        s = parse_data_spec(spec, resize)
     return s.with_defaults(limit=FASHION_MNIST_IMAGES) if s.kind == "fashion-mnist" else s
 
 

@@ -23,9 +23,19 @@ from diffusers import DDPMScheduler
 
 from hybridsd_nas.arch import Plan
 from hybridsd_nas.build import student_of
+from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.status import RunStatus
+from hybridsd_nas.data import DataSpec, encode_source, validate_source
 from hybridsd_nas.data.evalset import EvalSet
-from hybridsd_nas.distill import DistillConfig, DistillData, distill, fashion_mnist_data, perceptual_term
+from hybridsd_nas.distill import (
+    DistillConfig,
+    DistillData,
+    data_spec,
+    distill,
+    fashion_mnist_data,
+    perceptual_term,
+    teacher_resolution,
+)
 from hybridsd_nas.proxy.sampling import eval_set_for, evaluate_student
 from hybridsd_nas.proxy.scores import heldout_score, zero_cost_scores
 from hybridsd_nas.proxy.settings import ProxySettings
@@ -52,6 +62,7 @@ class ProxyRun:
     plan: Plan
     student: Any
     data: DistillData
+    heldout: Any  # held-out examples of the same source (Fashion-MNIST: its test split)
     scheduler: Any
     sampler_steps: int
     guidance: float
@@ -95,23 +106,42 @@ class ProxyResult:
         return d
 
 
+def proxy_data(pipe, teacher: Teacher, spec: DataSpec, s: ProxySettings) -> tuple[Any, Any]:
+    """The distillation data and the held-out examples the ranking score reads: Fashion-MNIST's train
+    split (``s.data_images`` images) and test split; any other source is split, its last
+    ``s.heldout_latents`` examples held out."""
+    if spec.kind == "fashion-mnist":
+        return (fashion_mnist_data(pipe, n=spec.limit or s.data_images, seed=s.seed),
+                fashion_mnist_data(pipe, n=s.heldout_latents, seed=s.seed, split="test"))
+    data = encode_source(spec, pipe, seed=s.seed, sampling=teacher.sampling_settings())
+    n, h = len(data), s.heldout_latents
+    if n < 2 * h:
+        raise ConfigError(f"data {spec.describe()}: {n} examples; the proxy holds out {h} (heldout_latents) and needs "
+                          f"at least as many to train on: give {2 * h} or more, or lower heldout_latents")
+    return data.subset(0, n - h), data.subset(n - h, n)
+
+
 def prepare(teacher: Teacher | str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
             device: str = "cpu", sampling: bool = True) -> tuple[ProxyRun, ProxyResult]:
     """Stage 1: everything the later stages use, and the result they fill in. With ``sampling`` the
     evaluation set is resolved first, so a teacher without one fails before any model is loaded."""
     s = settings or ProxySettings()
     t = resolve_teacher(teacher)
+    spec = data_spec(s.data, t)
+    validate_source(spec, teacher_resolution(t))
     es = eval_set_for(t, s) if sampling else None
     d = student_of(t, candidate, base_unet=base, device=device)
     t, pipe, p, student, cand = d.teacher, d.pipe, d.plan, d.student, d.plan.candidate
     steps, guidance = t.sampling_settings(s.sampler_steps, s.guidance)
-    data = fashion_mnist_data(pipe, n=s.data_images, seed=s.seed)
-    run = ProxyRun(t, s, device, pipe, p, student, data, DDPMScheduler.from_config(pipe.scheduler.config), steps, guidance, es)
+    data, held = proxy_data(pipe, t, spec, s)
+    run = ProxyRun(t, s, device, pipe, p, student, data, held, DDPMScheduler.from_config(pipe.scheduler.config), steps,
+                   guidance, es)
     result = ProxyResult(cand.to_dict(), cand.key, t.spec,
                          {**s.as_dict(), "sampler_steps": steps, "guidance": guidance,
                           "sampler": type(pipe.scheduler).__name__, "device": device, "dtype": "float32"},
                          student=student)
     result.provenance = {"teacher": t.spec, "teacher_fingerprint": t.fingerprint, "data": data.source,
+                         "data_spec": spec.to_dict(), "heldout": held.source,
                          "resolution": int(pipe.unet.config.sample_size) * vae_scale_factor(pipe),
                          "sampler": type(pipe.scheduler).__name__, "sampler_steps": steps, "guidance": guidance,
                          "eval_set": es.to_dict() if es is not None else None}
@@ -139,7 +169,7 @@ def distill_student(run: ProxyRun, result: ProxyResult, progress: bool = False) 
 
 def score_heldout(run: ProxyRun, result: ProxyResult) -> None:
     """Stage 4: the held-out output MSE of the distilled student (the ranking score)."""
-    result.heldout = heldout_score(run.student, run.pipe, run.scheduler, run.settings)
+    result.heldout = heldout_score(run.student, run.pipe, run.scheduler, run.settings, run.heldout)
 
 
 def score_samples(run: ProxyRun, result: ProxyResult, keep_images: bool = False) -> None:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.distill import fashion_mnist_data
 from hybridsd_nas.proxy.settings import ProxySettings
 
 
@@ -47,12 +46,12 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
     return out
 
 
-def heldout_score(student, pipe, scheduler, s: ProxySettings) -> dict[str, float]:
+def heldout_score(student, pipe, scheduler, s: ProxySettings, held) -> dict[str, float]:
     """The distilled student's output MSE against the teacher on ``s.heldout_latents`` fixed noisy
-    latents of held-out (test-split) images, timesteps spread over the schedule: no sampling, about a
-    second on a CPU. ``heldout_mse`` is the mean, ``heldout_mse_high`` over the noisiest third of the timesteps."""
+    latents of held-out images ``held`` (never trained on), timesteps spread over the schedule: no
+    sampling, about a second on a CPU. ``heldout_mse`` is the mean, ``heldout_mse_high`` over the
+    noisiest third of the timesteps."""
     t0 = time.perf_counter()
-    held = fashion_mnist_data(pipe, n=s.heldout_latents, seed=s.seed, split="test")
     was = student.training
     student.eval()
     try:

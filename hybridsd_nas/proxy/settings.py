@@ -14,7 +14,8 @@ class ProxySettings:
     batch_size: int = 16
     lr: float = 5e-4
     weights: LossWeights = field(default_factory=LossWeights)
-    data_images: int = 4096  # training images encoded for the distillation (cached)
+    data: str | None = None  # training data spec (hybridsd_nas.data); default: the teacher's own (Fashion-MNIST for tiny)
+    data_images: int = 4096  # Fashion-MNIST images encoded for the distillation (cached); other sources: ?limit=
     samples: int = 32
     sampler_steps: int | None = None  # default: the teacher's sampling.json, else 20
     guidance: float | None = None  # default: the teacher's sampling.json, else 5.0

@@ -11,6 +11,7 @@ from typing import Any
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.paths import results_root
 from hybridsd_nas.cost import LATENCY_MODES
+from hybridsd_nas.data import parse_data_spec
 from hybridsd_nas.data.evalset import load_eval_set
 from hybridsd_nas.proxy import ProxySettings
 from hybridsd_nas.spaces import read_yaml
@@ -21,8 +22,8 @@ from .samplers import SAMPLERS
 WANDB_MODES = ("off", "offline", "online")
 _TOP = ("name", "teacher", "base", "space", "objectives", "constraints", "cost", "latency", "sampler", "trials",
         "timeout", "enqueue", "proxy", "prefilter", "storage", "results_dir", "artifacts", "heartbeat", "wandb",
-        "max_failures", "description", "eval_prompts", "classifier", "clip_model")
-EVAL_KEYS = ("eval_prompts", "classifier", "clip_model")
+        "max_failures", "description", "data", "eval_prompts", "classifier", "clip_model")
+EVAL_KEYS = ("data", "eval_prompts", "classifier", "clip_model")  # top-level keys that go to the proxy's settings
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -229,8 +230,7 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
     name = data["name"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise _err(src, "name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names the study and its results folder NAME/)")
-    for key in ("teacher", "space", "base", "storage", "results_dir", "artifacts", "description", "eval_prompts", "classifier",
-                "clip_model"):
+    for key in ("teacher", "space", "base", "storage", "results_dir", "artifacts", "description", *EVAL_KEYS):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise _err(src, key, f"must be a string, got {data[key]!r}")
 
@@ -275,9 +275,14 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
             continue
         kind = float if k in ("lr", "guidance") else int
         proxy[k] = _num(src, f"proxy.{k}", v, kind, low=0 if k == "seed" else 1e-12, allow_none=False)
-    for k in EVAL_KEYS:  # top-level keys: what the samples are scored on
+    for k in EVAL_KEYS:  # top-level keys: what the proxy trains on and scores on
         if data.get(k) is not None:
             proxy[k] = data[k]
+    if data.get("data") is not None:
+        try:
+            parse_data_spec(data["data"])
+        except ConfigError as e:
+            raise _err(src, "data", str(e)) from None
     if data.get("eval_prompts") is not None:
         try:
             load_eval_set(data["eval_prompts"], classifier=data.get("classifier"))
