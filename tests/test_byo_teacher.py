@@ -1,0 +1,107 @@
+"""Bring your own teacher: experiments/byo_teacher.yaml end to end on a foreign pipeline and a folder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red square", "a green circle", "a blue bar", "a white cross"]
+
+
+def foreign_pipeline(out: Path) -> Path:
+    """A random-weight SD-1.x-topology pipeline that is not the embedded one: other widths, DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from hybridsd_nas.zoo.recipe import UNET_CONFIG, VAE_CONFIG, write_clip_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "tok-src", CAPTIONS))
+    torch.manual_seed(1)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=64,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 64,
+                                   "attention_head_dim": 2})
+    vae = AutoencoderKL(**VAE_CONFIG)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    return out / "pipeline"
+
+
+def image_text_folder(out: Path, n: int = 64) -> Path:
+    """``n`` generated 32 px images with captions in metadata.jsonl (the imagefolder convention)."""
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (240, 240, 240)}
+    rows = []
+    for i in range(n):
+        cap = CAPTIONS[i % len(CAPTIONS)]
+        img = np.full((32, 32, 3), rng.integers(0, 40), np.uint8)
+        x, y = rng.integers(4, 16, 2)
+        img[y : y + 12, x : x + 12] = colours[cap.split()[1]]
+        Image.fromarray(img).save(out / f"{i:03d}.png")
+        rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": cap}))
+    (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return out
+
+
+@pytest.mark.slow
+def test_the_byo_teacher_study_runs_end_to_end_on_a_foreign_pipeline_and_a_folder(tmp_path, monkeypatch):
+    from hybridsd_nas.cli import main
+
+    monkeypatch.setenv("HYBRIDSD_NAS_RESULTS", str(tmp_path / "runs"))
+    pipe = foreign_pipeline(tmp_path)
+    folder = image_text_folder(tmp_path / "data")
+    (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
+    cfg = yaml.safe_load((ROOT / "experiments" / "byo_teacher.yaml").read_text())
+    assert cfg["teacher"].startswith("path/to") and cfg["data"].startswith("path/to")  # placeholders for the user
+    cfg.update(teacher=str(pipe), data=str(folder), eval_prompts=str(tmp_path / "prompts.txt"), trials=3,
+               proxy={"distill_steps": 2, "batch_size": 4, "samples": 4, "sampler_steps": 2, "heldout_latents": 8,
+                      "kid_subset": 4, "seed": 0},
+               storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study = tmp_path / "byo.yaml"
+    study.write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(study), "--quiet"]) == 0
+    import optuna
+
+    trials = optuna.load_study(study_name="byo-teacher", storage=cfg["storage"]).trials
+    scored = [t for t in trials if t.user_attrs.get("status") == "ok"]
+    assert len(scored) >= 2
+    prov = scored[0].user_attrs["provenance"]
+    assert prov["teacher"] == str(pipe) and prov["data_spec"]["kind"] == "folder"
+    assert prov["data"].endswith("examples 0..55") and prov["heldout"].endswith("examples 56..63")
+    assert prov["eval_set"]["source"] == str(tmp_path / "prompts.txt") and prov["sampler"] == "DDIMScheduler"
+    for t in scored:
+        assert np.isfinite(t.user_attrs["heldout_mse"]) and np.isfinite(t.user_attrs["proxy_fid"])
+        assert "adherence" not in t.user_attrs  # no classifier named: not measured
+    assert (tmp_path / "runs" / "byo-teacher").is_dir()
+
+
+def test_a_foreign_teacher_without_data_or_eval_prompts_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from hybridsd_nas.cli import main
+    from hybridsd_nas.sources import teacher as teacher_module
+
+    pipe = foreign_pipeline(tmp_path)
+    capsys.readouterr()  # what saving the pipeline printed
+    monkeypatch.setattr(teacher_module, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = yaml.safe_load((ROOT / "experiments" / "byo_teacher.yaml").read_text())
+    cfg.update(teacher=str(pipe), storage=f"sqlite:///{tmp_path / 'study.db'}")
+    del cfg["data"]
+    cfg["eval_prompts"] = str(tmp_path / "p.txt")
+    (tmp_path / "p.txt").write_text("a red square\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(tmp_path / "s.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names no training data of its own" in err[0]
+    cfg["data"] = str(tmp_path / "no-such-folder")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(tmp_path / "s.yaml"), "--quiet"]) == 2
+    assert "no-such-folder" in capsys.readouterr().err
