@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
+
+from hybridsd_nas.zoo.recipe import build_random_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red square", "a green circle", "a blue bar", "a white cross"]
@@ -15,25 +16,7 @@ CAPTIONS = ["a red square", "a green circle", "a blue bar", "a white cross"]
 
 def foreign_pipeline(out: Path) -> Path:
     """A random-weight SD-1.x-topology pipeline that is not the embedded one: other widths, DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from hybridsd_nas.zoo.recipe import UNET_CONFIG, VAE_CONFIG, write_clip_tokenizer
-
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "tok-src", CAPTIONS))
-    torch.manual_seed(1)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=64,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 64,
-                                   "attention_head_dim": 2})
-    vae = AutoencoderKL(**VAE_CONFIG)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    return out / "pipeline"
+    return build_random_pipeline(out, CAPTIONS)
 
 
 def image_text_folder(out: Path, n: int = 64) -> Path:

@@ -15,7 +15,15 @@ from typing import Any
 
 import regex
 import torch
-from diffusers import DDPMScheduler, PNDMScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py), applied to lower-cased text.
 _PAT = regex.compile(
@@ -75,6 +83,29 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+
+
+def build_random_pipeline(out: str | Path, captions: Iterable[str], *, unet: dict[str, Any] | None = None,
+                          text_hidden: int = 64, seed: int = 1, scheduler: str = "ddim") -> Path:
+    """Write a random-weight SD-1.x-topology pipeline to ``out/pipeline`` (a stand-in for a user's own
+    checkpoint in tests and benchmarks): the tiny U-Net with ``unet`` overrides (default other widths
+    than the embedded teacher's), a CLIP text encoder ``text_hidden`` wide, the tiny VAE, a tokenizer
+    learnt from ``captions``, and a DDIM (or PNDM) scheduler with SD-1.5's betas."""
+    out = Path(out)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "tokenizer-source", captions))
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
+                                        projection_dim=text_hidden, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    cfg = {**UNET_CONFIG, "block_out_channels": [32, 32, 64, 64], "attention_head_dim": 2, **(unet or {}),
+           "cross_attention_dim": text_hidden}
+    sched = DDIMScheduler.from_config(training_scheduler().config) if scheduler == "ddim" else sampling_scheduler()
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**VAE_CONFIG), text_encoder=text, tokenizer=tok,
+                                   unet=UNet2DConditionModel(**cfg), scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    return out / "pipeline"
 
 
 def sampling_scheduler(prediction_type: str = "epsilon") -> PNDMScheduler:
