@@ -50,6 +50,7 @@ from hybridsd_nas.zoo import model_path, recipe
 ROOT = Path(__file__).resolve().parents[3]  # the repository
 RECIPE_KEYS = ("init", "from_scratch", "prediction_type", "min_snr_gamma", "lr", "warmup", "ema", "batch",
                "uncond_prob", "normalise_latents", "attention_heads", "weight_decay", "seed", "limit_images", "dtype")
+# The evidence behind these defaults: docs/decisions/0002-tiny-teacher-recipe.md
 DEFAULTS = {
     "init": None, "from_scratch": False, "prediction_type": "epsilon", "min_snr_gamma": 5.0, "lr": 3e-4, "warmup": 200,
     "ema": 0.999, "batch": 64, "uncond_prob": 0.1, "normalise_latents": True, "attention_heads": "1,2,3,3",
