@@ -22,15 +22,17 @@ MACs alone, and by MACs of everything the cloud runs (text encoder and decoder i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from hybridsd_nas.core.errors import HybridSDError
 from hybridsd_nas.core.runtime import quiet
@@ -95,14 +97,79 @@ def _flop_macs(fn, *args) -> int:
     return int(fc.get_total_flops() // 2)
 
 
-def text_encoder_macs(config: Mapping[str, Any] | Any, text_len: int = 77) -> int:
-    """MACs of one CLIP text-encoder call on ``text_len`` tokens, counted on the meta device."""
+def text_encoder_macs(config: Mapping[str, Any] | Any, text_len: int = 77, projection: bool | None = None) -> int:
+    """MACs of one CLIP text-encoder call on ``text_len`` tokens, counted on the meta device; with
+    ``projection`` (default: the config's ``architectures`` say ``CLIPTextModelWithProjection``, as
+    SDXL's ``text_encoder_2``) the pooled embedding's projection too."""
 
     cfg = config if isinstance(config, CLIPTextConfig) else CLIPTextConfig(**dict(config))
+    if projection is None:
+        projection = "CLIPTextModelWithProjection" in (getattr(cfg, "architectures", None) or [])
     with torch.device("meta"):
-        model = CLIPTextModel(cfg)
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
     ids = torch.zeros(1, text_len, dtype=torch.long, device="meta")
     return _flop_macs(lambda x: model(input_ids=x), ids)
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # a pipeline's text encoders, in the order their outputs are joined
+SIZE_CONDITIONS = 6  # SDXL's time ids: original size, crop top-left, target size
+
+
+@dataclass(frozen=True)
+class TextEncoders:
+    """A pipeline's text side, weight-free: its encoders' configs (SD-1.x/2.x one, SDXL two, the second
+    with a projection) and what the U-Net receives per prompt: ``tokens`` x ``width`` embeddings (SDXL:
+    both encoders' hidden states side by side) plus ``added`` elements of added conditions (SDXL: the
+    pooled embedding and the size conditions). Build it with :meth:`of`."""
+
+    configs: tuple[dict[str, Any], ...]
+    projection: tuple[bool, ...]
+    added: int = 0
+
+    @classmethod
+    def of(cls, source: Any) -> TextEncoders:
+        """From a loaded pipeline or a pipeline directory (``text_encoder/``, ``text_encoder_2/``)."""
+        configs, proj, added = [], [], 0
+        if isinstance(source, (str, Path)):
+            root = Path(source)
+            index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
+            for name in TEXT_ENCODERS:
+                f = root / name / "config.json"
+                if f.is_file():
+                    cfg = json.loads(f.read_text())
+                    configs.append(cfg)
+                    entry = index.get(name) or [None, None]
+                    proj.append("WithProjection" in str(entry[-1]) or "CLIPTextModelWithProjection" in cfg.get("architectures", []))
+            unet = root / "unet" / "config.json"
+            text_time = unet.is_file() and json.loads(unet.read_text()).get("addition_embed_type") == "text_time"
+        else:
+            for name in TEXT_ENCODERS:
+                m = getattr(source, name, None)
+                if m is not None:
+                    configs.append({k: v for k, v in m.config.to_dict().items() if not k.startswith("_")})
+                    proj.append(isinstance(m, CLIPTextModelWithProjection))
+            text_time = getattr(source.unet.config, "addition_embed_type", None) == "text_time"
+        if not configs:
+            raise HybridSDError(f"{source}: no text encoder (text_encoder/config.json) to count")
+        if text_time:
+            last = configs[-1]
+            added = int(last.get("projection_dim") or last["hidden_size"]) + SIZE_CONDITIONS
+        return cls(tuple(configs), tuple(proj), added)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.configs[0].get("max_position_embeddings", 77))
+
+    @property
+    def width(self) -> int:
+        return sum(int(c["hidden_size"]) for c in self.configs)
+
+    def text_shape(self, text_len: int | None = None) -> tuple[int, int]:
+        return (text_len or self.tokens, self.width)
+
+    def macs(self, text_len: int | None = None) -> int:
+        """MACs of encoding one prompt with every encoder."""
+        return sum(text_encoder_macs(c, text_len or self.tokens, p) for c, p in zip(self.configs, self.projection))
 
 
 def decoder_macs(vae: nn.Module | Mapping[str, Any], latent_hw: tuple[int, int]) -> int:
@@ -122,8 +189,9 @@ def decoder_macs(vae: nn.Module | Mapping[str, Any], latent_hw: tuple[int, int])
 
 @dataclass
 class Payload:
-    """What one request moves: latents (C, h, w), text embeddings (tokens, width), the image (H, W, 3),
-    for ``batch`` images, with or without classifier-free guidance, at ``dtype_bytes`` per element."""
+    """What one request moves: latents (C, h, w), text embeddings (tokens, width) and ``text_added``
+    elements of added conditions per prompt (SDXL's pooled embedding and size conditions), the image
+    (H, W, 3), for ``batch`` images, with or without classifier-free guidance, at ``dtype_bytes`` per element."""
 
     latent_shape: tuple[int, int, int]
     text_shape: tuple[int, int]
@@ -132,6 +200,7 @@ class Payload:
     cfg: bool = True
     dtype_bytes: int = 2
     prompt_bytes: int = 0
+    text_added: int = 0
 
 
 @dataclass
@@ -169,7 +238,7 @@ def account(
 
     c, h, w = latent_shape
     latent_bytes = batch * c * h * w * dtype_bytes
-    emb_bytes = (2 if cfg else 1) * batch * text_shape[0] * text_shape[1] * dtype_bytes
+    emb_bytes = (2 if cfg else 1) * batch * (text_shape[0] * text_shape[1] + payload.text_added) * dtype_bytes
     image_bytes = batch * image_shape[0] * image_shape[1] * image_shape[2]
 
     transfers: list[dict[str, Any]] = []
@@ -299,9 +368,15 @@ def decoder_scale(vae: nn.Module) -> int:
 
 
 def _time_text_encoder(pipe: Any, text_len: int, calls: int) -> float:
-    te = pipe.text_encoder
-    ids = torch.zeros(1, text_len, dtype=torch.long, device=te.device)
-    return calls * time_fn(lambda: te(ids), te.device, warmup=2, repeats=10).median_ms
+    encoders = [m for m in (getattr(pipe, n, None) for n in TEXT_ENCODERS) if m is not None]
+    dev = encoders[0].device
+    ids = torch.zeros(1, text_len, dtype=torch.long, device=dev)
+
+    def run() -> None:
+        for te in encoders:
+            te(ids)
+
+    return calls * time_fn(run, dev, warmup=2, repeats=10).median_ms
 
 
 def _time_decoder(vae: nn.Module, latent_shape: tuple[int, int, int], batch: int) -> float:
@@ -353,7 +428,8 @@ def pipeline_cost(
         models.append({"name": m.name, "location": m.location, "origin": m.origin, "steps": k, **f, **m.info})
         segments.append(Segment(m.name, m.location, k, f["macs"], ms))
     base = fig(pipe.unet)
-    te_macs = text_encoder_macs(pipe.text_encoder.config, text_len)
+    text = TextEncoders.of(pipe)
+    te_macs = text.macs(text_len)
     h = res // vs
     dec = hp.vae if hp.vae is not None else pipe.vae
     dec_macs = decoder_macs(dec, (h, h))
@@ -372,9 +448,9 @@ def pipeline_cost(
     summary = account(
         segments,
         Baseline(base["macs"], given.get("baseline", base.get("latency_ms")), bde),
-        Payload((int(pipe.unet.config.in_channels), h, h), (text_len, int(pipe.text_encoder.config.hidden_size)),
+        Payload((int(pipe.unet.config.in_channels), h, h), text.text_shape(text_len),
                 (out_hw, out_hw, 3), batch=batch, cfg=guidance, dtype_bytes=dtype_bytes,
-                prompt_bytes=len(prompt.encode("utf-8")) * batch),
+                prompt_bytes=len(prompt.encode("utf-8")) * batch, text_added=text.added),
         text_encoder=te, decoder=de, link=link,
     )
     summary["models"] = models

@@ -9,7 +9,8 @@ kind, options and fingerprint, the text encoder and, for prompt files, the sampl
 - ``shard-00000/text_index.npy``, ``labels.npy``: (n,) int64, each example's text row and class (-1: none);
 - ``shard-00000/text/NAME.npy``: the text rows first met in this shard, one file per array the text
   encoder returns; ``captions.json`` their captions; ``shard.json`` the counts;
-- ``uncond/NAME.npy``: the empty prompt's row (the unconditional embedding), the last text row;
+- ``uncond/NAME.npy``: the unconditional row (the empty prompt's encoding, or zeros where the pipeline
+  zeroes the negative prompt: SDXL), the last text row;
 - ``index.json``: written last (atomic rename); a folder without it is an unfinished encode.
 
 A shard is written under ``shard-K.tmp`` and renamed when complete: an interrupted encode resumes after
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -39,6 +41,7 @@ from hybridsd_nas.core.errors import ConfigError, HybridSDError
 from hybridsd_nas.core.paths import cache_dir
 from hybridsd_nas.data.sources import DataSpec, Example, iter_examples, parse_data_spec, prepare_image, read_prompt_file
 from hybridsd_nas.sources import pipeline_fingerprint
+from hybridsd_nas.sources.conditioning import PROMPT, encode_prompts, zeroed_in_unconditional
 from hybridsd_nas.sources.teacher import DEFAULT_GUIDANCE, DEFAULT_SAMPLER_STEPS
 
 FORMAT = 1
@@ -48,17 +51,48 @@ DEDUP_LIMIT = 1 << 16  # distinct captions remembered for deduplication; later n
 MAX_OPEN = 64  # memory-mapped files a Rows keeps open (each holds a file descriptor)
 MAP_BUDGET = 1 << 30  # bytes of memory-mapped files a Rows keeps open: bounds the pages reading makes resident
 
-TextEncoder = Callable[[Any, list[str]], dict[str, np.ndarray]]
+TextEncoder = Callable[..., dict[str, np.ndarray]]  # (pipe, captions) -> named arrays; optionally resolution=
 
 
 @torch.no_grad()
-def encode_text(pipe, captions: list[str]) -> dict[str, np.ndarray]:
-    """SD-1.x/2.x text embeddings: the tokenizer padded to ``model_max_length``, ``text_encoder(ids)[0]``,
-    as ``{"prompt_embeds": (n, L, D) float32}``. Another encoder (SDXL: two of them, pooled embeddings)
-    returns more named arrays; the cache stores whatever it returns."""
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return {"prompt_embeds": enc(ids.to(enc.device))[0].float().cpu().numpy()}
+def encode_text(pipe, captions: list[str], resolution: int | None = None) -> dict[str, np.ndarray]:
+    """The pipeline's own text conditioning of ``captions`` as float32 arrays
+    (:func:`hybridsd_nas.sources.conditioning.encode_prompts`): SD-1.x/2.x ``{"prompt_embeds": (n, L, D)}``
+    (the tokenizer padded to ``model_max_length``, ``text_encoder(ids)[0]``); SDXL adds ``text_embeds``
+    (n, P) and ``time_ids`` (n, 6) at ``resolution`` (the encoding's; default the pipeline's). Another
+    encoder may return other named arrays; the cache stores whatever it returns, and passes the
+    resolution to one that takes a ``resolution`` keyword."""
+    return {k: v.float().cpu().numpy() for k, v in encode_prompts(pipe, captions, resolution).items()}
+
+
+def _takes_resolution(fn: Callable[..., Any]) -> bool:
+    try:
+        return "resolution" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: call it the plain way
+        return False
+
+
+def encode_rows(text_encoder: TextEncoder, pipe, captions: list[str], resolution: int) -> dict[str, np.ndarray]:
+    """``text_encoder``'s named arrays for ``captions`` (with the resolution where it takes one)."""
+    if _takes_resolution(text_encoder):
+        return text_encoder(pipe, captions, resolution=resolution)
+    return text_encoder(pipe, captions)
+
+
+def unconditional_rows(text_encoder: TextEncoder, pipe, resolution: int) -> dict[str, np.ndarray]:
+    """The unconditional row, as the pipeline makes its negative prompt: the empty prompt's encoding,
+    with zeros in the arrays the pipeline zeroes (SDXL's ``force_zeros_for_empty_prompt``)."""
+    zero = zeroed_in_unconditional(pipe)
+    return {k: np.zeros_like(v) if k in zero else v for k, v in encode_rows(text_encoder, pipe, [""], resolution).items()}
+
+
+def gather_text(data, idx: Any, p_uncond: float = 0.0, g: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents and named text arrays of examples ``idx`` of any training data: its ``gather``, or, for
+    data with only ``batch``, its embeddings as ``prompt_embeds``."""
+    if hasattr(data, "gather"):
+        return data.gather(idx, p_uncond, g)
+    lat, emb = data.batch(idx, p_uncond, g) if p_uncond > 0 else data.batch(idx)
+    return lat, {PROMPT: emb}
 
 
 @torch.no_grad()
@@ -73,9 +107,9 @@ def encode_images(pipe, images_u8: np.ndarray, batch: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def pipeline_key(pipe, modules: Iterable[str] = ("text_encoder", "vae")) -> str:
+def pipeline_key(pipe, modules: Iterable[str] = ("text_encoder", "text_encoder_2", "vae")) -> str:
     """What a cache of a pipeline's encodings is keyed by: its directory's content fingerprint, its hub
-    id, or (built in memory) a hash of the weights of ``modules``."""
+    id, or (built in memory) a hash of the weights of those of ``modules`` it has."""
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
     if name:
         try:
@@ -84,6 +118,8 @@ def pipeline_key(pipe, modules: Iterable[str] = ("text_encoder", "vae")) -> str:
             pass
     h = hashlib.sha1()
     for m in modules:
+        if getattr(pipe, m, None) is None:
+            continue
         for t in getattr(pipe, m).state_dict().values():
             h.update(t.detach().float().cpu().numpy().tobytes())
     return f"{name or 'in-memory pipeline'}#{h.hexdigest()[:16]}"
@@ -162,7 +198,7 @@ def _rows(x: Any) -> Rows | None:
 
 class LatentData:
     """Encoded training data: ``latents`` (N, C, h, w), each example's text row ``prompt_index`` (N,), the
-    text rows ``text[name]`` (P + 1, ...; the last row is the empty prompt, the unconditional one) with
+    text rows ``text[name]`` (P + 1, ...; the last row is the unconditional one) with
     ``embeddings`` the first of them, the ``prompts`` (P captions), ``labels`` (N,; -1 where none),
     ``source`` (the spec's one-line description) and ``provenance`` (the spec's ``to_dict()``).
     In memory or memory-mapped shards alike; ``batch`` gathers what a training step needs."""
@@ -202,7 +238,7 @@ class LatentData:
 
     def gather(self, idx: Any, p_uncond: float = 0.0, g: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Latents and every named text array of examples ``idx``; with ``p_uncond`` each example's text
-        is the empty prompt's with that probability (one draw per example from ``g``)."""
+        is the unconditional row with that probability (one draw per example from ``g``)."""
         idx = torch.as_tensor(idx).reshape(-1)
         pi = self.prompt_index[idx]
         if p_uncond > 0:
@@ -390,7 +426,8 @@ def cache_key(spec: DataSpec, pipe, resolution: int, text_encoder: TextEncoder =
     resolution, the data's kind, options and fingerprint (not its location), the text encoding."""
     sampled = spec.kind == "prompts"
     data = {k: v for k, v in spec.to_dict().items() if k != "location"}
-    key = {"format": FORMAT, "teacher": pipeline_key(pipe, ("text_encoder", "vae", "unet") if sampled else ("text_encoder", "vae")),
+    mods = ("text_encoder", "text_encoder_2", "vae")
+    key = {"format": FORMAT, "teacher": pipeline_key(pipe, (*mods, "unet") if sampled else mods),
            "dtype": str(pipe.vae.dtype), "resolution": resolution, "data": data,
            "text_encoder": f"{text_encoder.__module__}.{text_encoder.__qualname__}", "text_dtype": str(np.dtype(text_dtype))}
     if sampled:
@@ -468,7 +505,7 @@ def _encode(root: Path, key: dict, spec: DataSpec, pipe, res: int, text_encoder:
                     if len(table) < DEDUP_LIMIT:
                         table[e.caption] = r
                 rows.append(r)
-            text = text_encoder(pipe, new) if new else {}
+            text = encode_rows(text_encoder, pipe, new, res) if new else {}
             writer.add(lat, np.asarray(rows, dtype=np.int64), np.asarray([e.label for e in exs], dtype=np.int64), text, new)
             text_rows += len(new)
             start += len(exs)
@@ -483,7 +520,7 @@ def _encode(root: Path, key: dict, spec: DataSpec, pipe, res: int, text_encoder:
     bar.close()
     if not shards:
         raise ConfigError(f"{spec.describe()}: no examples")
-    uncond = text_encoder(pipe, [""])
+    uncond = unconditional_rows(text_encoder, pipe, res)
     tmp = root / "uncond.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

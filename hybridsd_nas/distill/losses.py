@@ -26,8 +26,8 @@ from hybridsd_nas.sources import Teacher, resolve_teacher
 
 @dataclass
 class LossWeights:
-    task: float = 1.0  # MSE(eps_student, eps)
-    out_kd: float = 1.0  # MSE(eps_student, eps_teacher)
+    task: float = 1.0  # MSE(student's prediction, the scheduler's target: the noise, or the velocity for v_prediction)
+    out_kd: float = 1.0  # MSE(student's prediction, teacher's prediction)
     feat_kd: float = 1.0  # sum over paired down/up block outputs
     mid: float = 0.0  # MSE of mid-block outputs (A-SDM)
     perceptual: float = 0.0  # frozen feature network on predicted clean images
@@ -60,6 +60,26 @@ class FeatureTaps:
 
     def report(self) -> list[dict[str, str]]:
         return [asdict(p) for p in self.pairs]
+
+
+def predicted_x0(prediction_type: str, noisy: torch.Tensor, pred: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The clean latents a model output implies at noise level ``alpha_bar`` (broadcastable):
+    ``epsilon``: (x_t - sqrt(1 - a) eps) / sqrt(a); ``v_prediction``: sqrt(a) x_t - sqrt(1 - a) v."""
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; supported: epsilon, v_prediction")
+
+
+def x0_error(prediction_type: str, err: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The squared error of the implied clean latents, from the squared error ``err`` of two model
+    outputs on the same noisy latents: x (1 - a) / a for ``epsilon``, x (1 - a) for ``v_prediction``."""
+    if prediction_type == "epsilon":
+        return err * (1 - alpha_bar) / alpha_bar
+    if prediction_type == "v_prediction":
+        return err * (1 - alpha_bar)
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; supported: epsilon, v_prediction")
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -31,8 +31,10 @@ from hybridsd_nas.build import apply_frozen
 from hybridsd_nas.core.checkpoint import load_state, save_state
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.status import RunStatus
+from hybridsd_nas.data.latents import gather_text
 from hybridsd_nas.distill.data import DistillData
-from hybridsd_nas.distill.losses import LossWeights, attach_taps, feature_losses
+from hybridsd_nas.distill.losses import LossWeights, attach_taps, feature_losses, predicted_x0
+from hybridsd_nas.sources.conditioning import predict, to_device
 
 # diffusers' learning-rate schedules (``diffusers.optimization.get_scheduler``) that need no more than
 # the run's length and warm-up steps
@@ -213,6 +215,7 @@ def distill(
     if ema is not None:
         _RUNNING_EMA[student] = (ema, params)
     acp = scheduler.alphas_cumprod
+    pred_type = scheduler.config.get("prediction_type", "epsilon")
     n_t = scheduler.config.num_train_timesteps
     early: list[float] = []
     over = 0
@@ -223,21 +226,21 @@ def distill(
     try:
         for step in bar:
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
-            lat, emb = data.batch(idx, cfg.p_uncond, g)
+            lat, text = gather_text(data, idx, cfg.p_uncond, g)
             dev = next(student.parameters()).device
-            lat, emb = lat.to(dev), emb.to(dev)
+            lat, text = lat.to(dev), to_device(text, dev)
             noise = torch.randn(lat.shape, generator=g).to(dev)
             t = torch.randint(0, n_t, (lat.shape[0],), generator=g).to(dev)
             noisy = scheduler.add_noise(lat, noise, t)
             target = _target(scheduler, lat, noise, t)
             with torch.no_grad():
-                eps_t = teacher(noisy, t, emb, return_dict=False)[0]
-            eps_s = student(noisy, t, emb, return_dict=False)[0]
+                pred_t = predict(teacher, noisy, t, text)
+            pred_s = predict(student, noisy, t, text)
             parts: dict[str, torch.Tensor] = {}
             if w.task:
-                parts["task"] = F.mse_loss(eps_s.float(), target.float())
+                parts["task"] = F.mse_loss(pred_s.float(), target.float())
             if w.out_kd:
-                parts["out_kd"] = F.mse_loss(eps_s.float(), eps_t.float())
+                parts["out_kd"] = F.mse_loss(pred_s.float(), pred_t.float())
             feat, mid = feature_losses(taps)
             if w.feat_kd and feat is not None:
                 parts["feat_kd"] = feat
@@ -245,8 +248,8 @@ def distill(
                 parts["mid"] = mid
             if w.perceptual and perceptual is not None:
                 a = acp.to(dev)[t].view(-1, 1, 1, 1)
-                x0_s = (noisy - (1 - a).sqrt() * eps_s) / a.sqrt()
-                x0_t = (noisy - (1 - a).sqrt() * eps_t) / a.sqrt()
+                x0_s = predicted_x0(pred_type, noisy, pred_s, a)
+                x0_t = predicted_x0(pred_type, noisy, pred_t, a)
                 parts["perceptual"] = F.mse_loss(perceptual(decode(x0_s)), perceptual(decode(x0_t)).detach())
             loss = sum(getattr(w, k) * v for k, v in parts.items())
             lv = float(loss.detach())

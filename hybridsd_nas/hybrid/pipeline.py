@@ -1,7 +1,9 @@
-"""Several U-Nets over one denoising run of a diffusers ``StableDiffusionPipeline``.
+"""Several U-Nets over one denoising run of a diffusers text-to-image pipeline
+(``StableDiffusionPipeline`` for SD-1.x/2.x, ``StableDiffusionXLPipeline`` for SDXL).
 
 U-Net ``i`` runs the next ``steps[i]`` denoising steps. The wrapped pipeline's own loop does all
-the work: the U-Net it reads (``self.unet``, read at every step) is swapped inside
+the work (text encoding, SDXL's added conditions, classifier-free guidance, v-prediction in the
+scheduler): the U-Net it reads (``self.unet``, read at every step) is swapped inside
 ``callback_on_step_end`` when the next step belongs to another model, so one scheduler object, and
 with it any multistep solver history (PNDM's PLMS buffer, DPM-Solver's model outputs), crosses the
 switch untouched, as in Hybrid SD. The pipeline's U-Net and VAE are restored afterwards, on error too.
@@ -111,7 +113,7 @@ def _model_index(steps: Sequence[int], step: int) -> int:
 
 
 class HybridPipeline:
-    """Run a ``StableDiffusionPipeline`` with several U-Nets over one denoising run.
+    """Run a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with several U-Nets over one denoising run.
 
     Build with :meth:`from_pipeline`; call with the same arguments as the wrapped pipeline. The
     ``steps`` must add up to the run's step count (``num_inference_steps``, or the length of
@@ -138,7 +140,8 @@ class HybridPipeline:
         ``cloud`` / ``edge`` per U-Net (default: the first on the cloud, the others on the edge),
         ``vae`` ``None`` (the teacher's), a module, or a spec (directory, ``"tiny-random"``)."""
         if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler") or not callable(pipe):
-            raise HybridModelError(f"expected a diffusers StableDiffusionPipeline, got {type(pipe).__name__}")
+            raise HybridModelError(f"expected a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, "
+                                   f"got {type(pipe).__name__}")
         unets = list(unets)
         if not unets:
             raise HybridModelError("give at least one U-Net")
@@ -253,11 +256,12 @@ def _check_compatible(pipe: Any, models: list[HybridModel]) -> None:
     ref = pipe.unet.config
     for m in models:
         c = m.unet.config
-        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                    "projection_class_embeddings_input_dim"):
             if getattr(c, key, None) != getattr(ref, key, None):
                 raise HybridModelError(
                     f"U-Net {m.name!r} has {key}={getattr(c, key, None)}, the pipeline's U-Net {getattr(ref, key, None)}: "
-                    "they cannot share latents and text embeddings")
+                    "they cannot share latents and text conditioning")
 
 
 def _preset_names() -> set[str]:

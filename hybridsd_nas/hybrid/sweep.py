@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, account, decoder_macs, text_encoder_macs, unet_macs
+from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, TextEncoders, account, decoder_macs, unet_macs
 from hybridsd_nas.data.evalset import resolve_eval_set
 from hybridsd_nas.hybrid.pipeline import HybridPipeline, resolve_unet
 from hybridsd_nas.metrics.evaluation import SampleScorer
@@ -122,7 +122,8 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
     figs = {id(m.unet): unet_macs(m.unet, base_cfg, res, vs) for m in (large, small)}
     base = unet_macs(pipe.unet, base_cfg, res, vs)
     h = res // vs
-    te = Component("text encoder", "cloud", 2 * text_encoder_macs(pipe.text_encoder.config))
+    text = TextEncoders.of(pipe)  # SDXL: both encoders, and the pooled embedding and size conditions sent along
+    te = Component("text encoder", "cloud", 2 * text.macs())
     dec = Component("teacher VAE", "edge", decoder_macs(pipe.vae, (h, h)))
 
     orders = ["large-first", "small-first"] if s.orders == "both" else [s.orders]
@@ -144,8 +145,8 @@ def run_sweep(teacher: Teacher | str, unets: Sequence[str], settings: SweepSetti
                 q = scorer(nchw(imgs))
                 segs = [Segment(m.name, m.location, n, figs[id(m.unet)]["macs"]) for m, n in zip((first, second), sched)]
                 c = account(segs, Baseline(base["macs"]),
-                            Payload((int(pipe.unet.config.in_channels), h, h), (77, int(pipe.text_encoder.config.hidden_size)),
-                                    (res, res, 3), dtype_bytes=4), text_encoder=te, decoder=dec)
+                            Payload((int(pipe.unet.config.in_channels), h, h), text.text_shape(),
+                                    (res, res, 3), dtype_bytes=4, text_added=text.added), text_encoder=te, decoder=dec)
                 cache[runs] = {**q, "cloud_share_steps": c["cloud_share"]["steps"],
                                "cloud_share_unet_macs": c["cloud_share"]["unet_macs"],
                                "cloud_share_all_macs": c["cloud_share"]["all_macs"], "bytes_sent": c["bytes_sent"],

@@ -9,7 +9,10 @@ import numpy as np
 import torch
 
 from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.data.latents import gather_text
+from hybridsd_nas.distill.losses import x0_error
 from hybridsd_nas.proxy.settings import ProxySettings
+from hybridsd_nas.sources.conditioning import predict, to_device
 
 
 @torch.no_grad()
@@ -20,26 +23,27 @@ def zero_cost_scores(student, teacher, data, scheduler, n: int = 16, seed: int =
     The same comparison also gives the error where it is made: ``output_mse_low`` and
     ``output_mse_high`` over the least and the most noisy third of the timesteps, and ``x0_mse``, the
     error of the clean latents the two predictions imply (the noise error scaled by
-    sqrt((1 - alpha_bar) / alpha_bar), so dominated by the noisiest timesteps, where the layout of a
-    sample is decided)."""
+    sqrt((1 - alpha_bar) / alpha_bar), or sqrt(1 - alpha_bar) for a v-prediction model, so dominated by
+    the noisiest timesteps, where the layout of a sample is decided). The U-Nets see each example's
+    text conditioning as the pipeline would (SDXL's added conditions too)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(data), (n,), generator=g)
-    lat, emb = data.batch(idx)
+    lat, text = gather_text(data, idx)
     noise = torch.randn(lat.shape, generator=g)
     t = torch.linspace(50, scheduler.config.num_train_timesteps - 50, n).long()
     noisy = scheduler.add_noise(lat, noise, t)
     # the draws stay on the CPU (the same latents, noise and timesteps on every device); the forwards
     # run where the student is
     dev = next((p_.device for p_ in student.parameters()), lat.device)
-    x, tt, emb = noisy.to(dev), t.to(dev), emb.to(dev)
-    es = student(x, tt, emb, return_dict=False)[0].float().cpu()
-    et = teacher(x, tt, emb, return_dict=False)[0].float().cpu()
+    x, tt, text = noisy.to(dev), t.to(dev), to_device(text, dev)
+    es = predict(student, x, tt, text).float().cpu()
+    et = predict(teacher, x, tt, text).float().cpu()
     err = ((es - et) ** 2).flatten(1).mean(1)  # per latent
     T = scheduler.config.num_train_timesteps
     ab = scheduler.alphas_cumprod[t].double()
     out = {"output_mse": float(err.mean()),
            "latent_stat_shift": float((es.mean() - et.mean()).abs() + (es.std() - et.std()).abs()),
-           "x0_mse": float((err.double() * (1 - ab) / ab).mean())}
+           "x0_mse": float(x0_error(scheduler.config.get("prediction_type", "epsilon"), err.double(), ab).mean())}
     for k, band in (("output_mse_low", t < T / 3), ("output_mse_high", t >= 2 * T / 3)):
         if band.any():  # with fewer than 3 latents a third may hold none
             out[k] = float(err[band].mean())

@@ -25,7 +25,7 @@ import numpy as np
 
 from hybridsd_nas.arch import describe
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, account, decoder_macs, text_encoder_macs
+from hybridsd_nas.cost.pipeline import Baseline, Component, Payload, Segment, TextEncoders, account, decoder_macs
 from hybridsd_nas.hybrid import HybridPipeline, generate
 from hybridsd_nas.proxy import Stage, evaluate_student, run_proxy
 from hybridsd_nas.sources import Teacher, resolve_teacher, vae_scale_factor
@@ -47,14 +47,15 @@ class ScheduleCost:
         self.teacher = resolve_teacher(teacher)
         root = Path(self.teacher.path)
         self.arch = describe(self.teacher.path)
-        te_cfg = json.loads((root / "text_encoder" / "config.json").read_text())
+        text = TextEncoders.of(root)  # SDXL: both encoders, and the pooled embedding and size conditions sent along
         vae_cfg = json.loads((root / "vae" / "config.json").read_text())
         self.vae_scale = vae_scale_factor(self.teacher)
         self.resolution = resolution or int(self.arch.config.get("sample_size") or 64) * self.vae_scale
         h = self.resolution // self.vae_scale
         self.latent_shape = (int(self.arch.config.get("in_channels", 4)), h, h)
-        self.text_shape = (int(te_cfg.get("max_position_embeddings", 77)), int(te_cfg["hidden_size"]))
-        self.te = Component("text encoder", "cloud", 2 * text_encoder_macs(te_cfg, self.text_shape[0]))
+        self.text_shape = text.text_shape()
+        self.text_added = text.added
+        self.te = Component("text encoder", "cloud", 2 * text.macs())
         self.dec = Component("VAE decoder", "edge", decoder_macs({k: v for k, v in vae_cfg.items() if not k.startswith("_")}, (h, h)))
 
     def __call__(self, schedule: dict[str, Any], small_macs: int, large_macs: int) -> dict[str, Any]:
@@ -62,7 +63,8 @@ class ScheduleCost:
         where = {"large": "cloud", "small": "edge"}
         segs = [Segment(m, where[m], k, macs[m]) for m, k in zip(schedule["models"], schedule["steps"])]
         c = account(segs, Baseline(large_macs),
-                    Payload(self.latent_shape, self.text_shape, (self.resolution, self.resolution, 3), dtype_bytes=4),
+                    Payload(self.latent_shape, self.text_shape, (self.resolution, self.resolution, 3), dtype_bytes=4,
+                            text_added=self.text_added),
                     text_encoder=self.te, decoder=self.dec)
         edge = c["per_location"]["edge"]
         return {"cloud_share": float(c["cloud_share"]["all_macs"]), "edge_macs": int(edge["unet_macs"] + edge["component_macs"]),
