@@ -4,6 +4,7 @@ resolved once. :func:`resolve_teacher` gives the :class:`Teacher` every later st
 from hybridsd_nas.sources.presets import UNET_PRESETS, list_unet_presets, unet_preset
 from hybridsd_nas.sources.teacher import (
     Teacher,
+    check_pipeline,
     load_pipeline,
     pipeline_fingerprint,
     pipeline_path,
@@ -25,6 +26,7 @@ __all__ = [
     "HUB_ID",
     "Teacher",
     "UNET_PRESETS",
+    "check_pipeline",
     "hub_snapshot",
     "known_names",
     "list_unet_presets",
