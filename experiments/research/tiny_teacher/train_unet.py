@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from experiments.research.tiny_teacher.defect_check import blank_share
@@ -138,10 +139,8 @@ def all_prompts() -> list[str]:
     return [prompt_for_label(c, template=t) for c in range(len(CLASS_NAMES)) for t in range(len(PROMPT_TEMPLATES))]
 
 
-def prepare(work: Path, r: dict, device: str, log: Log) -> None:
-    """First call: the VAE (normalised), tokenizer and the training set's latents, written into ``work``."""
-    init = Path(r["init"])
-    vae = AutoencoderKL.from_pretrained(init / "vae").to(device).eval()
+def encode_training_set(vae, r: dict, device: str, log: Log) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The training images' posterior means and stds, times the VAE's scaling factor, and their labels."""
     train = load_fashion_mnist("train")
     imgs, labels = train.images, train.labels
     if r["limit_images"]:
@@ -154,24 +153,39 @@ def prepare(work: Path, r: dict, device: str, log: Log) -> None:
             d = vae.encode(x[i : i + 512].to(device).float().div(127.5).sub(1.0)).latent_dist
             means.append(d.mean.cpu())
             stds.append(d.std.cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
     log(f"encoded {len(x)} training images in {time.time() - t0:.0f}s")
-    if r["normalise_latents"]:
-        scaled = mean * vae.config.scaling_factor
-        ch_mean, ch_std = scaled.mean((0, 2, 3)), scaled.std((0, 2, 3))
-        log(f"latent normalisation: per-channel mean {[round(v, 3) for v in ch_mean.tolist()]}, "
-            f"std {[round(v, 3) for v in ch_std.tolist()]} (scaling_factor {vae.config.scaling_factor:.4f} -> 1)")
-        gain = (vae.config.scaling_factor / ch_std).view(1, -1, 1, 1)
-        mean, std = (scaled - ch_mean.view(1, -1, 1, 1)) / ch_std.view(1, -1, 1, 1), std * gain
-        recipe.normalise_latents(vae.cpu(), ch_mean, ch_std)
-    else:
-        mean, std = mean * vae.config.scaling_factor, std * vae.config.scaling_factor
-    vae.cpu().save_pretrained(work / "vae", safe_serialization=True)
-    shutil.copytree(init / "tokenizer", work / "tokenizer", dirs_exist_ok=True)
-    from safetensors.torch import save_file
+    sf = vae.config.scaling_factor
+    return torch.cat(means) * sf, torch.cat(stds) * sf, labels
 
+
+def save_latents(work: Path, mean: torch.Tensor, std: torch.Tensor, labels: np.ndarray) -> None:
     save_file({"mean": mean.contiguous(), "std": std.contiguous(), "labels": torch.from_numpy(labels.astype(np.int64))},
               str(work / "latents.safetensors"))
+
+
+def prepare(work: Path, r: dict, device: str, log: Log) -> None:
+    """First call: the VAE (normalised), tokenizer and the training set's latents, written into ``work``."""
+    init = Path(r["init"])
+    vae = AutoencoderKL.from_pretrained(init / "vae").to(device).eval()
+    mean, std, labels = encode_training_set(vae, r, device, log)
+    if r["normalise_latents"]:
+        ch_mean, ch_std = mean.mean((0, 2, 3)), mean.std((0, 2, 3))
+        log(f"latent normalisation: per-channel mean {[round(v, 3) for v in ch_mean.tolist()]}, "
+            f"std {[round(v, 3) for v in ch_std.tolist()]} (scaling_factor {vae.config.scaling_factor:.4f} -> 1)")
+        mean, std = (mean - ch_mean.view(1, -1, 1, 1)) / ch_std.view(1, -1, 1, 1), std / ch_std.view(1, -1, 1, 1)
+        recipe.normalise_latents(vae.cpu(), ch_mean, ch_std)
+    vae.cpu().save_pretrained(work / "vae", safe_serialization=True)
+    shutil.copytree(init / "tokenizer", work / "tokenizer", dirs_exist_ok=True)
+    save_latents(work, mean, std, labels)
+
+
+def ensure_latents(work: Path, r: dict, device: str, log: Log) -> None:
+    """A resumed run whose latent cache was removed (it is large and recomputable) encodes it again
+    with the run's own (normalised) VAE: the same latents to float rounding."""
+    if not (work / "latents.safetensors").is_file():
+        log("no latents.safetensors in the run: encoding the training set again with the run's VAE")
+        vae = AutoencoderKL.from_pretrained(work / "vae").to(device).eval()
+        save_latents(work, *encode_training_set(vae, r, device, log))
 
 
 def build_models(r: dict, work: Path, device: str):
@@ -262,8 +276,7 @@ def main(argv=None) -> int:
         log(f"new run in {work}: {json.dumps(r)}")
         prepare(work, r, device, log)
         (work / "settings.json").write_text(json.dumps({"recipe": r, "torch": torch.__version__, "unet_config_from": r["init"]}, indent=1) + "\n")
-    from safetensors.torch import load_file
-
+    ensure_latents(work, r, device, log)
     lat = load_file(str(work / "latents.safetensors"))
     lat_mean, lat_std, labels = lat["mean"].to(device), lat["std"].to(device), lat["labels"].to(device)
     n = len(labels)

@@ -56,3 +56,17 @@ def test_min_snr_weights():
     assert torch.equal(train_unet.loss_weights(a, 0.0, "epsilon"), torch.ones(3))
     v = train_unet.loss_weights(a, 5.0, "v_prediction")
     assert torch.allclose(v, torch.tensor([5 / 1000, 0.5, 0.0101 / 1.0101]), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_run_without_its_latent_cache_encodes_it_again(tmp_path):
+    work = tmp_path / "run"
+    assert train_unet.main(["--work", str(work), "--steps", "1", *SMALL]) == 0
+    before = load_file(str(work / "latents.safetensors"))
+    (work / "latents.safetensors").unlink()
+    assert train_unet.main(["--work", str(work), "--steps", "1", "--device", "cpu", "--threads", "1"]) == 0
+    after = load_file(str(work / "latents.safetensors"))
+    assert after["labels"].equal(before["labels"])
+    for k in ("mean", "std"):
+        assert (after[k] - before[k]).abs().max() < 1e-4 * before[k].abs().max()
+    assert "encoding the training set again" in (work / "train_log.txt").read_text()
