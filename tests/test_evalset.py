@@ -158,3 +158,19 @@ def test_a_study_names_its_evaluation_set_and_is_refused_what_it_cannot_measure(
         Evaluator(cfg)
     own = study_from_dict({**base, "objectives": ["macs", "adherence", "fid_real"]}, "<t>")  # the embedded teacher's own set
     assert Evaluator(own).settings.eval_prompts is None
+
+
+def test_an_exported_trial_records_what_its_quality_figures_were_measured_on():
+    from hybridsd_nas.study import model_card
+    from hybridsd_nas.study.outputs import export_extra
+
+    prov = {"teacher": "me/sd", "teacher_fingerprint": "/snap@1234", "data": "folder /d, examples 0..55",
+            "heldout": "folder /d, examples 56..63", "resolution": 512, "sampler": "DDIMScheduler", "sampler_steps": 25,
+            "guidance": 7.5, "eval_set": {"source": "p.txt", "prompts": 4, "fingerprint": "ab12"}}
+    row = {"trial": 3, "candidate_key": "k", "candidate": {"drop_layers": []}, "heldout_mse": 0.1, "provenance": prov}
+    summary = {"study": "s", "config": {"teacher": "me/sd", "space": "layer-removal"}, "objectives": [], "constraints": []}
+    cost = {"measured": {"resolution": 512, "batch": 1, "text_tokens": 77}, "params": 1, "macs": 2, "macs_conv_linear": 2}
+    card = model_card(row, summary, cost)
+    assert "fingerprint `/snap@1234`" in card and "held out for the ranking score: folder /d, examples 56..63" in card
+    assert "evaluation set: `p.txt` (4 prompts" in card
+    assert export_extra(row, summary)["provenance"] == prov

@@ -117,7 +117,7 @@ class TrialObjective:
             trial.set_user_attr("duplicate_of", twin.number)
             self._finish(trial, TrialStatus.DUPLICATE, f"same candidate as trial {twin.number}; its figures are reused", figures,
                          timings, t_start)
-            for k in ("constraint_violations", "sample_grid_artifact"):
+            for k in ("constraint_violations", "sample_grid_artifact", "provenance"):
                 if k in twin.user_attrs:
                     trial.set_user_attr(k, twin.user_attrs[k])
             return self._values(figures)

@@ -70,6 +70,8 @@ def export_extra(row: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]
     """What an export of trial ``row`` records beside its candidate: the study, the trial, its figures
     (and its schedule for a hybrid-schedule trial)."""
     extra = {"study": summary["study"], "trial": row["trial"], "figures": {m: row[m] for m in metric_columns([row])}}
+    if row.get("provenance"):
+        extra["provenance"] = row["provenance"]  # what the quality figures were measured on
     if row.get("schedule"):
         extra["schedule"] = row["schedule"]  # a hybrid-schedule trial: the export is its small (edge) U-Net
     return extra
@@ -84,6 +86,19 @@ def _schedule_md(r: dict[str, Any]) -> str:
     return (f"\n## Hybrid schedule\n\nThis trial is a hybrid run of {s['total_steps']} denoising steps: {runs}. The export is "
             f"the small (edge) U-Net; run the schedule with `hybridsd-nas hybrid --teacher TEACHER --unets teacher <this "
             f"directory> --steps {','.join(map(str, s['steps']))}` (order as listed: {', '.join(s['models'])}).\n")
+
+
+def _provenance_md(r: dict[str, Any]) -> str:
+    p = r.get("provenance")
+    if not p:
+        return ""
+    es = p.get("eval_set") or {}
+    lines = [f"- teacher: `{p.get('teacher')}` (fingerprint `{p.get('teacher_fingerprint')}`)",
+             f"- trained on: {p.get('data')}; held out for the ranking score: {p.get('heldout')}",
+             f"- resolution {p.get('resolution')} px; sampler {p.get('sampler')}, {p.get('sampler_steps')} steps, guidance {p.get('guidance')}"]
+    if es:
+        lines.append(f"- evaluation set: `{es.get('source')}` ({es.get('prompts')} prompts, fingerprint `{es.get('fingerprint')}`)")
+    return "\n## What the quality figures were measured on\n\n" + "\n".join(lines) + "\n"
 
 
 def model_card(study_row: dict[str, Any], summary: dict[str, Any], cost: dict[str, Any]) -> str:
@@ -124,7 +139,7 @@ Constraints: {', '.join(json.dumps(c) for c in summary['constraints']) or 'none'
 - quality proxy (when an objective): short distillation of {proxy.get('distill_steps', ProxySettings.distill_steps)} steps, batch
   {proxy.get('batch_size', ProxySettings.batch_size)}, then {proxy.get('samples', ProxySettings.samples)} samples with seed {proxy.get('seed', 0)}; proxy FID and KID
   against the teacher's samples from the same prompts and seeds; float32 on the study's worker device.
-"""
+{_provenance_md(r)}"""
 
 
 def export_row(row: dict[str, Any], summary: dict[str, Any], out: str | Path, device: str = "cpu",
