@@ -25,12 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from hybridsd_nas.data.synthetic import shapes_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red square", "a green square", "a blue square", "a white square"]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (240, 240, 240)}
 
 MEMORY_SCRIPT = r"""
 import json, sys
@@ -62,22 +60,6 @@ print(json.dumps({"n": len(data), "base_mib": base / 2**20, "peak_mib": peak / 2
 """
 
 
-def image_folder(out: Path, n: int, unique_captions: bool = False) -> Path:
-    """``n`` generated 32 px images (a coloured square on a dark ground) with captions in metadata.jsonl."""
-    rng = np.random.default_rng(0)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        cap = CAPTIONS[i % len(CAPTIONS)]
-        img = np.full((32, 32, 3), rng.integers(0, 40), np.uint8)
-        x, y = rng.integers(2, 18, 2)
-        img[y : y + 12, x : x + 12] = COLOURS[cap.split()[1]]
-        Image.fromarray(img).save(out / f"{i:05d}.png")
-        rows.append(json.dumps({"file_name": f"{i:05d}.png", "text": f"{cap}, number {i}" if unique_captions else cap}))
-    (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return out
-
-
 def proxy_runs(teacher: str, candidate: str, settings, device: str) -> list[dict]:
     from hybridsd_nas.proxy import Stage, run_proxy
 
@@ -97,10 +79,10 @@ def proxy_runs(teacher: str, candidate: str, settings, device: str) -> list[dict
 
 
 def memory(work: Path, pipe_dir: Path, n: int) -> dict:
-    warm = image_folder(work / "warm", 16)
+    warm = shapes_folder(work / "warm", 16, CAPTIONS)
     out = {}
     for k in (n, 8 * n):
-        d = image_folder(work / f"mem{k}", k, unique_captions=True)
+        d = shapes_folder(work / f"mem{k}", k, CAPTIONS, unique_captions=True)
         p = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(d), str(warm), str(pipe_dir), str(work / f"w{k}")],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HYBRIDSD_NAS_CACHE": str(work)})
         if p.returncode:
@@ -131,7 +113,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
         foreign = build_random_pipeline(tmp / "foreign", CAPTIONS)
-        folder = image_folder(tmp / "folder", args.folder_images)
+        folder = shapes_folder(tmp / "folder", args.folder_images, CAPTIONS)
         (tmp / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
         print("embedded tiny teacher, Fashion-MNIST:", flush=True)
         tiny = proxy_runs("tiny", args.candidate, ProxySettings(), args.device)

@@ -1,13 +1,12 @@
 """Bring your own teacher: experiments/byo_teacher.yaml end to end on a foreign pipeline and a folder."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
+from hybridsd_nas.data.synthetic import shapes_folder
 from hybridsd_nas.zoo.recipe import build_random_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,30 +18,13 @@ def foreign_pipeline(out: Path) -> Path:
     return build_random_pipeline(out, CAPTIONS)
 
 
-def image_text_folder(out: Path, n: int = 64) -> Path:
-    """``n`` generated 32 px images with captions in metadata.jsonl (the imagefolder convention)."""
-    rng = np.random.default_rng(0)
-    out.mkdir(parents=True)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (240, 240, 240)}
-    rows = []
-    for i in range(n):
-        cap = CAPTIONS[i % len(CAPTIONS)]
-        img = np.full((32, 32, 3), rng.integers(0, 40), np.uint8)
-        x, y = rng.integers(4, 16, 2)
-        img[y : y + 12, x : x + 12] = colours[cap.split()[1]]
-        Image.fromarray(img).save(out / f"{i:03d}.png")
-        rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": cap}))
-    (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return out
-
-
 @pytest.mark.slow
 def test_the_byo_teacher_study_runs_end_to_end_on_a_foreign_pipeline_and_a_folder(tmp_path, monkeypatch):
     from hybridsd_nas.cli import main
 
     monkeypatch.setenv("HYBRIDSD_NAS_RESULTS", str(tmp_path / "runs"))
     pipe = foreign_pipeline(tmp_path)
-    folder = image_text_folder(tmp_path / "data")
+    folder = shapes_folder(tmp_path / "data", 64, CAPTIONS)
     (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
     cfg = yaml.safe_load((ROOT / "experiments" / "byo_teacher.yaml").read_text())
     assert cfg["teacher"].startswith("path/to") and cfg["data"].startswith("path/to")  # placeholders for the user

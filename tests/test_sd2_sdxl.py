@@ -19,13 +19,13 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from hybridsd_nas.arch import Candidate
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.cost.pipeline import TextEncoders, text_encoder_macs
 from hybridsd_nas.data import encode_source, encode_text, parse_data_spec
+from hybridsd_nas.data.synthetic import shapes_folder
 from hybridsd_nas.distill import DistillConfig, distill_candidate
 from hybridsd_nas.distill.losses import predicted_x0, x0_error
 from hybridsd_nas.export import load_unet
@@ -88,23 +88,6 @@ def sdxl_pipeline(out: Path) -> Path:
     return out / "sdxl"
 
 
-def image_text_folder(out: Path, n: int = 16) -> Path:
-    """``n`` generated 32 px images with captions in metadata.jsonl (the imagefolder convention)."""
-    rng = np.random.default_rng(0)
-    out.mkdir(parents=True)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (240, 240, 240)}
-    rows = []
-    for i in range(n):
-        cap = CAPTIONS[i % len(CAPTIONS)]
-        img = np.full((32, 32, 3), rng.integers(0, 40), np.uint8)
-        x, y = rng.integers(4, 16, 2)
-        img[y : y + 12, x : x + 12] = colours[cap.split()[1]]
-        Image.fromarray(img).save(out / f"{i:03d}.png")
-        rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": cap}))
-    (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return out
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd2_sdxl")
@@ -115,7 +98,7 @@ def env(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: one thread is the fastest on a loaded CPU
     (root / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
     (root / "candidate.json").write_text(json.dumps(CANDIDATE))
-    yield {"root": root, "sd2": sd2_pipeline(root), "sdxl": sdxl_pipeline(root), "data": image_text_folder(root / "data"),
+    yield {"root": root, "sd2": sd2_pipeline(root), "sdxl": sdxl_pipeline(root), "data": shapes_folder(root / "data", 16, CAPTIONS),
            "prompts": str(root / "prompts.txt"), "candidate": str(root / "candidate.json")}
     mp.undo()
     torch.set_num_threads(threads)
