@@ -57,6 +57,7 @@ def test_hub_id_is_real_code_and_fails_cleanly_offline(monkeypatch):
         load_unet_config("nota-ai/bk-sdm-base")
 
 
+@pytest.mark.slow
 def test_cli_cost_json_and_table(capsys):
     assert main(["cost", "--teacher", "sd-v1", "--candidate", "bk-sdm-small", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

@@ -50,6 +50,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("cfg, cand", CASES)
+@pytest.mark.slow
 def test_conv_linear_convention_agrees_with_thop_and_fvcore(cfg, cand):
     from fvcore.nn import FlopCountAnalysis
     from thop import profile
@@ -107,6 +108,7 @@ def test_measured_latency_states_how(tmp_path):
     assert lt["dtype"] == "float32" and lt["device"].startswith("cpu") and lt["resolution"] == 128
 
 
+@pytest.mark.slow
 def test_latency_table_is_cached_and_reused(tmp_path):
     path = tmp_path / "lut.json"
     t = LatencyTable("cpu", torch.float32, 128, 1, path=path, warmup=1, repeats=2)

@@ -74,6 +74,7 @@ def test_divergence_is_detected(tiny_sd1_teacher):
     assert r.status == "failed" and ("diverged" in r.reason or "nan" in r.reason.lower() or "inf" in r.reason)
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_exactly(tiny_sd1_teacher, tmp_path):
     cand = candidate_preset("bk-sdm-base", describe(TINY_SD1))
     cfg = DistillConfig(steps=4, batch_size=2, checkpoint_every=2, seed=3)
@@ -90,6 +91,7 @@ def test_checkpoint_resume_continues_exactly(tiny_sd1_teacher, tmp_path):
     assert not list((tmp_path / "b").rglob("*.pt")) and not list((tmp_path / "b").rglob("*.bin"))
 
 
+@pytest.mark.slow
 def test_the_student_at_step_n_of_a_long_run_is_the_n_step_student(tiny_sd1_teacher):
     """What the rank-fidelity experiment relies on: evaluating a long run on the way gives exactly the
     students that shorter runs (proxies) train, even when the evaluation runs the student in between."""
@@ -125,6 +127,7 @@ def _trainable(st):
     return {k: v.detach().clone() for k, v in st.named_parameters() if v.requires_grad}
 
 
+@pytest.mark.slow
 def test_ema_averages_the_trained_weights_and_the_student_ends_holding_the_average(tiny_sd1_teacher):
     """diffusers' EMAModel over the trainable weights: inside ``averaged_weights`` the student holds
     shadow_n = d_n * shadow_(n-1) + (1 - d_n) * w_n with d_n = min(decay, n / (9 + n)) (d_1 = 0), its own
@@ -161,6 +164,7 @@ def test_ema_averages_the_trained_weights_and_the_student_ends_holding_the_avera
     assert any(not torch.allclose(raw[5][k], avg[5][k]) for k in raw[5])
 
 
+@pytest.mark.slow
 def test_ema_resumes_exactly_and_a_checkpoint_without_it_is_named(tiny_sd1_teacher, tmp_path):
     from hybridsd_nas.distill import averaged_weights
     from hybridsd_nas.core.errors import ConfigError
@@ -198,6 +202,7 @@ def test_ema_resumes_exactly_and_a_checkpoint_without_it_is_named(tiny_sd1_teach
             pass
 
 
+@pytest.mark.slow
 def test_cosine_schedule_decays_the_rate_to_zero_and_resumes_exactly(tiny_sd1_teacher, tmp_path):
     """diffusers' cosine schedule over the run: the curve records each step's rate (from lr at step 0
     towards 0 at the last step); a run resumed from a checkpoint takes the same rates and ends with

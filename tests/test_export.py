@@ -38,6 +38,7 @@ def test_config_expressible_export_is_stock_diffusers(teacher_dir, tmp_path):
     assert meta["hybridsd_nas_version"]
 
 
+@pytest.mark.slow
 def test_surgery_export_loads_back_exactly(teacher_dir, tmp_path):
     d, teacher = teacher_dir
     cand = Candidate(drop_units=["down1.1.attn", "mid.1.resnet"], depth={"up2.0": 0}, name="units")
@@ -51,6 +52,7 @@ def test_surgery_export_loads_back_exactly(teacher_dir, tmp_path):
     assert not list((tmp_path / "u").glob("*.bin")) and not list((tmp_path / "u").glob("*.pkl"))
 
 
+@pytest.mark.slow
 def test_recombination_takes_base_blocks_from_the_base(teacher_dir, tmp_path):
     d, teacher = teacher_dir
     arch = describe(TINY_SD1)

@@ -206,6 +206,7 @@ def test_cloud_share_table_by_hand():
     assert r["macs_te_vae_cloud_decode"] == pytest.approx((9 * 20 + 2 + 30) / (25 * 20 + 2 + 30))
 
 
+@pytest.mark.slow
 def test_pipeline_cost_uses_the_cost_engine(tiny_pipe, tiny_student):
     from hybridsd_nas.cost import estimate_cost
 

@@ -123,6 +123,7 @@ def test_classifier_round_trip(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.slow
 def test_shipped_classifier_on_real_test_images():
     from hybridsd_nas.data import load_fashion_mnist, to_rgb_uint8
 

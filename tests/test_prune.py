@@ -123,6 +123,7 @@ PRUNE_MIX = {"stage0": {"resnet": 0.25, "heads": 0.75}, "mid": {"heads": 0.25, "
 
 
 @pytest.mark.parametrize("start", ["identity", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "units"])
+@pytest.mark.slow
 def test_params_and_macs_equal_the_cost_engine(tiny_sd1_teacher, start):
     if start == "units":
         s0 = Candidate(drop_units=("down1.1.attn", "mid.0.attn"), depth=(("up1", 1),))
@@ -141,6 +142,7 @@ def test_params_and_macs_equal_the_cost_engine(tiny_sd1_teacher, start):
     assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == {k: tuple(v.shape) for k, v in s.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_sdxl_style_pruning_matches_cost(tiny_sdxl_teacher):
     cand = Candidate(prune={"all": {"resnet": 0.5, "heads": 0.5, "ff": 0.25}})
     s = build(tiny_sdxl_teacher, cand, config=TINY_SDXL)
@@ -152,6 +154,7 @@ def test_sdxl_style_pruning_matches_cost(tiny_sdxl_teacher):
     assert torch.allclose(out(s, x), ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_size_sd1_on_meta_by_hand():
     """SD-1.x, ResNet inner channels at 0.5 everywhere: the drop equals the count written out by hand."""
     from diffusers.models.resnet import ResnetBlock2D

@@ -656,6 +656,7 @@ def test_ema_reference_reads_the_third_fresh_list_from_first_runs_that_kept_the_
     assert rd["adopted"] is False and rd["checks"]["third_list_at_least_as_well"] is False
 
 
+@pytest.mark.slow
 def test_settle_scales_costs_by_its_control_ranks_failures_last_and_picks_only_a_variant_that_holds_on_each_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(settle, "STEPS", 10)  # the synthetic first runs score their held-out MSE at step 10
     out = tmp_path / "pf"
