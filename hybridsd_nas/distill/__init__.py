@@ -6,6 +6,7 @@ from hybridsd_nas.distill.data import DistillData, fashion_mnist_data, folder_da
 from hybridsd_nas.distill.final import (
     DATA_SOURCES,
     FinalTraining,
+    checked_data_spec,
     data_spec,
     distill_candidate,
     distill_data,
@@ -18,6 +19,7 @@ __all__ = [
     "DATA_SOURCES",
     "FinalTraining",
     "LR_SCHEDULES",
+    "checked_data_spec",
     "data_spec",
     "distill_candidate",
     "distill_data",

@@ -60,6 +60,14 @@ def teacher_resolution(teacher: Teacher) -> int | None:
     return int(size[0] if isinstance(size, list) else size) if size else None
 
 
+def checked_data_spec(spec: str | DataSpec | None, teacher: Teacher, resize: bool = False) -> DataSpec:
+    """:func:`data_spec`, then the whole source checked at the teacher's resolution (one-line
+    ConfigErrors), before any model is loaded."""
+    s = data_spec(spec, teacher, resize)
+    validate_source(s, teacher_resolution(teacher), resize)
+    return s
+
+
 def distill_data(pipe, teacher: Teacher, spec: str | DataSpec | None, seed: int = 0, resize: bool = False,
                  progress: bool = False) -> DistillData:
     """The training data a spec names (see :func:`data_spec`), encoded by ``pipe`` (cached on disk)."""
@@ -97,8 +105,7 @@ def distill_candidate(teacher: Teacher | str, candidate: Any, out: str | Path, c
     the student to ``out`` when the run ends ok. The data (any spec, see :func:`data_spec`; ``resize``
     upscales images smaller than the resolution) is checked before the teacher is loaded."""
     t = resolve_teacher(teacher)
-    spec = data_spec(data, t, resize)
-    validate_source(spec, teacher_resolution(t), resize)
+    spec = checked_data_spec(data, t, resize)
     d = student_of(t, candidate, base_unet=base_unet, device=device)
     pipe, p, student, cand = d.pipe, d.plan, d.student, d.plan.candidate
     train = distill_data(pipe, t, spec, config.seed, resize, progress=progress)

@@ -25,16 +25,15 @@ from hybridsd_nas.arch import Plan
 from hybridsd_nas.build import student_of
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.status import RunStatus
-from hybridsd_nas.data import DataSpec, encode_source, validate_source
+from hybridsd_nas.data import DataSpec, encode_source
 from hybridsd_nas.data.evalset import EvalSet
 from hybridsd_nas.distill import (
     DistillConfig,
     DistillData,
-    data_spec,
+    checked_data_spec,
     distill,
     fashion_mnist_data,
     perceptual_term,
-    teacher_resolution,
 )
 from hybridsd_nas.proxy.sampling import eval_set_for, evaluate_student
 from hybridsd_nas.proxy.scores import heldout_score, zero_cost_scores
@@ -127,8 +126,7 @@ def prepare(teacher: Teacher | str, candidate: Any, settings: ProxySettings | No
     evaluation set is resolved first, so a teacher without one fails before any model is loaded."""
     s = settings or ProxySettings()
     t = resolve_teacher(teacher)
-    spec = data_spec(s.data, t)
-    validate_source(spec, teacher_resolution(t))
+    spec = checked_data_spec(s.data, t)
     es = eval_set_for(t, s) if sampling else None
     d = student_of(t, candidate, base_unet=base, device=device)
     t, pipe, p, student, cand = d.teacher, d.pipe, d.plan, d.student, d.plan.candidate

@@ -10,8 +10,7 @@ import torch
 from hybridsd_nas.arch import Candidate, describe
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.cost import CostReport, LatencyTable, estimate_cost, parse_dtype
-from hybridsd_nas.data import validate_source
-from hybridsd_nas.distill import data_spec, teacher_resolution
+from hybridsd_nas.distill import checked_data_spec
 from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, eval_set_for, run_proxy
 from hybridsd_nas.sources import resolve_teacher
 from hybridsd_nas.spaces import load_space
@@ -48,8 +47,7 @@ class Evaluator:
                               f"space {self.space.name!r} is a hybrid-schedule space (leave enqueue out)")
         self.settings = ProxySettings(**cfg.proxy)
         if any(METRICS.get(m).group == "quality" for m in used):  # the data the proxy trains on, checked before any model loads
-            teacher = resolve_teacher(cfg.teacher)
-            validate_source(data_spec(self.settings.data, teacher), teacher_resolution(teacher))
+            checked_data_spec(self.settings.data, resolve_teacher(cfg.teacher))
         sampled = [m for m in used if METRICS.get(m).group == "quality" and METRICS.get(m).sampled]
         if sampled:  # what the samples are scored on, checked before any model loads
             es = eval_set_for(cfg.teacher, self.settings)
