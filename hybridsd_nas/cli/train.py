@@ -19,7 +19,17 @@ from hybridsd_nas.cli.common import (
     add_teacher,
     print_json,
 )
-from hybridsd_nas.distill import DATA_SOURCES, LR_SCHEDULES, DistillConfig, LossWeights, distill_candidate
+from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.distill import (
+    DATA_SOURCES,
+    LR_SCHEDULES,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    TRACKERS,
+    DistillConfig,
+    LossWeights,
+    distill_candidate,
+)
 from hybridsd_nas.export import export_candidate
 
 
@@ -42,13 +52,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, ema_decay=args.ema_decay,
-                        lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
+                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                        ema_decay=args.ema_decay, lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
+                        mixed_precision=args.mixed_precision, gradient_accumulation=args.gradient_accumulation,
+                        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                        validate_every=args.validate_every, log_every=args.log_every,
                         weights=LossWeights(task=args.w_task, out_kd=args.w_out, feat_kd=args.w_feat, mid=args.w_mid,
                                             perceptual=args.w_perceptual))
+    log_with = [x for x in args.log_with.split(",") if x] if args.log_with else None
+    if log_with and (bad := [x for x in log_with if x not in TRACKERS]):
+        raise ConfigError(f"unknown tracker {bad[0]!r} in --log-with; valid: {', '.join(TRACKERS)}")
     run = distill_candidate(args.teacher, args.candidate, args.out, cfg, data=args.data, base_unet=args.base_unet,
                             device=args.device, resume=args.resume, overwrite=args.overwrite,
-                            perceptual_net=args.perceptual_net, progress=not args.json, resize=args.resize)
+                            perceptual_net=args.perceptual_net, progress=not args.json, resize=args.resize,
+                            log_with=log_with, validation_samples=args.validation_samples,
+                            eval_prompts=args.eval_prompts, classifier=args.classifier)
+    if run.out is None and run.ok:
+        return 0  # another process of a data-parallel run: the main process exports and reports
     if not run.ok:
         raise RunFailed(f"distillation {run.result.status}: {run.result.reason}; last checkpoint kept in {run.work_dir} "
                         "(rerun with --resume)")
@@ -58,7 +78,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     res = run.result
     last = res.curve[-1]["loss"] if res.curve else float("nan")
     averaged = f", exported weights: EMA (decay {res.ema['last_decay']:.4g} at the end)" if res.ema else ""
-    print(f"{run.label}: {res.steps_done} steps in {res.seconds:.0f} s, final loss {last:.4f}{averaged}; "
+    tp = res.throughput or {}
+    speed = f", {tp['images_per_s']:.1f} images/s" if tp.get("images_per_s") else ""
+    print(f"{run.label}: {res.steps_done} steps in {res.seconds:.0f} s{speed}, final loss {last:.4f}{averaged}; "
           f"{res.trainable_params / 1e6:.2f} M trainable, {res.frozen_params / 1e6:.2f} M frozen -> {run.out}")
     return 0
 
@@ -88,7 +110,18 @@ def register(sub) -> None:
     sp.add_argument("--resize", action="store_true",
                     help="upscale images smaller than the training resolution (default: such an image is an error)")
     add_base_unet(sp)
-    sp.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    sp.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help=f"global batch per optimizer step, over all processes and accumulation steps (default: {d.batch_size})")
+    sp.add_argument("--gradient-accumulation", type=int, default=d.gradient_accumulation,
+                    help="micro-batches per process and step: each process trains on batch / (processes x this) at a time "
+                         f"(default: {d.gradient_accumulation})")
+    sp.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
+                    help="autocast the forwards in bf16, or fp16 with loss scaling (CUDA); the teacher runs frozen in it "
+                         f"(default: {d.mixed_precision})")
+    sp.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute the student's activations in the backward pass (less memory, ~30%% more compute)")
+    sp.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                    help=f"adamw, or adamw8bit (needs bitsandbytes) (default: {d.optimizer})")
     sp.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     sp.add_argument("--lr-schedule", default=d.lr_schedule,
                     help=f"learning rate over the run, one of diffusers' schedules: {', '.join(LR_SCHEDULES)} "
@@ -105,12 +138,27 @@ def register(sub) -> None:
     sp.add_argument("--perceptual-net", default=None,
                     help="classifier directory for the perceptual term (default: the teacher's eval_classifier)")
     sp.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                    help=f"steps between checkpoints in OUT.work (default: {d.checkpoint_every})")
+                    help=f"steps between checkpoints in OUT.work/checkpoints (default: {d.checkpoint_every})")
+    sp.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                    help=f"the newest checkpoints kept (default: {d.keep_checkpoints})")
+    sp.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between logged rows (default: {d.log_every})")
+    sp.add_argument("--log-with", default=None,
+                    help=f"accelerate trackers, comma-separated: {', '.join(TRACKERS)} (files in OUT.work/logs; "
+                         "WANDB_MODE=offline keeps wandb local)")
+    sp.add_argument("--validate-every", type=int, default=d.validate_every,
+                    help="steps between validation passes: a sample grid and FID against the teacher on the evaluation set "
+                         f"(default: {d.validate_every}: only none)")
+    sp.add_argument("--validation-samples", type=int, default=64, help="samples per validation pass (default: 64)")
+    sp.add_argument("--eval-prompts", default=None,
+                    help="evaluation prompts of the validation (.txt/.jsonl/.json; default: the teacher's own)")
+    sp.add_argument("--classifier", default=None, help="classifier directory for the validation's prompt adherence")
     sp.add_argument("--ema-decay", type=float, default=d.ema_decay,
                     help="keep an EMA of the trained weights with this decay (e.g. 0.999) and export it; 0 = off "
                          f"(default: {d.ema_decay})")
-    sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.work")
-    add_device(sp)
+    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT.work/checkpoints")
+    sp.add_argument("--device", default="auto",
+                    help="auto (the process's GPU under accelerate launch, else cuda if present, else cpu), cpu, cuda, cuda:N "
+                         "(default: auto)")
     add_seed(sp)
     add_overwrite(sp)
     add_json(sp)

@@ -11,12 +11,40 @@ from hybridsd_nas.distill.final import (
     distill_candidate,
     distill_data,
     teacher_resolution,
+    training_card,
+    training_device,
+    validator,
 )
 from hybridsd_nas.distill.losses import FeaturePair, LossWeights, attach_taps, feature_pairs, perceptual_term
-from hybridsd_nas.distill.trainer import LR_SCHEDULES, DistillConfig, DistillResult, averaged_weights, distill
+from hybridsd_nas.distill.trainer import (
+    CHECKPOINTS,
+    LR_SCHEDULES,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    TRACKERS,
+    DistillConfig,
+    DistillResult,
+    averaged_weights,
+    check_precision,
+    check_resume,
+    checkpoints,
+    distill,
+    micro_batch,
+)
 
 __all__ = [
+    "CHECKPOINTS",
     "DATA_SOURCES",
+    "MIXED_PRECISION",
+    "OPTIMIZERS",
+    "TRACKERS",
+    "check_precision",
+    "check_resume",
+    "checkpoints",
+    "micro_batch",
+    "training_card",
+    "training_device",
+    "validator",
     "FinalTraining",
     "LR_SCHEDULES",
     "checked_data_spec",

@@ -10,6 +10,8 @@ shapes and stay paired.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,23 @@ class FeaturePair:
 
 @dataclass
 class FeatureTaps:
-    """Forward hooks that keep the outputs of the paired blocks of a student and its teacher."""
+    """Forward hooks that keep the outputs of the paired blocks of a student and its teacher: only
+    inside :meth:`recording` (so a forward recomputed by gradient checkpointing, or any other forward,
+    keeps nothing), and only until :func:`feature_losses` has read them."""
 
     pairs: list[FeaturePair]
     student_out: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_out: dict[str, torch.Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
+    active: bool = True  # hooks keep outputs; ``recording`` turns this on for a block only
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        was, self.active = self.active, True
+        try:
+            yield
+        finally:
+            self.active = was
 
     def remove(self) -> None:
         for h in self.handles:
@@ -104,15 +117,21 @@ def feature_pairs(plan: Plan, student_has_mid: bool, teacher_has_mid: bool) -> l
     return pairs
 
 
-def attach_taps(student: nn.Module, teacher: nn.Module, plan: Plan) -> FeatureTaps:
+def attach_taps(student: nn.Module, teacher: nn.Module, plan: Plan, kinds: set[str] | None = None) -> FeatureTaps:
+    """Hooks on the paired blocks of ``kinds`` ("block", "mid"; default both): the pairs a loss with
+    weight 0 does not read are reported but not hooked. With ``kinds`` given, the hooks keep outputs
+    only inside ``taps.recording()``."""
     taps = FeatureTaps(feature_pairs(plan, student.mid_block is not None, teacher.mid_block is not None))
+    if kinds is not None:
+        taps.active = False
     s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
     for p in taps.pairs:
-        if p.status != "paired":
+        if p.status != "paired" or (kinds is not None and p.kind not in kinds):
             continue
         def keep(store, key):
             def hook(_m, _a, out):
-                store[key] = _first(out)
+                if taps.active:
+                    store[key] = _first(out)
             return hook
         taps.handles.append(s_mods[p.student].register_forward_hook(keep(taps.student_out, p.student)))
         taps.handles.append(t_mods[p.teacher].register_forward_hook(keep(taps.teacher_out, p.teacher)))

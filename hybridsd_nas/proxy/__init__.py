@@ -11,6 +11,7 @@ are cached by content so a study pays for them once. How well the ranking score 
 ``docs/decisions/0001-proxy-ranking-score.md``.
 """
 
+from hybridsd_nas.metrics.sampling import generate, plain_float32, teacher_samples
 from hybridsd_nas.proxy.run import (
     ProxyResult,
     ProxyRun,
@@ -22,15 +23,7 @@ from hybridsd_nas.proxy.run import (
     score_samples,
     score_zero_cost,
 )
-from hybridsd_nas.proxy.sampling import (
-    eval_set_for,
-    evaluate_student,
-    generate,
-    paired_sample_score,
-    plain_float32,
-    scorer,
-    teacher_samples,
-)
+from hybridsd_nas.proxy.sampling import eval_set_for, evaluate_student, paired_sample_score, scorer
 from hybridsd_nas.proxy.scores import heldout_score, paired_mse, zero_cost_scores
 from hybridsd_nas.proxy.settings import ProxySettings
 

@@ -3,72 +3,19 @@ the teacher's own samples on the same ones (cached by content), and the extras t
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.numpy import load_file, save_file
 
-from hybridsd_nas.core.paths import cache_dir
 from hybridsd_nas.data.evalset import EvalSet, resolve_eval_set
 from hybridsd_nas.metrics import FeatureExtractor
 from hybridsd_nas.metrics.evaluation import SampleScorer
+from hybridsd_nas.metrics.sampling import generate, teacher_samples
 from hybridsd_nas.proxy.scores import paired_mse
 from hybridsd_nas.proxy.settings import ProxySettings
 from hybridsd_nas.sources import Teacher, resolve_teacher
-
-
-@contextlib.contextmanager
-def plain_float32():
-    """Convolutions and matmuls in plain float32 inside the block, whatever the caller set: on CUDA,
-    cuDNN's convolutions otherwise default to TF32 (10-bit mantissa), and samples made so differ
-    visibly from float32 ones (on an H200, 11% of the pixels of the tiny teacher's samples, by up to
-    55 of 255 levels; in plain float32, 0.03% by one level), so they could not share the cached
-    teacher samples and reference features that every evaluation compares against."""
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
-
-
-@torch.no_grad()
-def generate(pipe, unet, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 32) -> np.ndarray:
-    """uint8 images (N, 3, H, W); image i uses generator seed ``seed + i`` whatever the batching;
-    sampled in plain float32 on every device (``plain_float32``)."""
-    old = pipe.unet
-    pipe.unet = unet
-    try:
-        out = []
-        for i in range(0, len(prompts), batch):
-            ps = prompts[i : i + batch]
-            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(ps))]
-            with plain_float32():
-                imgs = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
-            out.append((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8).transpose(0, 3, 1, 2))
-        return np.concatenate(out)
-    finally:
-        pipe.unet = old
-
-
-def teacher_samples(teacher: Teacher | str, pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> np.ndarray:
-    """The teacher's samples for these prompts and seeds, cached on disk (safetensors)."""
-    t = resolve_teacher(teacher)
-    key = hashlib.sha1(json.dumps([t.fingerprint, prompts, seed, steps, guidance,
-                                   type(pipe.scheduler).__name__], sort_keys=True).encode()).hexdigest()[:16]
-    f = cache_dir("proxy") / f"teacher-{key}.safetensors"
-    if f.is_file():
-        return load_file(str(f))["images"]
-    imgs = generate(pipe, pipe.unet, prompts, seed, steps, guidance)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": imgs}, str(f))
-    return imgs
 
 
 def eval_set_for(teacher: Teacher | str, s: ProxySettings) -> EvalSet:

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
-from PIL import Image
 
 from hybridsd_nas.core.errors import HybridSDError, InvalidCandidateError
+from hybridsd_nas.metrics.sampling import save_grid
 
 from .config import StudyConfig
 from .evaluator import Evaluator, check_constraints, cost_figures
@@ -38,24 +37,6 @@ class TrialFailed(Exception):
 
 class Surplus(Exception):
     """Another worker took the last trial of the budget between our check and our trial's start."""
-
-
-def save_grid(images, path: Path, cols: int = 8) -> Path:
-    """A PNG grid of uint8 images (N, H, W, 3) or (N, 3, H, W)."""
-    a = np.asarray(images)
-    if a.ndim == 4 and a.shape[1] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = a.transpose(0, 2, 3, 1)
-    if a.dtype != np.uint8:
-        a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-    n, h, w = a.shape[:3]
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, a.shape[3]), np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = a[i]
-    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
-    return path
 
 
 class TrialObjective:
