@@ -268,3 +268,37 @@ def test_a_proxy_of_n_steps_is_the_first_n_steps_of_a_final_run(tmp_path):
         assert torch.equal(v, final_sd[k]), k
     card = (run.out / "README.md").read_text()
     assert "fashion-mnist" in card.lower() and "Steps: 3 at a global batch of 2 (6 images seen)" in card
+
+
+@pytest.mark.slow
+def test_final_training_validates_on_the_evaluation_set_and_logs_offline(tmp_path, monkeypatch):
+    """Validation passes every M steps: a grid of the moving average's samples and FID against the
+    teacher's samples on the evaluation set; wandb (offline) writes under OUT.work/logs; the model
+    card says what was trained, on what and for how long."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from hybridsd_nas.distill import distill_candidate
+
+    cfg = DistillConfig(steps=4, batch_size=2, seed=0, validate_every=2, checkpoint_every=2, ema_decay=0.5)
+    run = distill_candidate("tiny", "bk-sdm-small", tmp_path / "s", cfg, data="fashion-mnist?limit=32", progress=False,
+                            validation_samples=8, log_with=["wandb"])
+    assert run.ok
+    v = run.result.validation
+    assert [x["step"] for x in v] == [2, 4] and all(x["samples"] == 8 and x["fid_teacher"] > 0 for x in v)
+    assert "adherence" in v[-1] and Path(v[-1]["grid"]).is_file() and Path(v[-1]["grid"]).parent == tmp_path / "s.work" / "validation"
+    assert list((tmp_path / "s.work" / "logs").rglob("*.wandb"))
+    card = (run.out / "README.md").read_text()
+    assert "At step 4, 8 samples" in card and "fid_teacher" in card and "Exported weights: EMA, decay 0.5" in card
+    meta = json.loads((run.out / "hybridsd_nas.json").read_text())
+    assert meta["distill"]["validation"][-1]["step"] == 4 and meta["distill"]["throughput"]["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_whole_path_on_a_tiny_unet(tmp_path):
+    """benchmarks/bench_distill_gpu.py is for a GPU machine; --smoke runs the same code (batch probe,
+    timed steps, MFU arithmetic) on the tests' tiny U-Net on the CPU, so it cannot rot unseen."""
+    r = subprocess.run([sys.executable, "benchmarks/bench_distill_gpu.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["largest_batch"] == 4 and out["images_per_s"] > 0 and out["tflops_per_image"] > 0 and out["smoke"]

@@ -36,6 +36,7 @@ from hybridsd_nas.distill.trainer import (
     check_resume,
     checkpoints,
     distill,
+    has_moving_average,
     micro_batch,
 )
 from hybridsd_nas.export import export_unet
@@ -143,7 +144,8 @@ def validator(t: Teacher, pipe, eval_set: EvalSet, samples: int, seed: int, out_
 
     def validate(step: int, student: nn.Module) -> dict[str, Any]:
         t0 = time.perf_counter()
-        with averaged_weights(student) if averaged else contextlib.nullcontext():
+        # during the run the average is swapped in; at the end the student already holds it
+        with averaged_weights(student) if averaged and has_moving_average(student) else contextlib.nullcontext():
             imgs = generate(pipe, student, scorer.prompts, seed, steps, guidance)
         out_dir.mkdir(parents=True, exist_ok=True)
         grid = save_grid(imgs[:32], out_dir / f"step-{step:07d}.png")

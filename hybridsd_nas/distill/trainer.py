@@ -171,6 +171,11 @@ def averaged_weights(student: nn.Module):
         ema.restore(params)
 
 
+def has_moving_average(student: nn.Module) -> bool:
+    """Whether a running ``distill`` keeps a moving average of ``student`` (see :func:`averaged_weights`)."""
+    return student in _RUNNING_EMA
+
+
 def check_precision(mixed_precision: str, device: str | torch.device) -> None:
     """One-line ConfigError where ``device`` cannot run ``mixed_precision``."""
     dev = torch.device(device)
@@ -404,6 +409,7 @@ def distill(
         checkpointing = True
     teacher.eval().requires_grad_(False)  # from here on the finally below hands it back as it came
     kinds = {k for k, on in (("block", w.feat_kd), ("mid", w.mid)) if on}
+    need_teacher = bool(w.out_kd or w.feat_kd or w.mid or w.perceptual)  # a task-only run skips its forward
     taps = attach_taps(student, teacher, plan, kinds=kinds)
     if ema is not None:
         _RUNNING_EMA[student] = (ema, params)
@@ -416,7 +422,11 @@ def distill(
     rank, procs, accum = acc.process_index, acc.num_processes, cfg.gradient_accumulation
     trackers = bool(log_with)
     if trackers:
-        acc.init_trackers("hybridsd-nas-distill", config={k: v for k, v in _flat(cfg.as_dict()).items()})
+        # wandb writes beside the other trackers (OUT.work/logs), not into the working directory
+        kwargs = {"wandb": {"dir": str(run_dir / "logs")}} if run_dir and "wandb" in log_with else {}
+        if kwargs:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        acc.init_trackers("hybridsd-nas-distill", config=_flat(cfg.as_dict()), init_kwargs=kwargs)
     early: list[float] = []
     over = 0
     status, reason = RunStatus.OK, None
@@ -442,8 +452,9 @@ def distill(
                 sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(model)
                 with sync:
                     with autocast:
-                        with taps.recording(), torch.no_grad():
-                            pred_t = predict(teacher, noisy, t, text)
+                        if need_teacher:
+                            with taps.recording(), torch.no_grad():
+                                pred_t = predict(teacher, noisy, t, text)
                         with taps.recording():
                             pred_s = predict(model, noisy, t, text)
                     parts: dict[str, torch.Tensor] = {}
