@@ -302,3 +302,19 @@ def test_the_gpu_benchmark_runs_its_whole_path_on_a_tiny_unet(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["largest_batch"] == 4 and out["images_per_s"] > 0 and out["tflops_per_image"] > 0 and out["smoke"]
+
+
+def test_ctrl_c_checkpoints_a_consistent_state_that_resumes_exactly(tiny_sd1_teacher, tmp_path):
+    cfg = DistillConfig(steps=5, batch_size=2, checkpoint_every=100, seed=6, log_every=1, ema_decay=0.8)
+    whole, rw = _run(tiny_sd1_teacher, cfg, checkpoint_dir=tmp_path / "whole")
+
+    def ctrl_c(n, _s):
+        if n == 3:  # after step 3's update
+            raise KeyboardInterrupt
+
+    _, ri = _run(tiny_sd1_teacher, cfg, checkpoint_dir=tmp_path / "cut", on_step=ctrl_c)
+    assert ri.status == "interrupted" and [c.name for c in checkpoints(tmp_path / "cut")] == ["step-0000003"]
+    resumed, rr = _run(tiny_sd1_teacher, cfg, checkpoint_dir=tmp_path / "cut", resume=True)
+    assert rr.status == "ok" and rr.throughput["steps"] == 2 and rr.curve == rw.curve
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

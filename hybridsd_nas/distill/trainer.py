@@ -434,9 +434,12 @@ def distill(
     bar = tqdm(range(start, cfg.steps), desc="distill", disable=not progress or not acc.is_main_process, initial=start,
                total=cfg.steps, leave=False, unit="step")
     step = start
+    g_before, stepped = g.get_state(), False
     seen_t, seen_steps, since_t, since_steps = time.perf_counter(), 0, time.perf_counter(), 0
     try:
         for step in bar:
+            # where the data stream stood before this step: an interrupt before its update resumes here
+            g_before, stepped = g.get_state(), False
             # the whole global batch is drawn in every process (the same draws as one process), then sliced
             idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
             lat_all, text_all = gather_text(data, idx, cfg.p_uncond, g)
@@ -510,10 +513,9 @@ def distill(
             lr_sched.step()
             if ema is not None:
                 ema.step(params)
+            stepped = True
             seen_steps += 1
             since_steps += 1
-            if on_step is not None:
-                on_step(step + 1, student)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 curve.append({"step": step, "loss": lv, "lr": lr_now, **figures})
                 now = time.perf_counter()
@@ -523,6 +525,8 @@ def distill(
                 if trackers:
                     acc.log({"loss": lv, **{f"loss/{k}": v for k, v in figures.items()}, "lr": lr_now,
                              "images_per_s": ips, **_peak_memory_mib(dev)}, step=step + 1)
+            if on_step is not None:
+                on_step(step + 1, student)
             done = step + 1
             if validate is not None and cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps:
                 validation.append(_validate(acc, validate, done, student, trackers))
@@ -531,9 +535,14 @@ def distill(
         else:
             step = cfg.steps
     except KeyboardInterrupt:
+        # a consistent state: after this step's update, or before its draws (a half-done step is redone)
+        if stepped:
+            step += 1
+        elif step < cfg.steps:
+            g.set_state(g_before)
         status, reason = RunStatus.INTERRUPTED, f"interrupted at step {step}"
         if ckpts is not None and acc.is_main_process:
-            opt.zero_grad(set_to_none=True)  # a half-accumulated step is redone on resume
+            opt.zero_grad(set_to_none=True)
             ckpts.save(step, student, opt, curve, gens, ema, ema_names, scaler, wait=False)
     finally:
         _RUNNING_EMA.pop(student, None)
