@@ -42,6 +42,7 @@ def test_accumulation_takes_the_same_step_as_the_whole_global_batch(tiny_sd1_tea
         assert torch.allclose(v, b.state_dict()[k], atol=1e-4), k
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_changes_memory_not_the_step(tiny_sd1_teacher):
     a, ra = _run(tiny_sd1_teacher, DistillConfig(steps=2, batch_size=2, seed=4, log_every=1))
     b, rb = _run(tiny_sd1_teacher, DistillConfig(steps=2, batch_size=2, seed=4, log_every=1, gradient_checkpointing=True))
@@ -51,6 +52,7 @@ def test_gradient_checkpointing_changes_memory_not_the_step(tiny_sd1_teacher):
         assert torch.allclose(v, b.state_dict()[k], atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_bf16_autocast_with_a_half_precision_teacher_trains_float32_weights(tiny_sd1_teacher):
     import copy
 
@@ -99,6 +101,7 @@ def test_fp16_on_a_cpu_and_8bit_adam_without_bitsandbytes_are_refused(tiny_sd1_t
             _run(tiny_sd1_teacher, DistillConfig(steps=1, batch_size=2, optimizer="adamw8bit"))
 
 
+@pytest.mark.slow
 def test_checkpoints_keep_the_newest_k_and_refuse_another_run(tiny_sd1_teacher, tmp_path):
     cfg = DistillConfig(steps=6, batch_size=2, checkpoint_every=2, keep_checkpoints=2, seed=3)
     _, r = _run(tiny_sd1_teacher, cfg, checkpoint_dir=tmp_path, identity={"candidate": "x", "teacher": "t1"})
@@ -138,6 +141,7 @@ class _Recorder(GeneralTracker):
         self.rows.append((step, dict(values)))
 
 
+@pytest.mark.slow
 def test_trackers_get_each_loss_term_the_rate_throughput_memory_and_validation(tiny_sd1_teacher):
     rec = _Recorder()
     seen = []
@@ -304,6 +308,7 @@ def test_the_gpu_benchmark_runs_its_whole_path_on_a_tiny_unet(tmp_path):
     assert out["largest_batch"] == 4 and out["images_per_s"] > 0 and out["tflops_per_image"] > 0 and out["smoke"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_a_consistent_state_that_resumes_exactly(tiny_sd1_teacher, tmp_path):
     cfg = DistillConfig(steps=5, batch_size=2, checkpoint_every=100, seed=6, log_every=1, ema_decay=0.8)
     whole, rw = _run(tiny_sd1_teacher, cfg, checkpoint_dir=tmp_path / "whole")
