@@ -304,7 +304,7 @@ def test_the_gpu_benchmark_runs_its_whole_path_on_a_tiny_unet(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/bench_distill_gpu.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout[r.stdout.index("{"):])
+    out = json.loads(r.stdout[r.stdout.index("\n{\n"):])  # the report follows the probes' lines
     assert out["largest_batch"] == 4 and out["images_per_s"] > 0 and out["tflops_per_image"] > 0 and out["smoke"]
 
 
