@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     from hybridsd_nas.build import student_of
     from hybridsd_nas.cost.latency import device_label
     from hybridsd_nas.distill import DistillConfig, LossWeights, distill, distill_data
+    from hybridsd_nas.sources.teacher import vae_scale_factor
 
     torch.set_num_threads(args.threads)
     d = student_of(args.teacher, args.candidate)
@@ -142,8 +143,8 @@ def main(argv=None) -> int:
               f"images/s, overhead {overhead * 100:+.1f}%", flush=True)
     dev = device_label(torch.device("cpu"))
     meta = {"device": dev, "machine": platform.machine(), "threads": args.threads, "dtype": "float32", "teacher": args.teacher,
-            "teacher_fingerprint": d.teacher.fingerprint, "student": args.candidate,
-            "resolution": int(d.pipe.unet.config.sample_size) * 8, "batch": args.batch, "rounds": args.rounds,
+            "teacher_fingerprint": d.teacher.fingerprint.rsplit("@", 1)[-1], "student": args.candidate,
+            "resolution": int(d.pipe.unet.config.sample_size) * vae_scale_factor(d.pipe), "batch": args.batch, "rounds": args.rounds,
             "steps_per_round": args.steps, "data": data.source, "torch": torch.__version__,
             "method": "median seconds per step over interleaved rounds (one distill call; a plain round after each of its "
                       "rounds, timed apart) after one warm-up round"}
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     (out / "bench_distill_cpu.json").write_text(json.dumps({"meta": meta, "pairs": rows}, indent=1))
     lines = ["# Distillation loop overhead against plain loops (CPU)", "",
              f"Made by `python benchmarks/bench_distill_cpu.py --threads {args.threads} --batch {args.batch} --rounds {args.rounds} "
-             f"--steps {args.steps}`: {dev}, {args.threads} threads, float32, teacher `{args.teacher}` ({d.teacher.fingerprint}), "
+             f"--steps {args.steps}`: {dev}, {args.threads} threads, float32, teacher `{args.teacher}` ({meta['teacher_fingerprint']}), "
              f"student {args.candidate}, {meta['resolution']} px, global batch {args.batch}, {data.source}. {meta['method']}.", "",
              "| losses | plain loop (images/s) | hybridsd_nas distill (images/s) | overhead |", "|---|---:|---:|---:|"]
     for r in rows:
