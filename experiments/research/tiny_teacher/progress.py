@@ -10,6 +10,7 @@
   python -m experiments.research.tiny_teacher.progress floor --counts 200 500
   python -m experiments.research.tiny_teacher.progress score hybridsd_nas/zoo/tiny --count 200 --label v3
   python -m experiments.research.tiny_teacher.progress report runs/teacher-v4 runs/teacher-base
+  python -m experiments.research.tiny_teacher.progress report results/tiny_teacher/training_runs.json runs/teacher-v5
 """
 
 from __future__ import annotations
@@ -77,9 +78,20 @@ def read_run(work: Path) -> dict:
     return {"name": work.name, "recipe": settings["recipe"], "chunks": chunks, "loss": loss}
 
 
+def read_runs(source: Path) -> list[dict]:
+    """A run's work directory; a warm start (``warm_start.json``: the run's chunks, no loss curve); or an
+    earlier report's JSON (its runs), so that runs whose work directories are gone stay in the report."""
+    if source.suffix == ".json":
+        return [{**r, "loss": []} for r in json.loads(source.read_text())["runs"]]
+    if (source / "warm_start.json").is_file():
+        w = json.loads((source / "warm_start.json").read_text())
+        return [{"name": w["run"], "recipe": w["recipe"], "chunks": w["chunks"], "loss": []}]
+    return [read_run(source)]
+
+
 def cmd_report(args) -> dict:
     out = Path(args.out)
-    runs = [read_run(Path(w)) for w in args.runs]
+    runs = [r for w in args.runs for r in read_runs(Path(w))]
     floor = json.loads((out / "fid_floor.json").read_text()) if (out / "fid_floor.json").is_file() else None
     starts = json.loads((out / "start_points.json").read_text()) if (out / "start_points.json").is_file() else []
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
