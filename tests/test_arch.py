@@ -178,3 +178,15 @@ def test_dropped_attention_is_identity(tiny_sd1_teacher):
     x = real_inputs(TINY_SD1)
     with torch.no_grad():
         assert torch.equal(s(**x).sample, manual(**x).sample)
+
+
+def test_an_unnamed_candidate_is_labelled_by_its_structure_not_a_hash():
+    from hybridsd_nas.arch import Candidate
+
+    assert Candidate(drop_layers=("up2.0", "down1.1"), drop_mid=True).label == "-down1.1 -up2.0 -mid"
+    c = Candidate(drop_units=("down2.0.attn",), depth={"up1": 2}, prune={"stage1": {"ff": 0.5}}, importance="taylor")
+    assert c.label == "-down2.0.attn up1=2 prune[stage1: ff 0.5](taylor)"
+    assert Candidate(base_blocks=("up3", "down0"), frozen=("up1",), drop_stages=1).label == "-stages1 base[down0,up3] frozen[up1]"
+    assert Candidate().label == "identity" and Candidate(drop_mid=True, name="mine").label == "mine"
+    long = Candidate(drop_layers=tuple(f"down{i}.{j}" for i in range(4) for j in range(2)) + tuple(f"up{i}.{j}" for i in range(4) for j in range(3)))
+    assert len(long.label) <= 80 and long.label.endswith("…") and long.label.startswith("-down0.0 -down0.1")

@@ -148,7 +148,28 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return self.name or f"cand-{self.key}"
+        """The name, else the readable structure (:attr:`summary`); ``identity`` for the teacher's own."""
+        return self.name or self.summary or "identity"
+
+    @property
+    def summary(self) -> str:
+        """The structure in a few words, e.g. ``-down1.1 -up2.0 -mid prune[stage1: ff 0.5]``; "" for
+        the teacher itself. Long structures are cut after 80 characters (the key stays exact)."""
+        parts = [f"-{n}" for n in (*self.drop_layers, *self.drop_units)]
+        if self.drop_mid:
+            parts.append("-mid")
+        if self.drop_stages:
+            parts.append(f"-stages{self.drop_stages}")
+        parts += [f"{k}={v}" for k, v in self.depth]
+        if self.base_blocks:
+            parts.append("base[" + ",".join(self.base_blocks) + "]")
+        if self.frozen:
+            parts.append("frozen[" + ",".join(self.frozen) + "]")
+        if self.prune:
+            inner = "; ".join(f"{k}: " + ", ".join(f"{t} {v:g}" for t, v in ratios) for k, ratios in self.prune)
+            parts.append(f"prune[{inner}]" + (f"({self.importance})" if self.importance != "magnitude" else ""))
+        text = " ".join(parts)
+        return text if len(text) <= 80 else text[:79].rstrip() + "…"
 
     def prune_ratios(self, stage_key: str) -> dict[str, float]:
         """Keep ratios of one stage key (``stageN`` or ``mid``): its own, else ``all``, else 1."""
