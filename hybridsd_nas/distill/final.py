@@ -38,6 +38,7 @@ from hybridsd_nas.distill.trainer import (
     distill,
     has_moving_average,
     micro_batch,
+    refuse_fresh_start,
 )
 from hybridsd_nas.export import export_unet
 from hybridsd_nas.metrics.evaluation import SampleScorer
@@ -228,8 +229,7 @@ def distill_candidate(teacher: Teacher | str, candidate: Any, out: str | Path, c
         check_resume(work, config, identity)
     elif checkpoints(work):
         if not overwrite:
-            raise ConfigError(f"{work} already holds checkpoints up to {checkpoints(work)[-1].name}; resume the run "
-                              "(--resume), or start again with --overwrite")
+            refuse_fresh_start(work)
         if state.is_main_process:
             shutil.rmtree(work / CHECKPOINTS)
         state.wait_for_everyone()

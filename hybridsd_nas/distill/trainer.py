@@ -225,6 +225,14 @@ def check_resume(run_dir: str | Path, cfg: DistillConfig, identity: dict[str, An
     return last
 
 
+def refuse_fresh_start(run_dir: str | Path) -> None:
+    """A one-line ConfigError when a fresh start would overwrite ``run_dir``'s checkpoints."""
+    found = checkpoints(run_dir)
+    if found:
+        raise ConfigError(f"{Path(run_dir) / CHECKPOINTS} already holds checkpoints up to {found[-1].name}; resume the run "
+                          "(--resume), or start again with --overwrite")
+
+
 def _target(scheduler, latents, noise, t):
     pt = scheduler.config.get("prediction_type", "epsilon")
     if pt == "epsilon":
@@ -308,12 +316,6 @@ class _Checkpoints:
         self.last = last
         return int(meta["step"]), list(meta["curve"])
 
-    def refuse_fresh_start(self) -> None:
-        found = checkpoints(self.root.parent)
-        if found:
-            raise ConfigError(f"{self.root} already holds checkpoints up to {found[-1].name}; resume the run "
-                              "(--resume), or start again with --overwrite")
-
     def clean_partial(self) -> None:
         """Half-written checkpoints of a killed run (their temporary folders)."""
         if self.acc.is_main_process and self.root.is_dir():
@@ -375,7 +377,7 @@ def distill(
     micro = micro_batch(cfg, acc.num_processes)
     ckpts = _Checkpoints(run_dir, acc, cfg, identity or {}) if run_dir else None
     if ckpts is not None and not resume:
-        ckpts.refuse_fresh_start()
+        refuse_fresh_start(run_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
