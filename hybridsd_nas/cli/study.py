@@ -15,6 +15,7 @@ from hybridsd_nas.study import (
     SAMPLERS,
     StopReason,
     build_report,
+    describe_audit,
     export_trial,
     format_table,
     front_columns,
@@ -77,6 +78,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
           f"({', '.join(f'{k} {v}' for k, v in s['counts'].items() if k != 'trials')})")
     print(f"Pareto front: {len(front)} trials, hypervolume {s['hypervolume']:.4f} ({s['hypervolume_note']})")
     print(format_table(front, cols))
+    if s.get("audit"):
+        print(describe_audit(s["audit"]))
     return 0
 
 

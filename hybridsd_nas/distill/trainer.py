@@ -59,6 +59,7 @@ from hybridsd_nas.sources.conditioning import predict, to_device
 # diffusers' learning-rate schedules (``diffusers.optimization.get_scheduler``) that need no more than
 # the run's length and warm-up steps
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")  # the rate at a step does not depend on cfg.steps
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRACKERS = ("wandb", "tensorboard", "comet_ml", "aim", "mlflow", "clearml", "dvclive")  # accelerate's, by name
@@ -125,9 +126,15 @@ class DistillConfig:
         """The settings a resumed run must keep (all but ``RESUMABLE_CHANGES``; the step count too
         when the learning rate depends on it)."""
         d = {k: v for k, v in self.as_dict().items() if k not in RESUMABLE_CHANGES}
-        if self.lr_schedule != "constant":
+        if not self.length_free:
             d["steps"] = self.steps
         return d
+
+    @property
+    def length_free(self) -> bool:
+        """Whether the learning rate at a step is independent of the run's length (constant, or constant
+        after a warm-up): only then can a checkpoint continue to more steps than it was started for."""
+        return self.lr_schedule in LENGTH_FREE_SCHEDULES
 
 
 @dataclass
@@ -146,6 +153,7 @@ class DistillResult:
     throughput: dict[str, Any] | None = None
     validation: list[dict[str, Any]] = field(default_factory=list)  # what ``validate`` returned, by step
     checkpoint: str | None = None  # the newest checkpoint written or resumed from
+    resumed_from: int = 0  # the step this call started at (0: from the start)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -402,6 +410,9 @@ def distill(
         ckpts.clean_partial()
         if resume:
             start, curve = ckpts.load(student, opt, gens, ema, ema_names, scaler)
+            if start > cfg.steps:
+                raise ConfigError(f"checkpoint {ckpts.last} is at step {start}, past this run's {cfg.steps} steps; "
+                                  f"give at least {start} steps, or another checkpoint directory")
     lr_sched = _lr_scheduler(opt, cfg, start)
     checkpointing = False
     if cfg.gradient_checkpointing:
@@ -575,7 +586,7 @@ def distill(
         acc.end_training()
     return DistillResult(status, reason, step if status != RunStatus.OK else cfg.steps, time.perf_counter() - t0, curve,
                          taps.report(), n_train, n_frozen, cfg.as_dict(), ema_info, throughput, validation,
-                         str(ckpts.last) if ckpts is not None and ckpts.last else None)
+                         str(ckpts.last) if ckpts is not None and ckpts.last else None, start)
 
 
 def _validate(acc: Accelerator, validate: Callable[[int, nn.Module], dict[str, Any]], step: int, student: nn.Module,

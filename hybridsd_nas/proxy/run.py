@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 from diffusers import DDPMScheduler
@@ -153,16 +154,35 @@ def score_zero_cost(run: ProxyRun, result: ProxyResult) -> None:
     result.zero_cost_seconds = round(time.perf_counter() - t0, 3)
 
 
-def distill_student(run: ProxyRun, result: ProxyResult, progress: bool = False) -> None:
-    """Stage 3: the short distillation; a failed run sets the result's status and reason."""
+def distill_config(s: ProxySettings, steps: int | None = None, checkpoint_every: int = 0) -> DistillConfig:
+    """The proxy's distillation recipe (``steps`` defaults to ``s.distill_steps``)."""
+    return DistillConfig(steps=s.distill_steps if steps is None else steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                         weights=s.weights, lr_schedule=s.lr_schedule, lr_warmup_steps=s.lr_warmup_steps,
+                         checkpoint_every=checkpoint_every, keep_checkpoints=1)
+
+
+def distill_student(run: ProxyRun, result: ProxyResult, progress: bool = False, checkpoint_dir: str | Path | None = None,
+                    save_checkpoint: bool = True) -> None:
+    """Stage 3: the short distillation; a failed run sets the result's status and reason.
+
+    With ``checkpoint_dir`` the run continues from the checkpoint there when there is one (same
+    candidate, teacher and data, else a one-line error) and, with ``save_checkpoint``, leaves its end
+    state there, so that a later call with more ``distill_steps`` continues it (a multi-fidelity
+    study's promotion). With the proxy's length-free learning rate the result equals a run of that many
+    steps from the start."""
     s = run.settings
-    cfg = DistillConfig(steps=s.distill_steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, weights=s.weights)
+    every = s.distill_steps if checkpoint_dir is not None and save_checkpoint else 0
+    cfg = distill_config(s, checkpoint_every=every)
     perc, dec = perceptual_term(run.pipe, run.teacher, device=run.device) if s.weights.perceptual > 0 else (None, None)
+    identity = {"candidate": run.plan.candidate.key, "teacher": run.teacher.fingerprint, "data": run.data.source}
     res = distill(run.student, run.pipe.unet, run.plan, run.data, run.scheduler, cfg, progress=progress,
-                  perceptual=perc, decode=dec)
+                  perceptual=perc, decode=dec, checkpoint_dir=checkpoint_dir, resume=checkpoint_dir is not None,
+                  identity=identity if checkpoint_dir is not None else None)
     result.status, result.reason = RunStatus(res.status), res.reason
     result.distill = {"distill_seconds": round(res.seconds, 2),
                       "distill_final_loss": res.curve[-1]["loss"] if res.curve else None, "feature_rule": res.feature_rule}
+    if checkpoint_dir is not None:
+        result.distill["resumed_from_step"] = res.resumed_from
 
 
 def score_heldout(run: ProxyRun, result: ProxyResult) -> None:
@@ -180,9 +200,11 @@ def score_samples(run: ProxyRun, result: ProxyResult, keep_images: bool = False)
 
 def run_proxy(teacher: Teacher | str, candidate: Any, settings: ProxySettings | None = None, base: str | None = None,
               device: str = "cpu", until: Stage = Stage.SAMPLES, progress: bool = False, keep_images: bool = False,
-              prefilter: Callable[[dict[str, float]], str | None] | None = None) -> ProxyResult:
+              prefilter: Callable[[dict[str, float]], str | None] | None = None, checkpoint_dir: str | Path | None = None,
+              save_checkpoint: bool = True) -> ProxyResult:
     """Score one candidate up to stage ``until``. ``prefilter`` sees the zero-cost scores first and
-    returns a reason to skip the candidate (status ``skipped``) or None."""
+    returns a reason to skip the candidate (status ``skipped``) or None. ``checkpoint_dir`` and
+    ``save_checkpoint``: see :func:`distill_student`."""
     run, result = prepare(teacher, candidate, settings, base, device, sampling=until >= Stage.SAMPLES)
     score_zero_cost(run, result)
     if prefilter is not None and (why := prefilter(result.zero_cost)):
@@ -190,7 +212,7 @@ def run_proxy(teacher: Teacher | str, candidate: Any, settings: ProxySettings | 
         return result
     if until <= Stage.ZERO_COST:
         return result
-    distill_student(run, result, progress=progress)
+    distill_student(run, result, progress=progress, checkpoint_dir=checkpoint_dir, save_checkpoint=save_checkpoint)
     if not result.ok or until <= Stage.DISTILL:
         return result
     score_heldout(run, result)

@@ -13,6 +13,8 @@ class ProxySettings:
     distill_steps: int = 40
     batch_size: int = 16
     lr: float = 5e-4
+    lr_schedule: str = "constant"  # one of hybridsd_nas.distill.LR_SCHEDULES; multi-fidelity rungs need a length-free one
+    lr_warmup_steps: int = 0
     weights: LossWeights = field(default_factory=LossWeights)
     data: str | None = None  # training data spec (hybridsd_nas.data); default: the teacher's own (Fashion-MNIST for tiny)
     data_images: int = 4096  # Fashion-MNIST images encoded for the distillation (cached); other sources: ?limit=

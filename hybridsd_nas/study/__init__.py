@@ -18,6 +18,7 @@ from .config import (
     study_from_dict,
 )
 from .evaluator import Evaluator, check_constraints, cost_figures
+from .fidelity import Fidelity, audit, promotion_candidates
 from .metrics import METRIC_GROUPS, METRICS, Metric, register_metric
 from .objective import Surplus, TrialFailed, TrialObjective, save_grid
 from .outputs import (
@@ -45,6 +46,7 @@ from .results import (
     summarize,
     trial_row,
 )
+from .rungs import checkpoint_dir, describe_audit, enqueue_promotions, highest_rung_trials, study_audit
 from .samplers import SAMPLERS, make_sampler
 from .status import StopReason, TrialStatus, evaluated
 from .storage import default_storage_url, load_or_create_study, load_study, open_storage, redact_url
@@ -58,6 +60,7 @@ __all__ = [
     "WANDB_MODES",
     "Constraint",
     "Evaluator",
+    "Fidelity",
     "Metric",
     "Objective",
     "StopReason",
@@ -67,11 +70,15 @@ __all__ = [
     "TrialObjective",
     "TrialStatus",
     "artifacts_dir_of",
+    "audit",
     "build_report",
     "check_constraints",
+    "checkpoint_dir",
     "cost_figures",
     "default_storage_url",
+    "describe_audit",
     "enqueue_known",
+    "enqueue_promotions",
     "evaluated",
     "export_extra",
     "export_row",
@@ -81,6 +88,7 @@ __all__ = [
     "format_value",
     "front_columns",
     "front_json",
+    "highest_rung_trials",
     "hypervolume",
     "load_or_create_study",
     "load_study",
@@ -93,12 +101,14 @@ __all__ = [
     "open_storage",
     "pareto_front",
     "pick_best",
+    "promotion_candidates",
     "redact_url",
     "register_metric",
     "requeue",
     "results_dir_of",
     "run_study",
     "save_grid",
+    "study_audit",
     "study_from_dict",
     "summarize",
     "trial_row",

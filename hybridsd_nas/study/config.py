@@ -13,16 +13,18 @@ from hybridsd_nas.core.paths import results_root
 from hybridsd_nas.cost import LATENCY_MODES
 from hybridsd_nas.data import parse_data_spec
 from hybridsd_nas.data.evalset import load_eval_set
+from hybridsd_nas.distill import LR_SCHEDULES, DistillConfig
 from hybridsd_nas.proxy import ProxySettings
 from hybridsd_nas.spaces import read_yaml
 
+from .fidelity import Fidelity
 from .metrics import DIRECTIONS, METRICS, metrics_in
 from .samplers import SAMPLERS
 
 WANDB_MODES = ("off", "offline", "online")
 _TOP = ("name", "teacher", "base", "space", "objectives", "constraints", "cost", "latency", "sampler", "trials",
         "timeout", "enqueue", "proxy", "prefilter", "storage", "results_dir", "artifacts", "heartbeat", "wandb",
-        "max_failures", "description", "data", "eval_prompts", "classifier", "clip_model")
+        "max_failures", "description", "data", "eval_prompts", "classifier", "clip_model", "fidelity")
 EVAL_KEYS = ("data", "eval_prompts", "classifier", "clip_model")  # top-level keys that go to the proxy's settings
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -99,6 +101,7 @@ class StudyConfig:
     max_failures: int = 5
     wandb: str = "off"
     description: str = ""
+    fidelity: Fidelity | None = None  # multi-fidelity: rungs of distillation steps and the fraction promoted
     source: str = "<dict>"
 
     # -- derived -------------------------------------------------------------------------------
@@ -273,8 +276,11 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
     for k, v in proxy.items():
         if k in ("sampler_steps", "guidance") and v is None:
             continue
+        if k == "lr_schedule":
+            proxy[k] = _choice(src, "proxy.lr_schedule", v, LR_SCHEDULES)
+            continue
         kind = float if k in ("lr", "guidance") else int
-        proxy[k] = _num(src, f"proxy.{k}", v, kind, low=0 if k == "seed" else 1e-12, allow_none=False)
+        proxy[k] = _num(src, f"proxy.{k}", v, kind, low=0 if k in ("seed", "lr_warmup_steps") else 1e-12, allow_none=False)
     for k in EVAL_KEYS:  # top-level keys: what the proxy trains on and scores on
         if data.get(k) is not None:
             proxy[k] = data[k]
@@ -290,6 +296,20 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
             raise _err(src, "eval_prompts", str(e)) from None
     elif data.get("classifier") is not None:
         raise _err(src, "classifier", "needs eval_prompts: (labelled prompts for the classifier to check)")
+
+    fidelity = None
+    if data.get("fidelity") is not None:
+        fidelity = Fidelity.from_dict(data["fidelity"], f"{src}: fidelity")
+        given = proxy.get("distill_steps")
+        if given is not None and given != fidelity.first:
+            raise _err(src, "proxy.distill_steps", f"{given} differs from fidelity.rungs[0] ({fidelity.first}); with fidelity the "
+                       "rungs set the distillation steps: leave proxy.distill_steps out")
+        proxy["distill_steps"] = fidelity.first
+        dc = DistillConfig(lr_schedule=proxy.get("lr_schedule", "constant"))
+        if not dc.length_free:
+            raise _err(src, "fidelity.rungs", f"proxy.lr_schedule {dc.lr_schedule} sets the rate by the run's length, so the "
+                       f"checkpoint at {fidelity.first} steps cannot continue to {fidelity.rungs[1] if len(fidelity.rungs) > 1 else 'a later rung'}; "
+                       "use lr_schedule constant or constant_with_warmup")
 
     cfg = StudyConfig(
         name=name, teacher=data["teacher"], space=data["space"], objectives=tuple(objectives),
@@ -307,7 +327,7 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
         max_retry=_num(src, "heartbeat.max_retry", hb.get("max_retry", 3), int, low=0, allow_none=False),
         wandb=_choice(src, "wandb", data.get("wandb", "off"), WANDB_MODES),
         max_failures=_num(src, "max_failures", data.get("max_failures", 5), int, low=1, allow_none=False),
-        description=data.get("description") or "", source=src,
+        description=data.get("description") or "", fidelity=fidelity, source=src,
     )
     if cfg.trials is None and cfg.timeout is None:
         raise _err(src, "trials", "a study needs a trial count, a timeout, or both")
@@ -315,6 +335,9 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
         raise _err(src, "heartbeat.grace", f"must exceed heartbeat.interval ({cfg.heartbeat_interval}s), got {cfg.heartbeat_grace}")
     if "latency_ms" in cfg.metrics and cfg.latency_mode == "off":
         raise _err(src, "latency.mode", "latency_ms is an objective or constraint, so latency.mode must be lut or measure")
+    if fidelity is not None and not cfg.needs("quality"):
+        raise _err(src, "fidelity", f"rungs are distillation steps of the quality proxy, and this study's metrics "
+                   f"({', '.join(cfg.metrics)}) need no distillation; add a quality objective such as heldout_mse, or remove fidelity")
     for c in cfg.prefilter:
         if METRICS.get(c.metric).group == "quality":
             raise _err(src, "prefilter", f"{c.metric} needs the distillation; a pre-filter takes cost or zero-cost metrics only")

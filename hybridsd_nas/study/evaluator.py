@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from hybridsd_nas.arch import Candidate, describe
-from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.arch import Candidate, describe, resolve_candidate
+from hybridsd_nas.core.errors import ConfigError, HybridSDError
 from hybridsd_nas.cost import CostReport, LatencyTable, estimate_cost, parse_dtype
 from hybridsd_nas.distill import checked_data_spec
 from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, eval_set_for, run_proxy
@@ -18,6 +19,9 @@ from hybridsd_nas.spaces import load_space
 from .config import Constraint, StudyConfig
 from .hybrid import HybridProxy, ScheduleCost, point_key
 from .metrics import METRICS, hybrid_metrics, unsampled_metrics
+
+# figures measured against the teacher's own outputs or samples: the teacher scores 0 on each
+TEACHER_RELATIVE = ("output_mse", "latent_stat_shift", "proxy_fid", "kid", "heldout_mse", "paired_mse", "cmmd")
 
 
 class Evaluator:
@@ -42,6 +46,10 @@ class Evaluator:
             m = next(m for m in used if m in unsampled)
             raise ConfigError(f"{cfg.source}: {m} is a figure of one distilled U-Net; a hybrid-schedule space is ranked by "
                               "the figures of its samples (proxy_fid, kid, fid_real, paired_mse, adherence)")
+        if self.hybrid and cfg.fidelity is not None:
+            raise ConfigError(f"{cfg.source}: fidelity: space {self.space.name!r} is a hybrid-schedule space, whose points share "
+                              "one short distillation per small U-Net across schedules and so cannot continue it per point; "
+                              "use fidelity with a layer-removal, recombination or channel-pruning space")
         if self.hybrid and cfg.enqueue:
             raise ConfigError(f"{cfg.source}: enqueue: names candidates of layer-removal or recombination spaces; "
                               f"space {self.space.name!r} is a hybrid-schedule space (leave enqueue out)")
@@ -59,9 +67,33 @@ class Evaluator:
                 if m in needs and not needs[m][0]:
                     raise ConfigError(f"{cfg.source}: {m} needs {needs[m][1]}; evaluation set {es.source} has none")
         self._lut = None
+        self._names: dict[str, str] | None = None
         self._teacher_cost: dict[str, Any] | None = None
         self._schedule_cost = None
         self._hybrid_proxy = None
+
+    def label(self, candidate: Candidate) -> str:
+        """A readable name of ``candidate``: the name of the space's preset or enqueued candidate it
+        equals (bk-sdm-small, asdm-m2), else its structure (``-down1.1 -up2.0 -mid``)."""
+        if self._names is None:
+            names: dict[str, str] = {}
+            for name in self.cfg.enqueue:
+                try:
+                    names.setdefault(resolve_candidate(name, self.arch).key, name)
+                except HybridSDError:
+                    pass
+            for name, c in self.space.presets(self.arch).items():
+                names.setdefault(c.key, name)
+            self._names = names
+        return self._names.get(candidate.key) or candidate.label
+
+    def teacher_marker(self) -> dict[str, float]:
+        """The teacher's own figures for plots: its cost (weight-free count; latency where it was
+        already measured), and 0 for every figure measured against the teacher itself."""
+        figs = dict(self._teacher_cost) if self._teacher_cost is not None else \
+            cost_figures(estimate_cost(self.cfg.teacher, Candidate(), resolution=self.cfg.resolution, batch=self.cfg.batch,
+                                       arch=self.arch))
+        return {**{k: float(v) for k, v in figs.items()}, **{m: 0.0 for m in TEACHER_RELATIVE}}
 
     def key(self, pt) -> str:
         """What makes two trials the same evaluation: the candidate, and for schedules the schedule too."""
@@ -112,18 +144,23 @@ class Evaluator:
                              device=c.latency_device, dtype=c.latency_dtype, lut=lut, arch=self.arch)
 
     def proxy(self, candidate, prefilter: Callable[[dict[str, float]], str | None] | None, quality: bool,
-              point=None, sample: bool = True) -> dict[str, Any]:
+              point=None, sample: bool = True, steps: int | None = None, checkpoint_dir=None,
+              save_checkpoint: bool = True) -> dict[str, Any]:
         """The proxy's figures of one candidate as a flat dict (see :func:`proxy_record`): zero-cost
         scores only unless ``quality``; ``sample=False`` stops after the distillation and its held-out
         score (no student samples, no FID: the default proxy's 40 steps and held-out score, the ranking
-        score, cost 7.8% of a long distillation, results/proxy_fidelity_ema_reference.md)."""
+        score, cost 7.8% of a long distillation, results/proxy_fidelity_ema_reference.md). ``steps``
+        overrides the distillation's length; ``checkpoint_dir`` continues it from (and, with
+        ``save_checkpoint``, leaves) a checkpoint there: a multi-fidelity study's rungs."""
         if self.hybrid:
             if self._hybrid_proxy is None:
                 self._hybrid_proxy = HybridProxy(self.cfg.teacher, self.settings, self.device, self.cfg.base)
             return self._hybrid_proxy(point, prefilter, quality)
         until = Stage.ZERO_COST if not quality else Stage.SAMPLES if sample else Stage.HELDOUT
-        res = run_proxy(self.cfg.teacher, candidate, self.settings, base=self.cfg.base, device=self.device, until=until,
-                        keep_images=quality and sample, prefilter=prefilter)
+        settings = self.settings if steps is None else replace(self.settings, distill_steps=int(steps))
+        res = run_proxy(self.cfg.teacher, candidate, settings, base=self.cfg.base, device=self.device, until=until,
+                        keep_images=quality and sample, prefilter=prefilter, checkpoint_dir=checkpoint_dir,
+                        save_checkpoint=save_checkpoint)
         return proxy_record(res)
 
 

@@ -23,8 +23,11 @@ from hybridsd_nas.metrics.sampling import save_grid
 from .config import StudyConfig
 from .evaluator import Evaluator, check_constraints, cost_figures
 from .metrics import METRICS
+from .rungs import PROMOTION_OF, RUNG, checkpoint_dir, drop_checkpoint, earlier_twin, is_promotion, source_trial
 from .status import SCORED, TrialStatus, evaluated
 
+# what a trial records about its candidate's cost besides the figures (a promotion copies them from its source)
+COST_ATTRS = ("build", "cost_measured", "latency", "accounting")
 # figures of the proxy's result recorded as user attributes (study metrics and their companions)
 PROXY_FIGURES = ("proxy_fid", "kid", "fid_real", "paired_mse", "heldout_mse", "adherence", "kid_std", "adherence_teacher",
                  "clip_score", "clip_score_teacher", "cmmd", "kid_real", "distill_final_loss")
@@ -51,13 +54,14 @@ class TrialObjective:
         self.quality = cfg.needs("quality")
         self.sample = cfg.needs_sampling()
         self.zero_cost = cfg.needs("zero_cost")
+        self.fidelity = cfg.fidelity
 
     def _surplus(self, trial: optuna.trial.Trial) -> bool:
         if self.target is None:
             return False
         ts = trial.study.get_trials(deepcopy=False)
         done = sum(evaluated(t) for t in ts)
-        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in ts)
+        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number and not is_promotion(t) for t in ts)
         return done + ahead >= self.target
 
     def __call__(self, trial: optuna.trial.Trial):
@@ -67,7 +71,7 @@ class TrialObjective:
         if "failed_trial" in me.system_attrs:  # a retry of a trial whose worker died
             trial.set_user_attr("retry_of", me.system_attrs["failed_trial"])
         try:
-            return self._run(trial)
+            return self._promote(trial) if is_promotion(trial) else self._run(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("status", TrialStatus.INTERRUPTED.value)
             trial.set_user_attr("reason", "stopped by Ctrl-C; its choices were queued again")
@@ -89,9 +93,18 @@ class TrialObjective:
         key = self.ev.key(pt)
         trial.set_user_attr("candidate", cand.to_dict())
         trial.set_user_attr("candidate_key", key)
+        trial.set_user_attr("label", self.ev.label(cand))
         if "schedule" in pt.extra:
             trial.set_user_attr("schedule", dict(pt.extra["schedule"]))
 
+        busy = self._in_flight(trial, key)
+        if busy is not None:
+            # Workers with one sampler seed draw the same candidates; the first to record it scores it,
+            # and this worker's sampler is reseeded so that the two streams part.
+            trial.study.sampler.reseed_rng()
+            trial.set_user_attr("status", TrialStatus.SURPLUS.value)
+            trial.set_user_attr("reason", f"trial {busy} is scoring the same candidate now; nothing was run")
+            raise Surplus()
         twin = self._twin(trial, key)
         if twin is not None:
             figures = {k: twin.user_attrs[k] for k in twin.user_attrs if k in METRICS}
@@ -120,12 +133,51 @@ class TrialObjective:
             self._finish(trial, TrialStatus.REJECTED, why, figures, timings, t_start)
             raise optuna.TrialPruned(why)
 
+        if self.fidelity is not None:
+            trial.set_user_attr(RUNG, self.fidelity.first)
+        pre = list(self.cfg.prefilter) + self.ev.constraints("zero_cost")
+        return self._score(trial, cand, pt, figures, timings, t_start, pre, steps=None)
+
+    def _promote(self, trial: optuna.trial.Trial):
+        """A promotion: the candidate of trial ``promotion_of`` distilled on from its checkpoint to ``rung``
+        steps and scored again; its cost figures are the source trial's."""
+        t_start = time.perf_counter()
+        rung, src_no = int(trial.user_attrs[RUNG]), int(trial.user_attrs[PROMOTION_OF])
+        pt = self.ev.space.suggest(trial, self.ev.arch)  # the enqueued parameters: the source's candidate
+        cand, key = pt.candidate, self.ev.key(pt)
+        trial.set_user_attr("candidate", cand.to_dict())
+        trial.set_user_attr("candidate_key", key)
+        trial.set_user_attr("label", self.ev.label(cand))
+        twin = earlier_twin(trial.study, trial.number, key, rung)
+        if twin is not None:
+            trial.set_user_attr("status", TrialStatus.SURPLUS.value)
+            trial.set_user_attr("reason", f"trial {twin.number} runs the same promotion to {rung} steps; nothing was run")
+            raise Surplus()
+        src = source_trial(trial.study, src_no)
+        if src is None or src.user_attrs.get("candidate_key") != key:
+            self._finish(trial, TrialStatus.FAILED, f"promotion of trial {src_no}: that trial is missing or holds another "
+                         "candidate", {}, {}, t_start)
+            raise TrialFailed(f"promotion source {src_no} mismatch")
+        figures = {m: src.user_attrs[m] for m in METRICS if m in src.user_attrs and METRICS.get(m).group == "cost"}
+        for k in COST_ATTRS:
+            if k in src.user_attrs:
+                trial.set_user_attr(k, src.user_attrs[k])
+        return self._score(trial, cand, pt, figures, {}, t_start, [], steps=rung)
+
+    def _score(self, trial, cand, pt, figures: dict[str, Any], timings: dict[str, float], t_start: float, pre: list,
+               steps: int | None):
+        """The proxy's figures of ``cand`` (a multi-fidelity study: distilled to ``steps``, or its first
+        rung, through the candidate's checkpoint), then the quality constraints; the trial's values."""
+        ckpt, save = None, True
+        if self.fidelity is not None:
+            steps = steps or self.fidelity.first
+            ckpt = checkpoint_dir(self.cfg, self.ev.key(pt))
+            save = steps < self.fidelity.highest
         if self.quality or self.zero_cost:
-            pre = list(self.cfg.prefilter) + self.ev.constraints("zero_cost")
             t0 = time.perf_counter()
             try:
                 res = self.ev.proxy(cand, (lambda z: check_constraints(pre, z)) if pre else None, self.quality, point=pt,
-                                    sample=self.sample)
+                                    sample=self.sample, steps=steps, checkpoint_dir=ckpt, save_checkpoint=save)
                 timings["proxy_seconds"] = time.perf_counter() - t0
             except HybridSDError as e:
                 self._finish(trial, TrialStatus.FAILED, f"{type(e).__name__}: {e}", figures, timings, t_start)
@@ -150,6 +202,8 @@ class TrialObjective:
             for k in PROXY_FIGURES:
                 if res.get(k) is not None:
                     figures[k] = float(res[k])
+            if res.get("resumed_from_step") is not None:
+                trial.set_user_attr("resumed_from_step", int(res["resumed_from_step"]))
             if res.get("provenance"):  # what it was measured on: teacher, data, evaluation set, sampler
                 trial.set_user_attr("provenance", res["provenance"])
             if "images" in res and self.store is not None:
@@ -163,11 +217,24 @@ class TrialObjective:
         if late:
             trial.set_user_attr("constraint_violations", [v if math.isfinite(v) else 1e30 for v in viol])
         status = TrialStatus.OK if all(v <= 0 for v in viol) else TrialStatus.INFEASIBLE
+        if ckpt is not None and (not save or status != TrialStatus.OK):  # nothing will continue it
+            drop_checkpoint(self.cfg, self.ev.key(pt))
         self._finish(trial, status, check_constraints(late, figures), figures, timings, t_start)
         return self._values(figures)
 
+    def _in_flight(self, trial, key: str) -> int | None:
+        """The number of another running trial that scores candidate ``key`` (not a promotion), if any.
+        Each of two trials records its key before it looks, so at least one of two concurrent ones sees
+        the other."""
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number != trial.number and not is_promotion(t) and t.user_attrs.get("candidate_key") == key:
+                return t.number
+        return None
+
     def _twin(self, trial, key: str):
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if is_promotion(t):  # a repeat reuses the figures of the candidate's first scoring
+                continue
             if t.user_attrs.get("candidate_key") == key and t.user_attrs.get("status") in SCORED:
                 return t
         return None

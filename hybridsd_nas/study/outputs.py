@@ -18,11 +18,12 @@ from hybridsd_nas.proxy import ProxySettings
 from .metrics import METRICS
 from .report import build_report
 from .results import format_value, summarize
+from .rungs import describe_audit
 from .storage import load_study
 
-FRONT_COLUMNS = ("trial", "candidate_key", "status")
+FRONT_COLUMNS = ("trial", "label", "candidate_key", "status")
 # the parts of a study's summary that pareto.json and ``pareto --json`` hold
-FRONT_KEYS = ("study", "objectives", "constraints", "counts", "hypervolume", "hypervolume_note", "front")
+FRONT_KEYS = ("study", "objectives", "constraints", "counts", "hypervolume", "hypervolume_note", "fidelity", "audit", "front")
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -31,8 +32,10 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def front_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The columns of a front table: trial, candidate key, status, then every metric the rows have."""
-    return list(FRONT_COLUMNS) + metric_columns(rows)
+    """The columns of a front table: trial, readable label, candidate key, status, the rung (a
+    multi-fidelity study), then every metric the rows have."""
+    rung = ["rung"] if any(r.get("rung") is not None for r in rows) else []
+    return list(FRONT_COLUMNS) + rung + metric_columns(rows)
 
 
 def front_json(summary: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +112,7 @@ def model_card(study_row: dict[str, Any], summary: dict[str, Any], cost: dict[st
     lat = f"{cfg.get('latency_mode')} on {cfg.get('latency_device')} ({cfg.get('latency_dtype') or 'default dtype'})" \
         if cfg.get("latency_mode") not in (None, "off") else "not measured"
     proxy = cfg.get("proxy") or {}
-    return f"""# {summary['study']} / trial {r['trial']}: candidate {r['candidate_key']}
+    return f"""# {summary['study']} / trial {r['trial']}: {r.get('label') or 'candidate'} ({r['candidate_key']})
 
 Pruned U-Net of teacher `{cfg.get('teacher')}` found by the study `{summary['study']}` (space `{cfg.get('space')}`,
 sampler `{cfg.get('sampler')}` seed {cfg.get('seed')}). Weights are inherited from the teacher (BK-SDM's layer
@@ -186,6 +189,10 @@ def write_outputs(name: str, storage: str | None, out_dir: Path, device: str = "
           f"`{cfg.get('space')}`, sampler `{cfg.get('sampler')}` (seed {cfg.get('seed')}).",
           f"Trials: {', '.join(f'{k} {v}' for k, v in s['counts'].items())}. Hypervolume {s['hypervolume']:.4f} ({s['hypervolume_note']}).",
           "", "```", format_table(front, cols), "```", ""]
+    if s.get("fidelity"):
+        f = s["fidelity"]
+        md += [f"Multi-fidelity: rungs {f['rungs']} distillation steps, the best {f['promote']:g} of each rung promoted; the front "
+               "uses each candidate's highest rung (column `rung`).", "", describe_audit(s["audit"]), ""]
     cm = next((r["cost_measured"] for r in front if r.get("cost_measured")), {})
     lat = next((r["latency"] for r in front if r.get("latency")), None)
     lat_txt = (f"{lat.get('method')} on {lat.get('device')} ({lat.get('dtype')}, batch {lat.get('batch')})" if lat else "not measured")
@@ -196,7 +203,7 @@ def write_outputs(name: str, storage: str | None, out_dir: Path, device: str = "
     if best is not None:
         dest = out_dir / "best_unet"
         export_row(best, s, dest, device=device, overwrite=True)
-        md.append(f"Exported: trial {best['trial']} ({best['candidate_key']}), the knee of the front (nearest the ideal point "
+        md.append(f"Exported: trial {best['trial']} ({best.get('label')}, {best['candidate_key']}), the knee of the front (nearest the ideal point "
                   f"with objectives normalised over the front), in `{dest.name}/`.")
         written["best U-Net (knee of the front)"] = dest
     (out_dir / "pareto.md").write_text("\n".join(md) + "\n")

@@ -11,8 +11,12 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from hybridsd_nas.arch import Candidate
+from hybridsd_nas.core.errors import HybridSDError
+
 from .config import StudyConfig
 from .metrics import METRICS
+from .rungs import PROMOTION_OF, fidelity_of, highest_rung_trials, rung_of, study_audit
 from .status import TrialStatus, evaluated
 
 HV_NOTE = ("hypervolume of the objectives min-max normalised over the trials compared (best 0, worst 1, "
@@ -29,10 +33,12 @@ def format_value(v: Any, unit_sep: str = "") -> str:
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Complete trials that keep every constraint, one per candidate (reused duplicates left out)."""
+    """One complete trial per candidate that keeps every constraint (reused duplicates left out); in a
+    multi-fidelity study, the candidate's trial at the highest rung it reached, feasible there."""
+    fid = fidelity_of(study.user_attrs.get("config"))
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("status") != TrialStatus.OK or "duplicate_of" in t.user_attrs:
+    for t in highest_rung_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), fid):
+        if t.user_attrs.get("status") != TrialStatus.OK:
             continue
         if t.values is None or not all(math.isfinite(v) for v in t.values):
             continue
@@ -83,16 +89,33 @@ def hypervolume(points: np.ndarray, directions: Sequence[str], scale=None, ref: 
     return float(moocore.hypervolume(z, ref=np.full(z.shape[1], ref)))
 
 
-def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None = None) -> dict[str, Any]:
+def candidate_label(ua: dict[str, Any]) -> str | None:
+    """A readable name of a trial's candidate: its ``label`` attribute (the preset it matches, else its
+    structure), else the preset it was enqueued as, else the structure of its stored candidate."""
+    if ua.get("label"):
+        return ua["label"]
+    if ua.get("enqueued_as"):
+        return ua["enqueued_as"]
+    if ua.get("candidate") is not None:
+        try:
+            return Candidate.from_dict(ua["candidate"]).label
+        except HybridSDError:
+            return None
+    return None
+
+
+def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None = None, fidelity=None) -> dict[str, Any]:
     ua = t.user_attrs
     row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "status": ua.get("status"), "reason": ua.get("reason"),
-                           "candidate_key": ua.get("candidate_key"), "params": dict(t.params), "candidate": ua.get("candidate"),
-                           "worker": ua.get("worker")}
+                           "candidate_key": ua.get("candidate_key"), "label": candidate_label(ua), "params": dict(t.params),
+                           "candidate": ua.get("candidate"), "worker": ua.get("worker"), "rung": rung_of(t, fidelity)}
+    if PROMOTION_OF in ua:
+        row[PROMOTION_OF] = ua[PROMOTION_OF]
     for m in METRICS:
         if m in ua:
             row[m] = ua[m]
     for k in ("adherence_teacher", "kid_std", "build", "cost_measured", "latency", "duplicate_of", "enqueued_as", "retry_of", "sample_grid_artifact",
-              "schedule", "accounting", "provenance"):
+              "schedule", "accounting", "provenance", "resumed_from_step"):
         if k in ua:
             row[k] = ua[k]
     row["timings"] = ua.get("timings", {})
@@ -102,10 +125,15 @@ def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None 
 
 
 def summarize(study: optuna.Study, scale=None) -> dict[str, Any]:
-    """Everything the CLI, the report and the model cards need about one study."""
+    """Everything the CLI, the report and the model cards need about one study. In a multi-fidelity
+    study the front holds each candidate's highest rung, ``fidelity`` its rungs and ``audit`` the
+    proxy audit (:func:`~hybridsd_nas.study.rungs.study_audit`); ``teacher`` holds the teacher's own
+    figures where they are known (its cost; 0 for figures measured against it)."""
     cfg = study.user_attrs.get("config", {})
+    fid = fidelity_of(cfg)
     directions = [d.name.lower() for d in study.directions]
     names = study.metric_names or [f"objective_{i}" for i in range(len(directions))]
+    objectives = [{"metric": n, "direction": d} for n, d in zip(names, directions)]
     trials = study.get_trials(deepcopy=False)
     front = pareto_front(study)
     feas = feasible_trials(study)
@@ -117,12 +145,15 @@ def summarize(study: optuna.Study, scale=None) -> dict[str, Any]:
         states[key] = states.get(key, 0) + 1
     return {
         "study": study.study_name,
-        "objectives": [{"metric": n, "direction": d} for n, d in zip(names, directions)],
+        "objectives": objectives,
         "constraints": cfg.get("constraints", []),
         "config": cfg,
         "counts": {"trials": len(trials), "evaluated": sum(evaluated(t) for t in trials), **states},
-        "front": [trial_row(t) for t in front],
+        "front": [trial_row(t, fidelity=fid) for t in front],
         "hypervolume": hv,
         "hypervolume_note": HV_NOTE if scale is None else HV_NOTE.replace("the trials compared", "the trials of all compared studies"),
-        "trials": [trial_row(t) for t in trials],
+        "fidelity": fid.to_dict() if fid is not None else None,
+        "audit": study_audit(trials, fid, objectives) if fid is not None else None,
+        "teacher": study.user_attrs.get("teacher_figures"),
+        "trials": [trial_row(t, fidelity=fid) for t in trials],
     }

@@ -25,7 +25,7 @@ class TrialStatus(_StrEnum):
     DUPLICATE = "duplicate"  # a candidate scored before: its figures reused
     FAILED = "failed"  # the proxy failed (NaN, out of memory, ...) (FAIL)
     INTERRUPTED = "interrupted"  # stopped by Ctrl-C; its choices queued again (FAIL)
-    SURPLUS = "surplus"  # the budget was taken by other workers; nothing run (FAIL)
+    SURPLUS = "surplus"  # the budget was taken by other workers, or a concurrent twin runs the promotion; nothing run (FAIL)
 
 
 SCORED = (TrialStatus.OK, TrialStatus.INFEASIBLE)  # trials whose figures a duplicate may reuse
@@ -44,5 +44,6 @@ class StopReason(_StrEnum):
 
 def evaluated(t: optuna.trial.FrozenTrial) -> bool:
     """A trial that scored a new candidate: what the trial budget counts. Rejections (from the
-    cost engine or a pre-filter) and repeats of a scored candidate are cheap and not counted."""
-    return t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+    cost engine or a pre-filter) and repeats of a scored candidate are cheap and not counted; a
+    multi-fidelity study's promotions (a candidate scored again at a higher rung) are not new."""
+    return t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs and "promotion_of" not in t.user_attrs

@@ -29,6 +29,7 @@ from .config import StudyConfig
 from .evaluator import Evaluator
 from .objective import Surplus, TrialFailed, TrialObjective
 from .results import pareto_front
+from .rungs import PROMOTION_ATTRS, enqueue_promotions, is_promotion, pending_promotions, prune_checkpoints
 from .status import StopReason, TrialStatus, evaluated
 from .storage import load_or_create_study, open_storage, redact_url
 
@@ -41,8 +42,9 @@ def worker_id() -> str:
 
 
 def _counts(study: optuna.Study) -> tuple[int, int]:
+    """(evaluated trials, running trials of new candidates): promotions count in neither."""
     ts = study.get_trials(deepcopy=False)
-    return sum(evaluated(t) for t in ts), sum(t.state == TrialState.RUNNING for t in ts)
+    return sum(evaluated(t) for t in ts), sum(t.state == TrialState.RUNNING and not is_promotion(t) for t in ts)
 
 
 def enqueue_known(cfg: StudyConfig, study: optuna.Study, ev: Evaluator) -> list[str]:
@@ -70,7 +72,8 @@ def requeue(study: optuna.Study, trial: optuna.trial.Trial | None) -> None:
         return
     ft = next((t for t in study.get_trials(deepcopy=False) if t.number == trial.number), None)
     if ft is not None and ft.state == TrialState.FAIL and ft.params and ft.user_attrs.get("status") == TrialStatus.INTERRUPTED:
-        study.enqueue_trial(ft.params, user_attrs={"retry_of": ft.number})
+        keep = {k: ft.user_attrs[k] for k in PROMOTION_ATTRS if k in ft.user_attrs} if is_promotion(ft) else {}
+        study.enqueue_trial(ft.params, user_attrs={**keep, "retry_of": ft.number})
 
 
 def wandb_run(cfg: StudyConfig, worker: str):
@@ -103,6 +106,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
     ev = Evaluator(cfg, device=device)
     study = load_or_create_study(cfg, store)
     enqueue_known(cfg, study, ev)
+    if "teacher_figures" not in study.user_attrs and not ev.hybrid:  # the teacher's point on the report's plots
+        study.set_user_attr("teacher_figures", ev.teacher_marker())
     art_dir = cfg.artifacts_dir()
     art_dir.mkdir(parents=True, exist_ok=True)
     artifact_store = optuna.artifacts.FileSystemArtifactStore(str(art_dir))
@@ -131,16 +136,24 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
     try:
         while True:
             optuna.storages.fail_stale_trials(study)
+            if cfg.fidelity is not None:
+                enqueue_promotions(study, cfg.fidelity)
+                prune_checkpoints(study, cfg)
             finished, running = _counts(study)
+            queued, promoting = pending_promotions(study) if cfg.fidelity is not None else (0, 0)
             bar.n = min(finished, target) if target else finished
-            bar.set_postfix(front=len(pareto_front(study, cfg)), running=running, refresh=True)
-            if target is not None and finished >= target:
-                stop_reason = StopReason.TRIALS
-                break
+            bar.set_postfix(front=len(pareto_front(study, cfg)), running=running + promoting, refresh=True,
+                            **({"promotions": queued + promoting} if cfg.fidelity is not None else {}))
             if deadline is not None and time.monotonic() >= deadline:
                 stop_reason = StopReason.TIMEOUT
                 break
-            if target is not None and finished + running >= target:
+            if target is not None and finished >= target and not queued:
+                if promoting:  # the last promotions run elsewhere; they may promote further, or die
+                    time.sleep(poll)
+                    continue
+                stop_reason = StopReason.TRIALS
+                break
+            if target is not None and finished + running >= target and not queued:
                 time.sleep(poll)  # the last trials run elsewhere; wait in case a worker dies
                 continue
             try:
@@ -156,7 +169,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
                     failures.append(f"trial {last.number}: {last.user_attrs.get('reason')}")
                 elif last.state in FINISHED:
                     failures.clear()
-                cheap = 0 if evaluated(last) else cheap + 1
+                cheap = 0 if evaluated(last) or is_promotion(last) else cheap + 1
                 if len(failures) >= cfg.max_failures:
                     stop_reason = StopReason.FAILURES
                     break
@@ -171,6 +184,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
             run.finish()
     finished, running = _counts(study)
     stopped = StopReason.INTERRUPTED if interrupted else stop_reason
+    if cfg.fidelity is not None and stopped == StopReason.TRIALS:  # done: no promotion is queued or running
+        prune_checkpoints(study, cfg, everything=True)
     return {"study": cfg.name, "storage": redact_url(cfg.storage_url(storage)), "worker": me, "trials_run": mine,
             "evaluated": finished, "running": running, "target": target, "stopped": stopped.value,
             "front_size": len(pareto_front(study, cfg)), "failures": failures}
