@@ -354,7 +354,7 @@ def test_cli_search_pareto_export(tmp_path, capsys, monkeypatch):
     assert rows and all("macs" in r and "output_mse" in r for r in rows) and front["hypervolume"] > 0
     assert main(["pareto", "--study", "cli", "--csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("trial,candidate_key,status,params,macs") and len(lines) == len(rows) + 1
+    assert lines[0].startswith("trial,label,candidate_key,status,params,macs") and len(lines) == len(rows) + 1
     assert main(["pareto", "--study", "cli"]) == 0
     assert "Pareto front: %d trials" % len(rows) in capsys.readouterr().out
     pick = rows[0]

@@ -178,7 +178,7 @@ def test_a_study_without_promotions_says_so(tmp_path):
     study.set_user_attr("config", {"fidelity": {"rungs": [40, 400], "promote": 0.3}})
     for i, v in enumerate((0.3, 0.2, 0.1)):
         study.add_trial(optuna.trial.create_trial(values=[v, 100 + i], user_attrs={"status": "ok", "candidate_key": f"k{i}",
-                                                                                  "heldout_mse": v, "macs": 100 + i}))
+                                                                                  "heldout_mse": v, "macs": 100 + i, RUNG: 40}))
     s = summarize(study)
     assert s["audit"]["possible"] is False and s["audit"]["promotions"] == 0
     assert "no promotions yet" in s["audit"]["reason"] and all(r["rung"] == 40 for r in s["trials"])

@@ -16,7 +16,7 @@ from hybridsd_nas.core.errors import HybridSDError
 
 from .config import StudyConfig
 from .metrics import METRICS
-from .rungs import PROMOTION_OF, fidelity_of, highest_rung_trials, rung_of, study_audit
+from .rungs import PROMOTION_OF, RUNG, fidelity_of, highest_rung_trials, study_audit
 from .status import TrialStatus, evaluated
 
 HV_NOTE = ("hypervolume of the objectives min-max normalised over the trials compared (best 0, worst 1, "
@@ -104,11 +104,14 @@ def candidate_label(ua: dict[str, Any]) -> str | None:
     return None
 
 
-def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None = None, fidelity=None) -> dict[str, Any]:
+def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None = None) -> dict[str, Any]:
+    """One trial as a flat row: its number, state, status and reason, the candidate (``label``, key,
+    the sampler's ``choices``), every metric it recorded, and ``rung``: the distillation steps its
+    quality figures come from (None where it has none, or the study has no rungs)."""
     ua = t.user_attrs
     row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "status": ua.get("status"), "reason": ua.get("reason"),
-                           "candidate_key": ua.get("candidate_key"), "label": candidate_label(ua), "params": dict(t.params),
-                           "candidate": ua.get("candidate"), "worker": ua.get("worker"), "rung": rung_of(t, fidelity)}
+                           "candidate_key": ua.get("candidate_key"), "label": candidate_label(ua), "choices": dict(t.params),
+                           "candidate": ua.get("candidate"), "worker": ua.get("worker"), "rung": ua.get(RUNG)}
     if PROMOTION_OF in ua:
         row[PROMOTION_OF] = ua[PROMOTION_OF]
     for m in METRICS:
@@ -149,11 +152,11 @@ def summarize(study: optuna.Study, scale=None) -> dict[str, Any]:
         "constraints": cfg.get("constraints", []),
         "config": cfg,
         "counts": {"trials": len(trials), "evaluated": sum(evaluated(t) for t in trials), **states},
-        "front": [trial_row(t, fidelity=fid) for t in front],
+        "front": [trial_row(t) for t in front],
         "hypervolume": hv,
         "hypervolume_note": HV_NOTE if scale is None else HV_NOTE.replace("the trials compared", "the trials of all compared studies"),
         "fidelity": fid.to_dict() if fid is not None else None,
         "audit": study_audit(trials, fid, objectives) if fid is not None else None,
         "teacher": study.user_attrs.get("teacher_figures"),
-        "trials": [trial_row(t, fidelity=fid) for t in trials],
+        "trials": [trial_row(t) for t in trials],
     }
