@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from hybridsd_nas.arch import Candidate, describe, resolve_candidate
 from hybridsd_nas.core.errors import ConfigError, HybridSDError
-from hybridsd_nas.cost import CostReport, LatencyTable, estimate_cost, parse_dtype
+from hybridsd_nas.cost import (
+    CostReport,
+    LatencyTable,
+    MissingUnitsError,
+    base_key,
+    build_table,
+    default_resolution,
+    estimate_cost,
+    open_table,
+)
 from hybridsd_nas.distill import checked_data_spec
 from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, eval_set_for, run_proxy
 from hybridsd_nas.sources import resolve_teacher
@@ -66,7 +75,19 @@ class Evaluator:
             for m in sampled:
                 if m in needs and not needs[m][0]:
                     raise ConfigError(f"{cfg.source}: {m} needs {needs[m][1]}; evaluation set {es.source} has none")
-        self._lut = None
+        self._lut: LatencyTable | None = None
+        if cfg.latency_mode == "lut" and cfg.latency_table and Path(cfg.latency_table).is_file():
+            # a table built elsewhere, read as it is (no device needed): checked before any model loads
+            try:
+                self._lut = open_table(cfg.latency_table, resolution=cfg.resolution or default_resolution(cfg.teacher, self.arch),
+                                       dtype=cfg.latency_dtype, batch=cfg.batch)
+            except ConfigError as e:
+                raise ConfigError(f"{cfg.source}: latency.table: {e}") from None
+            if base_key(self.arch) not in self._lut.overhead:
+                raise ConfigError(f"{cfg.source}: latency.table: {cfg.latency_table} was not built for teacher {cfg.teacher!r} "
+                                  f"(it holds {', '.join(sorted(self._lut.overhead)) or 'no teacher'}); build one: "
+                                  f"{self._lut.build_command(self.space.name, cfg.teacher)}")
+            self._lut.space_hint = self.space.name
         self._names: dict[str, str] | None = None
         self._teacher_cost: dict[str, Any] | None = None
         self._schedule_cost = None
@@ -88,11 +109,13 @@ class Evaluator:
         return self._names.get(candidate.key) or candidate.label
 
     def teacher_marker(self) -> dict[str, float]:
-        """The teacher's own figures for plots: its cost (weight-free count; latency where it was
-        already measured), and 0 for every figure measured against the teacher itself."""
-        figs = dict(self._teacher_cost) if self._teacher_cost is not None else \
-            cost_figures(estimate_cost(self.cfg.teacher, Candidate(), resolution=self.cfg.resolution, batch=self.cfg.batch,
-                                       arch=self.arch))
+        """The teacher's own figures for plots: its cost (weight-free count; latency where the study
+        uses it), and 0 for every figure measured against the teacher itself."""
+        if self._teacher_cost is not None or "latency_ms" in self.cfg.metrics:  # the study times the teacher anyway
+            figs = dict(self.teacher_figures())
+        else:
+            figs = cost_figures(estimate_cost(self.cfg.teacher, Candidate(), resolution=self.cfg.resolution, batch=self.cfg.batch,
+                                              arch=self.arch))
         return {**{k: float(v) for k, v in figs.items()}, **{m: 0.0 for m in TEACHER_RELATIVE}}
 
     def key(self, pt) -> str:
@@ -131,17 +154,30 @@ class Evaluator:
                                                                  "dtype": c.latency_dtype, "batch": c.batch},
                 "proxy": {**self.settings.as_dict(), "device": self.device, "dtype": "float32"}}
 
+    def latency_table(self) -> LatencyTable | None:
+        """The study's lookup table (``latency.mode: lut``): the YAML's ``table`` file as it is when it
+        exists (built elsewhere, read only); otherwise built once on ``latency.device`` (into that
+        file, or this machine's cache) for the teacher, the space's presets and every unit shape of
+        its candidates, under a file lock: other workers wait for it, then read it."""
+        c = self.cfg
+        if c.latency_mode != "lut":
+            return None
+        if self._lut is None:
+            cands = itertools.chain(self.space.presets(self.arch).values(), self.space.unit_cover(self.arch))
+            self._lut, _ = build_table(c.teacher, cands, out=c.latency_table, device=c.latency_device, dtype=c.latency_dtype,
+                                       resolution=c.resolution, batch=c.batch, covers=[f"{self.space.name}@{self.space.version}"],
+                                       arch=self.arch)
+            self._lut.space_hint = self.space.name
+        return self._lut
+
     def cost(self, candidate) -> CostReport:
         c = self.cfg
-        lut = None
-        if c.latency_mode == "lut":
-            if self._lut is None:
-                first = estimate_cost(c.teacher, candidate, resolution=c.resolution, batch=c.batch, arch=self.arch)
-                dt = parse_dtype(c.latency_dtype) if c.latency_dtype else (torch.float16 if c.latency_device.startswith("cuda") else torch.float32)
-                self._lut = LatencyTable(c.latency_device, dt, first.measured["resolution"], c.batch, path=c.latency_table)
-            lut = self._lut
-        return estimate_cost(c.teacher, candidate, resolution=c.resolution, batch=c.batch, latency=c.latency_mode,
-                             device=c.latency_device, dtype=c.latency_dtype, lut=lut, arch=self.arch)
+        lut = self.latency_table()
+        try:
+            return estimate_cost(c.teacher, candidate, resolution=c.resolution, batch=c.batch, latency=c.latency_mode,
+                                 device=c.latency_device, dtype=c.latency_dtype, lut=lut, arch=self.arch)
+        except MissingUnitsError as e:
+            raise ConfigError(f"{c.source}: latency.table: {e}") from None
 
     def proxy(self, candidate, prefilter: Callable[[dict[str, float]], str | None] | None, quality: bool,
               point=None, sample: bool = True, steps: int | None = None, checkpoint_dir=None,
