@@ -9,6 +9,7 @@ from hybridsd_nas.core import (
     InvalidCandidateError,
     NotExpressibleError,
     UnknownNameError,
+    UnreliableMeasurementError,
     __version__,
 )
 from hybridsd_nas.export import load_unet
@@ -19,6 +20,7 @@ __all__ = [
     "InvalidCandidateError",
     "NotExpressibleError",
     "UnknownNameError",
+    "UnreliableMeasurementError",
     "__version__",
     "load_unet",
 ]

@@ -1,8 +1,9 @@
 """The ``hybridsd-nas`` command line: one module per command group, a thin layer over the library.
 
 Exit statuses (:class:`ExitCode`): 0 ok; 1 the run failed (NaN or divergence in training, a proxy
-that could not score); 2 the user's mistake (an unknown name, a malformed file, an impossible
-candidate, a bad option), reported as one line before any model is loaded; 130 interrupted.
+that could not score, a latency table whose measurements disagree); 2 the user's mistake (an
+unknown name, a malformed file, an impossible candidate, a bad option), reported as one line
+before any model is loaded; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hybridsd_nas.cli import arch, cost, hybrid, proxy, registries, space, study, train, zoo
+from hybridsd_nas.cli import arch, cost, hybrid, lut, proxy, registries, space, study, train, zoo
 from hybridsd_nas.cli.common import ExitCode, RunFailed
-from hybridsd_nas.core.errors import HybridSDError
+from hybridsd_nas.core.errors import HybridSDError, UnreliableMeasurementError
 from hybridsd_nas.core.runtime import __version__
 
-GROUPS = (cost, arch, space, train, proxy, study, hybrid, zoo, registries)
+GROUPS = (cost, lut, arch, space, train, proxy, study, hybrid, zoo, registries)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or ExitCode.OK)
+    except UnreliableMeasurementError as e:  # not the user's mistake: the measurement failed
+        print(f"hybridsd-nas: failed: {e}", file=sys.stderr)
+        return ExitCode.RUN_FAILED
     except HybridSDError as e:
         print(f"hybridsd-nas: error: {e}", file=sys.stderr)
         return ExitCode.USAGE

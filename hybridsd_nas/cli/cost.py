@@ -6,7 +6,8 @@ import argparse
 
 from hybridsd_nas.arch import describe
 from hybridsd_nas.cli.common import add_device, add_json, add_latency, add_parser, add_teacher, print_json, print_table
-from hybridsd_nas.cost import CostReport, estimate_cost
+from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.cost import CostReport, default_resolution, estimate_cost, open_table
 
 MAIN_TABLE = ("identity", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 
@@ -29,8 +30,15 @@ def how_measured(r: CostReport) -> str:
 
 def _reports(args: argparse.Namespace, candidates: list[str | None], by_block: bool) -> list[CostReport]:
     arch = describe(args.teacher)
+    lut = None
+    if args.table is not None:
+        if args.latency != "lut":
+            raise ConfigError(f"--table is the table of --latency lut, not --latency {args.latency}; add --latency lut")
+        # read as it is (no device needed); a table for another resolution, dtype or batch: one line, before any model
+        lut = open_table(args.table, resolution=args.resolution or default_resolution(args.teacher, arch), dtype=args.dtype,
+                         batch=args.batch_size)
     return [estimate_cost(args.teacher, c, resolution=args.resolution, batch=args.batch_size, latency=args.latency,
-                          device=args.device, dtype=args.dtype, by_block=by_block, arch=arch, repeats=args.repeats)
+                          device=args.device, dtype=args.dtype, by_block=by_block, arch=arch, repeats=args.repeats, lut=lut)
             for c in candidates]
 
 
@@ -75,6 +83,9 @@ def _cost_args(sp: argparse.ArgumentParser) -> None:
     add_device(sp)
     sp.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on cuda, else float32)")
     sp.add_argument("--repeats", type=int, default=10, help="timed repeats for --latency measure (default: 10)")
+    sp.add_argument("--table", default=None, metavar="FILE",
+                    help="--latency lut from this table file (built with `lut build` on the target device; read here as it "
+                         "is, no device needed); default: this machine's table for --device in the cache")
     add_json(sp)
 
 

@@ -15,6 +15,7 @@ from hybridsd_nas.study import (
     SAMPLERS,
     StopReason,
     build_report,
+    claim_results_dir,
     describe_audit,
     export_trial,
     format_table,
@@ -35,6 +36,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = load_study_config(args.config)
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials must be >= 1, got {args.n_trials}")
+    if not args.no_outputs:  # another study's outputs in the folder: refused now, not after the trials
+        claim_results_dir(cfg.name, cfg.storage_url(args.storage), cfg.results_dir, write=False)
     res = run_study(cfg, storage=args.storage, n_trials=args.n_trials, timeout=args.timeout, progress=not args.quiet,
                     device=args.device)
     outputs = {}
@@ -48,7 +51,13 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"front of {res['front_size']}, stopped: {res['stopped']}; storage {res['storage']}")
         for what, path in outputs.items():
             print(f"{what}: {path}")
-    if res["stopped"] == StopReason.EXHAUSTED:
+    rb = res.get("rejected_by")
+    if res["stopped"] == StopReason.EXHAUSTED and rb:
+        given = f" ({rb['given']})" if rb["given"] != rb["constraint"] else ""
+        print(f"the last {rb['trials']} candidates were all rejected or already seen, every rejection ({rb['rejected']}) by one "
+              f"constraint: {rb['constraint']}{given}; the closest came to {rb['metric']} = {rb['closest']:.6g}: loosen that "
+              f"constraint, or check how {rb['metric']} is measured ({res['evaluated']} evaluated)", file=sys.stderr)
+    elif res["stopped"] == StopReason.EXHAUSTED:
         print(f"the sampler proposed only rejected or already-seen candidates for a long stretch: the space under these "
               f"constraints looks exhausted ({res['evaluated']} evaluated)", file=sys.stderr)
     if res["stopped"] == StopReason.FAILURES:

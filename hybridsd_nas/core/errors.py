@@ -35,3 +35,8 @@ class InvalidCandidateError(HybridSDError, ValueError):
 
 class NotExpressibleError(HybridSDError, ValueError):
     """A candidate that a stock diffusers config cannot express (it needs module surgery)."""
+
+
+class UnreliableMeasurementError(HybridSDError):
+    """A measurement that contradicts itself (a latency table whose units and whole forward disagree
+    even when measured again): the run failed (exit status 1), nothing was written."""

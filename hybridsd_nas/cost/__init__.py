@@ -1,17 +1,26 @@
-"""The cost engine: params, MACs (two conventions) and latency of any candidate, weight-free; the
-whole text-to-image pipeline's cost and a hybrid schedule's cloud/edge accounting."""
+"""The cost engine: params, MACs (two conventions) and latency of any candidate, weight-free (latency
+lookup tables built once on a device and read anywhere); the whole text-to-image pipeline's cost
+and a hybrid schedule's cloud/edge accounting."""
 
 from hybridsd_nas.cost.engine import LATENCY_MODES, CostReport, LatencyRequest, estimate_cost
 from hybridsd_nas.cost.inputs import latent_size, unet_inputs
 from hybridsd_nas.cost.latency import (
     LatencyStats,
-    LatencyTable,
     check_device,
     device_label,
     dtype_name,
     measure_latency,
     parse_dtype,
     time_fn,
+)
+from hybridsd_nas.cost.lut import (
+    LatencyTable,
+    MissingUnitsError,
+    base_key,
+    build_table,
+    default_resolution,
+    open_table,
+    table_path,
 )
 from hybridsd_nas.cost.macs import MacCount, count_macs
 
@@ -22,14 +31,20 @@ __all__ = [
     "LatencyStats",
     "LatencyTable",
     "MacCount",
+    "MissingUnitsError",
+    "base_key",
+    "build_table",
     "check_device",
     "count_macs",
+    "default_resolution",
     "device_label",
     "dtype_name",
     "estimate_cost",
     "latent_size",
     "measure_latency",
+    "open_table",
     "parse_dtype",
+    "table_path",
     "time_fn",
     "unet_inputs",
 ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +15,8 @@ from hybridsd_nas.arch import Candidate, Plan, UNetArch, describe, plan, resolve
 from hybridsd_nas.build import build_student
 from hybridsd_nas.core.registry import Registry
 from hybridsd_nas.cost.inputs import latent_size, unet_inputs
-from hybridsd_nas.cost.latency import LatencyTable, check_device, measure_latency, parse_dtype
+from hybridsd_nas.cost.latency import check_device, measure_latency, parse_dtype
+from hybridsd_nas.cost.lut import LatencyTable, base_key, open_table
 from hybridsd_nas.cost.macs import count_macs
 from hybridsd_nas.sources import vae_scale_factor
 
@@ -58,13 +57,14 @@ class CostReport:
 
 @dataclass
 class LatencyRequest:
-    """What a latency mode is handed: the candidate's meta-device model and inputs, and the settings."""
+    """What a latency mode is handed: the candidate's meta-device model and inputs, and the settings
+    (``device`` is None when a table built elsewhere is read: no device is needed then)."""
 
     arch: UNetArch
     plan: Plan
     model: nn.Module
     inputs: dict[str, Any]
-    device: torch.device
+    device: torch.device | None
     dtype: torch.dtype
     resolution: int
     batch: int
@@ -85,10 +85,9 @@ def _measure(r: LatencyRequest) -> dict[str, Any]:
 
 @LATENCY_MODES.register("lut", help="sum of per-unit timings from a lookup table built on the device, plus the base's overhead")
 def _lookup(r: LatencyRequest) -> dict[str, Any]:
-    table = r.lut if isinstance(r.lut, LatencyTable) else LatencyTable(str(r.device), r.dtype, r.resolution, r.batch, path=r.lut)
-    blob = json.dumps({k: v for k, v in r.arch.config.items() if not k.startswith("_")}, sort_keys=True, default=str)
-    base_key = f"{r.arch.source}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
-    pred = table.predict(r.model, r.inputs, base_key, base_model=lambda: build_student(plan(r.arch, Candidate())))
+    table = r.lut if isinstance(r.lut, LatencyTable) else LatencyTable(str(r.device), r.dtype, r.resolution, r.batch)
+    table.check(r.resolution, r.dtype, r.batch)
+    pred = table.predict(r.model, r.inputs, base_key(r.arch), base_model=lambda: build_student(plan(r.arch, Candidate())))
     return {**pred, "method": "lookup table"}
 
 
@@ -109,6 +108,10 @@ def estimate_cost(
 ) -> CostReport:
     """Cost of ``candidate`` on base ``unet``: params, MACs, and latency when asked (a name of
     :data:`LATENCY_MODES`).
+
+    ``lut`` (``latency="lut"``): a :class:`LatencyTable`, or the path of a table file built elsewhere
+    (read as it is, on any machine: ``device`` is then not needed, and ``dtype`` defaults to the
+    table's); default this machine's table for ``device`` in the cache, grown as units are met.
 
     ``resolution`` is in pixels (default: the config's ``sample_size`` x VAE scale); MACs are for
     one forward of ``batch`` latents with ``text_len`` text tokens.
@@ -137,8 +140,13 @@ def estimate_cost(
     )
     if mode is not None:
         dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-        dev = check_device(device)
-        dt = dt or (torch.float16 if dev.type == "cuda" else torch.float32)
+        if latency == "lut" and lut is not None and not isinstance(lut, LatencyTable):
+            lut = open_table(lut)
+        if isinstance(lut, LatencyTable) and lut.portable:  # read from a file: the device it was built on need not be here
+            dev, dt = None, dt or lut.dtype
+        else:
+            dev = check_device(device)
+            dt = dt or (torch.float16 if dev.type == "cuda" else torch.float32)
         figures = mode(LatencyRequest(arch, p, model, inputs, dev, dt, res, batch, repeats, lut))
         report.latency_ms = figures.pop("latency_ms")
         report.latency = figures

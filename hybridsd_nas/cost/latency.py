@@ -1,17 +1,14 @@
-"""Latency: measured on a device, and predicted from a per-unit lookup table.
+"""Latency: measured on a device, and the per-unit tracing a lookup table is built from.
 
 Measurement needs no real weights: the U-Net is built on the meta device, materialised on the
 target device with random weights (latency does not depend on their values), and timed with
-warm-up, repeats and device synchronisation; the median and the spread (10th-90th percentile)
-are reported with the device, dtype, resolution and batch.
+warm-up, repeats and device synchronisation; the median, the minimum and the spread (10th-90th
+percentile) are reported with the device, dtype, resolution and batch.
 
-The lookup table (:class:`LatencyTable`) times every *unit* of a U-Net once (conv_in, the time
-embedding, each ResNet, Transformer, down/upsampler, mid unit, the output head), standalone, on the
-shapes it sees inside the model, keyed by the unit's structure and input shapes. A candidate's
-predicted latency is the sum of its units plus a fixed overhead (skip concatenations, block glue,
-Python dispatch) measured once on the base U-Net as full-model latency minus the sum of its
-units. The table is a JSON file under the cache directory, one per device, dtype, resolution
-and batch, and grows as new unit shapes are met.
+A U-Net's *units* (conv_in, the time embedding, each ResNet, Transformer, down/upsampler, mid
+unit, the output head) are what a lookup table times one by one (:mod:`hybridsd_nas.cost.lut`):
+:func:`trace_units` records each unit's call on the meta device, keyed by the unit's structure and
+input shapes.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -30,10 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hybridsd_nas.core.errors import HybridSDError
-from hybridsd_nas.core.paths import cache_dir
 from hybridsd_nas.core.runtime import quiet
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -95,6 +89,7 @@ class LatencyStats:
     warmup: int
     device: str
     dtype: str
+    min_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +97,7 @@ class LatencyStats:
 
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10, dtype: str = "",
             inner: int = 1) -> LatencyStats:
-    """Median and 10th/90th percentile wall time of ``fn`` in ms, synchronising the device.
+    """Median, minimum and 10th/90th percentile wall time of ``fn`` in ms, synchronising the device.
 
     With ``inner`` > 1 each sample is ``inner`` back-to-back calls between two synchronisations,
     divided by ``inner``: the time a call takes when queued behind others, as a unit inside a
@@ -126,7 +121,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat
             times.append((time.perf_counter() - t0) * 1e3 / inner)
     times.sort()
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return LatencyStats(statistics.median(times), q[0], q[-1], repeats, warmup, device_label(device), dtype)
+    return LatencyStats(statistics.median(times), q[0], q[-1], repeats, warmup, device_label(device), dtype, times[0])
 
 
 def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -250,98 +245,54 @@ class UnitCall:
     desc: str
 
 
-def trace_units(model: nn.Module, inputs: dict[str, Any]) -> list[UnitCall]:
-    """Run ``model`` (meta) once and record each unit's call: its module, input shapes and key."""
+def _out_spec(x: Any) -> Any:
+    """The shapes of a unit's output, enough to make it again on the meta device (None: not a tensor or a tuple of them)."""
+    if isinstance(x, torch.Tensor):
+        return ("t", tuple(x.shape), x.dtype)
+    if isinstance(x, tuple) and all(isinstance(v, torch.Tensor) for v in x):
+        return ("tuple", tuple(_out_spec(v) for v in x))
+    return None
+
+
+def _meta_out(spec: Any) -> Any:
+    if spec[0] == "t":
+        return torch.empty(spec[1], dtype=spec[2], device="meta")
+    return tuple(_meta_out(v) for v in spec[1])
+
+
+def trace_units(model: nn.Module, inputs: dict[str, Any], memo: dict[str, Any] | None = None) -> list[UnitCall]:
+    """Run ``model`` (meta) once and record each unit's call: its module, input shapes and key.
+
+    ``memo`` (unit key -> output shapes), shared across calls, makes tracing many candidates of one
+    space cheap: a unit whose key was met before is not run again; its output is made on the meta
+    device from the recorded shapes (the key fixes the structure and input shapes, hence the output's)."""
     calls: list[UnitCall] = []
-    hooks = []
+    patched = []
     for path, m in unit_modules(model):
-        def hook(mod, args, kwargs, path=path):
+        struct = _structure(m)
+
+        def forward(*args, _m=m, _orig=m.forward, _path=path, _struct=struct, **kwargs):
             a, k = _spec(args), _spec(kwargs)
-            blob = json.dumps([_structure(mod), a, k], sort_keys=True, default=str)
+            blob = json.dumps([_struct, a, k], sort_keys=True, default=str)
             key = hashlib.sha1(blob.encode()).hexdigest()[:16]
             shape = next((v["t"] for v in (a if isinstance(a, list) else []) if isinstance(v, dict) and "t" in v), None)
-            calls.append(UnitCall(path, mod, a, k, key, f"{type(mod).__name__} in={shape}"))
-        hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            calls.append(UnitCall(_path, _m, a, k, key, f"{type(_m).__name__} in={shape}"))
+            if memo is not None and memo.get(key) is not None:
+                return _meta_out(memo[key])
+            out = _orig(*args, **kwargs)
+            if memo is not None:
+                memo[key] = _out_spec(out)
+            return out
+
+        patched.append((m, m.__dict__.get("forward")))
+        m.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:
         with torch.inference_mode():
             model(**inputs, return_dict=False)
     finally:
-        for h in hooks:
-            h.remove()
+        for m, own in patched:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
     return calls
-
-
-class LatencyTable:
-    """Per-unit latency lookup table for one device, dtype, resolution and batch."""
-
-    VERSION = 1
-
-    def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32, resolution: int = 512,
-                 batch: int = 1, path: str | Path | None = None, warmup: int = 2, repeats: int = 5):
-        self.device = check_device(device)
-        self.dtype = dtype
-        self.resolution, self.batch = resolution, batch
-        self.warmup, self.repeats = warmup, repeats
-        label = device_label(self.device)
-        self.path = Path(path) if path else cache_dir() / "lut" / f"{label}-{dtype_name(dtype)}-{resolution}px-b{batch}.json"
-        self.meta = {"version": self.VERSION, "device": label, "dtype": dtype_name(dtype), "resolution": resolution,
-                     "batch": batch, "torch": torch.__version__, "warmup": warmup, "repeats": repeats}
-        self.units: dict[str, dict[str, Any]] = {}
-        self.overhead: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-        except (json.JSONDecodeError, OSError) as e:
-            raise HybridSDError(f"latency table {self.path} is unreadable ({e}); delete it to rebuild") from None
-        if data.get("meta", {}).get("version") != self.VERSION:
-            return  # an older format: rebuilt as units are met
-        self.units = data.get("units", {})
-        self.overhead = data.get("overhead", {})
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "units": self.units, "overhead": self.overhead}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
-
-    def _time_unit(self, call: UnitCall) -> dict[str, Any]:
-        g = torch.Generator().manual_seed(0)
-        mod = materialize(copy.deepcopy(call.module), self.device, self.dtype)
-        args = _from_spec(call.args, self.device, self.dtype, g)
-        kwargs = _from_spec(call.kwargs, self.device, self.dtype, g)
-        inner = 1 if self.device.type == "cpu" else 5  # queued like inside the model on async devices
-        st = time_fn(lambda: mod(*args, **kwargs), self.device, self.warmup, self.repeats, dtype_name(self.dtype), inner)
-        return {"ms": st.median_ms, "p10": st.p10_ms, "p90": st.p90_ms, "desc": call.desc}
-
-    def unit_latencies(self, model: nn.Module, inputs: dict[str, Any], progress: bool = False) -> list[tuple[UnitCall, float]]:
-        calls = trace_units(model, inputs)
-        missing = {c.key: c for c in calls if c.key not in self.units}
-        if missing:
-            for key, c in tqdm(missing.items(), desc="timing units", disable=not progress, leave=False):
-                self.units[key] = self._time_unit(c)
-            self.save()
-        return [(c, self.units[c.key]["ms"]) for c in calls]
-
-    def calibrate(self, base_key: str, model: nn.Module, inputs: dict[str, Any], repeats: int | None = None) -> float:
-        """Measure the base U-Net and store its overhead (full latency - sum of units)."""
-        units = sum(ms for _, ms in self.unit_latencies(model, inputs))
-        st = measure_latency(model, inputs, self.device, self.dtype, self.warmup, repeats or self.repeats)
-        self.overhead[base_key] = {"ms": st.median_ms - units, "measured_ms": st.median_ms, "units_ms": units}
-        self.save()
-        return self.overhead[base_key]["ms"]
-
-    def predict(self, model: nn.Module, inputs: dict[str, Any], base_key: str, base_model: Callable[[], nn.Module] | None = None,
-                progress: bool = False) -> dict[str, Any]:
-        """Predicted latency of ``model`` (meta) in ms: sum of its units + the base's overhead."""
-        if base_key not in self.overhead:
-            if base_model is None:
-                raise HybridSDError(f"latency table {self.path} has no overhead for base {base_key}; calibrate it first")
-            self.calibrate(base_key, base_model(), inputs)
-        units = self.unit_latencies(model, inputs, progress=progress)
-        total_units = sum(ms for _, ms in units)
-        over = self.overhead[base_key]["ms"]
-        return {"latency_ms": total_units + over, "units_ms": total_units, "overhead_ms": over, "n_units": len(units),
-                "table": str(self.path), **{k: self.meta[k] for k in ("device", "dtype", "resolution", "batch")}}

@@ -87,6 +87,11 @@ class SearchSpace:
         """Named points of this space (known designs to enqueue first)."""
         return {}
 
+    def unit_groups(self, arch: UNetArch) -> list[list[str]] | None:
+        """Dimensions that decide the units of one part of the U-Net alone (one group per stage), or
+        None when a unit's shapes may depend on any choice. See :meth:`unit_cover`."""
+        return None
+
     # -- derived -----------------------------------------------------------------------------
     def is_discrete(self, arch: UNetArch) -> bool:
         return all(isinstance(d, Categorical) for d in self.dimensions(arch).values())
@@ -121,6 +126,56 @@ class SearchSpace:
 
     def _point_key(self, pt: SpacePoint) -> str:
         return pt.candidate.key + repr(sorted(dict(pt.extra).items()))
+
+    def unit_cover(self, arch: UNetArch, exhaustive: bool = False) -> list[Candidate]:
+        """Candidates whose units together include every unit shape (a unit's structure and input
+        shapes) that a point of this space can need: what a latency table must time for the space.
+
+        With ``exhaustive``, or for kinds without :meth:`unit_groups`, every distinct candidate.
+        Otherwise the groups' choices advance together (the i-th choice of every group in one
+        point) for each combination of the dimensions outside the groups: as many points as the
+        largest group has choices, not the product over groups."""
+        dims = self.dimensions(arch)
+        cont = [k for k, d in dims.items() if not isinstance(d, Categorical)]
+        if cont:
+            raise ConfigError(f"space {self.name!r} has continuous dimensions ({', '.join(cont[:3])}): no table can hold every "
+                              "unit shape of its candidates; give it discrete choices, or use latency mode measure")
+        groups = None if exhaustive else self.unit_groups(arch)
+        if groups is None:
+            return list({pt.candidate.key: pt.candidate for pt in self.enumerate(arch)}.values())
+        groups = [[k for k in g if k in dims] for g in groups]
+        groups = [g for g in groups if g]
+        grouped = {k for g in groups for k in g}
+        rest = [k for k in dims if k not in grouped]
+        choices = [list(itertools.product(*(dims[k].choices for k in g))) for g in groups]
+        width = max((len(c) for c in choices), default=1)
+        out: dict[str, Candidate] = {}
+
+        def point(fixed: dict[str, Any], picks: list[int]) -> Candidate | None:
+            params = dict(fixed)
+            for g, ch, j in zip(groups, choices, picks):
+                params.update(zip(g, ch[j % len(ch)]))
+            try:
+                return self.point(arch, params).candidate
+            except InvalidCandidateError:
+                return None
+
+        for combo in itertools.product(*(dims[k].choices for k in rest)):
+            fixed = dict(zip(rest, combo))
+            for j in range(width):
+                c = point(fixed, [j] * len(groups))
+                if c is not None:
+                    out.setdefault(c.key, c)
+                    continue
+                for gi, ch in enumerate(choices):  # an invalid mix: each group's j-th choice beside others that go with it
+                    if j >= len(ch):
+                        continue
+                    for k in range(width):
+                        c = point(fixed, [j if i == gi else k for i in range(len(groups))])
+                        if c is not None:
+                            out.setdefault(c.key, c)
+                            break
+        return list(out.values())
 
     def count(self, arch: UNetArch) -> int:
         return sum(1 for _ in self.enumerate(arch))

@@ -120,6 +120,12 @@ class LayerRemovalSpace(SearchSpace):
     def presets(self, arch: UNetArch) -> dict[str, Candidate]:
         return {n: candidate_preset(n, arch) for n in ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")}
 
+    def unit_groups(self, arch: UNetArch) -> list[list[str]]:
+        # A stage's up block keeps one layer more than its down block, so it takes exactly its own
+        # stage's skips; block entry and exit channels are fixed by block_out_channels. A unit's
+        # shapes then follow from its stage's pattern and depth, and from mid/innermost (global).
+        return [[f"stage{i}", f"depth_stage{i}"] for i in range(arch.n_stages)]
+
 
 class RecombinationSpace(SearchSpace):
     """A-SDM's model assembly: each stage (down block + mirrored up block) and the mid block come
@@ -158,6 +164,11 @@ class RecombinationSpace(SearchSpace):
 
     def presets(self, arch: UNetArch) -> dict[str, Candidate]:
         return {f"asdm-m{i}": candidate_preset(f"asdm-m{i}", arch) for i in range(1, 7)}
+
+    def unit_groups(self, arch: UNetArch) -> list[list[str]]:
+        # a stage taken from the Base is the Base's down and up block, which take their own skips;
+        # block entry and exit channels are the same in both U-Nets
+        return [[f"stage{i}"] for i in range(arch.n_stages)]
 
 
 class ChannelPruningSpace(SearchSpace):
@@ -212,6 +223,11 @@ class ChannelPruningSpace(SearchSpace):
         if len(self.options["importance"]) > 1:
             dims["importance"] = Categorical(tuple(self.options["importance"]))
         return dims
+
+    def unit_groups(self, arch: UNetArch) -> list[list[str]]:
+        # keep ratios cut channels inside a ResNet (its inner width) or a Transformer (heads, feed-forward
+        # width): a unit's inputs and outputs keep their shapes, so its own stage's ratios decide it
+        return [[f"{key}.{t}" for t in self.options["targets"]] for key in self._stage_keys(arch)]
 
     def point(self, arch: UNetArch, params: Mapping[str, Any]) -> SpacePoint:
         s = self.start(arch)

@@ -22,6 +22,7 @@ from .fidelity import Fidelity, audit, promotion_candidates
 from .metrics import METRIC_GROUPS, METRICS, Metric, register_metric
 from .objective import Surplus, TrialFailed, TrialObjective, save_grid
 from .outputs import (
+    claim_results_dir,
     export_extra,
     export_row,
     export_trial,
@@ -74,6 +75,7 @@ __all__ = [
     "build_report",
     "check_constraints",
     "checkpoint_dir",
+    "claim_results_dir",
     "cost_figures",
     "default_storage_url",
     "describe_audit",

@@ -16,6 +16,7 @@ from hybridsd_nas.cost import (
     MissingUnitsError,
     base_key,
     build_table,
+    check_device,
     default_resolution,
     estimate_cost,
     open_table,
@@ -163,6 +164,12 @@ class Evaluator:
         if c.latency_mode != "lut":
             return None
         if self._lut is None:
+            try:
+                check_device(c.latency_device)
+            except HybridSDError as e:
+                where = f"latency.table {c.latency_table} does not exist, and building it" if c.latency_table else "a latency table"
+                raise ConfigError(f"{c.source}: latency.device: {where} needs the device ({e}); build one there with "
+                                  "hybridsd-nas lut build and name it in latency.table") from None
             cands = itertools.chain(self.space.presets(self.arch).values(), self.space.unit_cover(self.arch))
             self._lut, _ = build_table(c.teacher, cands, out=c.latency_table, device=c.latency_device, dtype=c.latency_dtype,
                                        resolution=c.resolution, batch=c.batch, covers=[f"{self.space.name}@{self.space.version}"],

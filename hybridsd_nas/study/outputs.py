@@ -19,11 +19,51 @@ from .metrics import METRICS
 from .report import build_report
 from .results import format_value, summarize
 from .rungs import describe_audit
-from .storage import load_study
+from .storage import load_study, redact_url, stored_study_url
 
 FRONT_COLUMNS = ("trial", "label", "candidate_key", "status")
 # the parts of a study's summary that pareto.json and ``pareto --json`` hold
 FRONT_KEYS = ("study", "objectives", "constraints", "counts", "hypervolume", "hypervolume_note", "fidelity", "audit", "front")
+OWNER_FILE = "study-owner.json"  # in a results folder: the study and storage whose outputs it holds
+
+
+def _storage_id(url: str | None) -> str | None:
+    """A storage URL as compared between runs: the password redacted, a SQLite path made absolute."""
+    if url is None:
+        return None
+    if url.startswith("sqlite:///"):
+        url = "sqlite:///" + Path(url[len("sqlite:///"):]).resolve().as_posix()
+    return redact_url(url)
+
+
+def claim_results_dir(name: str, storage: str, out_dir: Path, write: bool = True) -> None:
+    """Refuse (one line) when ``out_dir`` holds the outputs of another study, or of a study of the same
+    name in another storage; else mark it as study ``name``'s in ``storage`` (``write``), so that two
+    studies never write into one folder. A folder from before these marks is judged by its pareto.json."""
+    mine = {"study": name, "storage": _storage_id(storage)}
+    mark = out_dir / OWNER_FILE
+    if mark.is_file():
+        try:
+            theirs = json.loads(mark.read_text())
+        except (OSError, json.JSONDecodeError):
+            theirs = {}
+    elif (out_dir / "pareto.json").is_file():
+        try:
+            theirs = {"study": json.loads((out_dir / "pareto.json").read_text()).get("study"), "storage": mine["storage"]}
+        except (OSError, json.JSONDecodeError):
+            theirs = {}
+    else:
+        theirs = None
+    if theirs is not None and {k: theirs.get(k) for k in mine} != mine:
+        raise ConfigError(f"results folder {out_dir} holds the outputs of study {theirs.get('study')!r} in {theirs.get('storage')}; "
+                          f"study {name!r} in {mine['storage']} will not write there: give it its own results_dir (or remove {out_dir})")
+    if write and not mark.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(mark, "x") as f:  # created once: of two studies claiming at the same moment, one gets it
+                json.dump(mine, f, indent=1)
+        except FileExistsError:
+            claim_results_dir(name, storage, out_dir, write=False)
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -169,8 +209,10 @@ def export_trial(study: optuna.Study, trial: int, out: str | Path, device: str =
 
 def write_outputs(name: str, storage: str | None, out_dir: Path, device: str = "cpu") -> dict[str, Path]:
     """After a study: the Pareto table (Markdown, CSV, JSON), the knee of the front exported with its
-    model card, and the HTML report, all under ``out_dir``."""
+    model card, and the HTML report, all under ``out_dir``; refused (one line) when ``out_dir`` holds
+    another study's outputs (:func:`claim_results_dir`)."""
     study = load_study(name, storage)
+    claim_results_dir(name, stored_study_url(name, storage), out_dir)
     s = summarize(study)
     out_dir.mkdir(parents=True, exist_ok=True)
     front = s["front"]

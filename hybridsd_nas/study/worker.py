@@ -25,8 +25,9 @@ from transformers.utils import logging as transformers_logging
 from hybridsd_nas.arch import resolve_candidate
 from hybridsd_nas.core.errors import ConfigError, HybridSDError
 
-from .config import StudyConfig
+from .config import Constraint, StudyConfig
 from .evaluator import Evaluator
+from .metrics import METRICS
 from .objective import Surplus, TrialFailed, TrialObjective
 from .results import pareto_front
 from .rungs import PROMOTION_ATTRS, enqueue_promotions, is_promotion, pending_promotions, prune_checkpoints
@@ -76,6 +77,29 @@ def requeue(study: optuna.Study, trial: optuna.trial.Trial | None) -> None:
         study.enqueue_trial(ft.params, user_attrs={**keep, "retry_of": ft.number})
 
 
+def rejection_cause(trials: list[optuna.trial.FrozenTrial], cfg: StudyConfig, ev: Evaluator) -> dict[str, Any] | None:
+    """The one cost constraint that rejected every rejected trial of ``trials`` (a worker's streak of
+    cheap trials), with the closest figure any of them reached; None when they were rejected for
+    several reasons (or none was rejected)."""
+    given = [c for c in cfg.constraints if METRICS.get(c.metric).group == "cost"]
+    absolute = ev.constraints("cost")  # the same order, fractions of the teacher made absolute
+    hits: list[tuple[int, float]] = []
+    for t in trials:
+        if t.user_attrs.get("status") != TrialStatus.REJECTED:
+            continue
+        i = next((i for i, c in enumerate(absolute) if c.metric in t.user_attrs and c.violation(t.user_attrs[c.metric]) > 0), None)
+        if i is None:  # rejected as invalid or by a pre-filter
+            return None
+        hits.append((i, float(t.user_attrs[absolute[i].metric])))
+    if not hits or len({i for i, _ in hits}) > 1:
+        return None
+    i = hits[0][0]
+    c: Constraint = absolute[i]
+    closest = min((v for _, v in hits), key=c.violation)
+    return {"metric": c.metric, "constraint": c.describe(), "given": given[i].describe(), "closest": closest,
+            "rejected": len(hits), "trials": len(trials)}
+
+
 def wandb_run(cfg: StudyConfig, worker: str):
     """A Weights & Biases run of this worker in the study's group, or None when ``wandb: off``."""
     if cfg.wandb == "off":
@@ -106,6 +130,7 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
     ev = Evaluator(cfg, device=device)
     study = load_or_create_study(cfg, store)
     enqueue_known(cfg, study, ev)
+    ev.latency_table()  # latency.mode lut: the table is read, or built (or waited for) once, before any trial
     if "teacher_figures" not in study.user_attrs and not ev.hybrid:  # the teacher's point on the report's plots
         study.set_user_attr("teacher_figures", ev.teacher_marker())
     art_dir = cfg.artifacts_dir()
@@ -133,6 +158,8 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
     stop_reason = StopReason.BUDGET
     failures: list[str] = []
     cheap = 0
+    streak: list[optuna.trial.FrozenTrial] = []  # the cheap trials counted by ``cheap``
+    rejected_by = None
     try:
         while True:
             optuna.storages.fail_stale_trials(study)
@@ -170,11 +197,16 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
                 elif last.state in FINISHED:
                     failures.clear()
                 cheap = 0 if evaluated(last) or is_promotion(last) else cheap + 1
+                if cheap:
+                    streak.append(last)
+                else:
+                    streak.clear()
                 if len(failures) >= cfg.max_failures:
                     stop_reason = StopReason.FAILURES
                     break
                 if cheap >= CHEAP_STREAK:
                     stop_reason = StopReason.EXHAUSTED
+                    rejected_by = rejection_cause(streak, cfg, ev)
                     break
     except KeyboardInterrupt:
         interrupted = True
@@ -188,4 +220,4 @@ def run_study(cfg: StudyConfig, storage: str | None = None, n_trials: int | None
         prune_checkpoints(study, cfg, everything=True)
     return {"study": cfg.name, "storage": redact_url(cfg.storage_url(storage)), "worker": me, "trials_run": mine,
             "evaluated": finished, "running": running, "target": target, "stopped": stopped.value,
-            "front_size": len(pareto_front(study, cfg)), "failures": failures}
+            "front_size": len(pareto_front(study, cfg)), "failures": failures, "rejected_by": rejected_by}

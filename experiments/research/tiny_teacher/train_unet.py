@@ -99,6 +99,8 @@ def parse_args(argv=None):
 def recipe_of(args, work: Path) -> dict:
     """The run's recipe: settings.json's when resuming (a flag that disagrees is an error), else the flags over the defaults."""
     given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k) is not None}
+    if given.get("init"):  # the run records the absolute path; a relative --init names the same directory
+        given["init"] = str(Path(given["init"]).resolve())
     f = work / "settings.json"
     if f.is_file():
         fixed = json.loads(f.read_text())["recipe"]
