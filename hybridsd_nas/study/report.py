@@ -539,6 +539,7 @@ def _hv_figure(group, directions: list[str], scale) -> dict[str, Any]:
                      "marker": {"size": 4}})
     lay = _layout("hypervolume of the feasible front as the study grew (normalised as in the table above)",
                   "evaluated trials (in trial-number order)", "hypervolume (higher is better)", 380)
+    lay["xaxis"]["tickformat"] = "d"  # trial counts: whole numbers only
     return {"data": data, "layout": lay}
 
 
