@@ -539,7 +539,8 @@ def _hv_figure(group, directions: list[str], scale) -> dict[str, Any]:
                      "marker": {"size": 4}})
     lay = _layout("hypervolume of the feasible front as the study grew (normalised as in the table above)",
                   "evaluated trials (in trial-number order)", "hypervolume (higher is better)", 380)
-    lay["xaxis"]["tickformat"] = "d"  # trial counts: whole numbers only
+    n = max((max(d["x"]) for d in data if d["x"]), default=1)
+    lay["xaxis"].update({"tick0": 0, "dtick": max(1, math.ceil(n / 10))})  # trial counts: whole-number ticks
     return {"data": data, "layout": lay}
 
 
