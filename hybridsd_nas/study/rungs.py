@@ -225,6 +225,8 @@ def study_audit(trials: Sequence[FrozenTrial], fidelity: Fidelity | None, object
         if not at:
             continue
         a = audit(first, at, lower_is_better=obj["direction"] == "minimize", k=k, seed=seed)
+        if a["warning"]:  # audit() compares "the first rung" with "the highest"; here, with rung r
+            a["warning"] = a["warning"].replace("against the highest", f"against the {r}-step rung")
         per.append({"rung": r, **a})
     if not per:
         return {**base, "possible": False, "n": 0, "highest_rung": None, "by_rung": [], "warning": None,
