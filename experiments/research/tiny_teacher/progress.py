@@ -60,11 +60,12 @@ def cmd_floor(args) -> dict:
 def cmd_score(args) -> dict:
     row = {"label": args.label, "pipeline": args.pipeline, "measured_on": where(),
            **score(Path(args.pipeline), args.count, args.guidance, args.steps, "cpu", True, None)}
+    print(json.dumps(row), flush=True)  # first: minutes of sampling are not lost to a bad --out
     path = Path(args.out) / "start_points.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if not (r["label"] == row["label"] and r["count"] == row["count"])] + [row]
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(row))
     return row
 
 
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     r.add_argument("runs", nargs="+")
     r.add_argument("--name", default="training_runs")
     for q in (f, s, r):
-        q.add_argument("--out", default=str(OUT))
+        q.add_argument("--out", default=str(OUT), help="folder of the JSON written (default: %(default)s)")
     args = p.parse_args(argv)
     return {"floor": cmd_floor, "score": cmd_score, "report": cmd_report}[args.cmd](args) and 0
 
