@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from hybridsd_nas.core.paths import RESULTS_ENV
 from hybridsd_nas.metrics.sampling import save_grid
-from hybridsd_nas.study import TrialStatus, run_study, study_from_dict
+from hybridsd_nas.study import TrialStatus, study_from_dict
 from hybridsd_nas.study.storage import load_or_create_study, open_storage
 
 pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install -e '.[test]')")
@@ -192,34 +192,3 @@ def test_dashboard_without_the_artifact_dir_lists_the_study_but_not_its_grids(tm
     served = dash.json(f"/api/studies/{sid}")["trials"][0]
     assert [a["artifact_id"] for a in served["artifacts"]] == [aid]  # listed from the storage ...
     assert dash.get(f"/artifacts/{sid}/{served['trial_id']}/{aid}")[0] == 400  # ... but not served
-
-
-@pytest.mark.slow
-def test_dashboard_reads_a_real_study_with_sample_grids(tmp_path, dashboard):
-    cfg = study_from_dict({
-        "name": "dash-real", "teacher": "tiny", "space": "layer-removal", "objectives": ["proxy_fid", "macs"],
-        "sampler": {"name": "random", "seed": 1}, "trials": 1, "results_dir": str(tmp_path / "runs" / "dash-real"),
-        "proxy": {"distill_steps": 4, "batch_size": 8, "data_images": 64, "samples": 4, "sampler_steps": 2,
-                  "reference_images": 20, "kid_subset": 4}}, "<test>")
-    res = run_study(cfg, progress=False)
-    assert res["evaluated"] == 1, res
-    stored = {t.number: t for t in optuna.load_study(study_name="dash-real", storage=cfg.storage_url()).get_trials()}
-    ok = [t for t in stored.values() if t.user_attrs.get("status") == TrialStatus.OK]
-    assert ok and all(t.user_attrs.get("sample_grid_artifact") for t in ok)
-
-    dash = dashboard(cfg.storage_url(), cfg.artifacts_dir())
-    summary = _study_by_name(dash, "dash-real")
-    assert summary["directions"] == ["minimize", "minimize"]
-    detail = dash.json(f"/api/studies/{summary['study_id']}")
-    assert detail["objective_names"] == ["proxy_fid", "macs"]
-    served = {t["number"]: t for t in detail["trials"]}
-    assert sorted(served) == sorted(stored)
-    for t in ok:
-        s = served[t.number]
-        assert s["values"] == pytest.approx(t.values)
-        attrs = _attrs(s["user_attrs"])
-        assert attrs["candidate_key"] == t.user_attrs["candidate_key"] and attrs["status"] == "ok"
-        aid = t.user_attrs["sample_grid_artifact"]
-        status, body, ctype = dash.get(f"/artifacts/{summary['study_id']}/{s['trial_id']}/{aid}")
-        assert status == 200 and ctype == "image/png"
-        assert body == (cfg.artifacts_dir() / aid).read_bytes() and body.startswith(b"\x89PNG")
