@@ -136,32 +136,18 @@ def hand_study(tmp_path, name="hand", metrics=("macs", "heldout_mse"), direction
     return st
 
 
-@pytest.fixture
-def future_fields(monkeypatch):
-    """summarize() with the fields the report reads from it (rung and label per row, teacher, fidelity),
-    taken from the study as the current summarize() does, where the summarize() under test lacks them;
-    ``future_fields.audit`` replaces the audit when set."""
+def edit_summary(monkeypatch, edit):
+    """Make the report read ``summarize()``'s output after ``edit(summary)`` has changed it in place."""
     import hybridsd_nas.study.report as report
 
     real = report.summarize
 
-    class Patch:
-        audit = None
-
     def summarize(study, scale=None):
         s = real(study, scale=scale)
-        attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
-        for r in s["trials"] + s["front"]:
-            r.setdefault("rung", attrs[r["trial"]].get("rung"))
-            r.setdefault("label", attrs[r["trial"]].get("label"))
-        s.setdefault("teacher", study.user_attrs.get("teacher_figures"))
-        s.setdefault("fidelity", study.user_attrs.get("config", {}).get("fidelity"))
-        if Patch.audit is not None:
-            s["audit"] = Patch.audit
+        edit(s)
         return s
 
     monkeypatch.setattr(report, "summarize", summarize)
-    return Patch
 
 
 def page_figures(page):
@@ -184,7 +170,7 @@ def trace(data, name):
     return next(t for t in data if t.get("name") == name)
 
 
-def test_two_objective_plot_names_axes_teacher_presets_and_toggles(tmp_path, future_fields):
+def test_two_objective_plot_names_axes_teacher_presets_and_toggles(tmp_path):
     st = hand_study(tmp_path)
     page = build_report([st], tmp_path / "r.html").read_text()
     figs = page_figures(page)
@@ -222,7 +208,7 @@ def test_two_objective_plot_names_axes_teacher_presets_and_toggles(tmp_path, fut
     assert "'>MACs (G)</th>" in body and "<summary><b>" in body
 
 
-def test_hypervolume_against_trials_ends_at_the_tables_value(tmp_path, future_fields):
+def test_hypervolume_against_trials_ends_at_the_tables_value(tmp_path):
     a, b = hand_study(tmp_path, "hv-a", seed=1), hand_study(tmp_path, "hv-b", seed=2)
     page = build_report([a, b], tmp_path / "r.html").read_text()
     data, layout = page_figures(page)[1]
@@ -239,7 +225,7 @@ def test_hypervolume_against_trials_ends_at_the_tables_value(tmp_path, future_fi
     assert trace(page_figures(page)[0][0], "teacher")  # one teacher, one star for both studies
 
 
-def test_three_objectives_get_parallel_coordinates_and_pairwise_plots(tmp_path, future_fields):
+def test_three_objectives_get_parallel_coordinates_and_pairwise_plots(tmp_path):
     st = hand_study(tmp_path, metrics=("macs", "params", "heldout_mse"), directions=("minimize",) * 3)
     page = build_report([st], tmp_path / "r.html").read_text()
     figs = page_figures(page)
@@ -256,7 +242,7 @@ def test_three_objectives_get_parallel_coordinates_and_pairwise_plots(tmp_path, 
     assert page.count("<div class='pairs'>") == 1
 
 
-def test_teacher_that_cannot_be_placed_is_said_so(tmp_path, future_fields):
+def test_teacher_that_cannot_be_placed_is_said_so(tmp_path):
     st = hand_study(tmp_path, metrics=("latency_ms", "heldout_mse"), teacher={"macs": 4.2e8, "heldout_mse": 0.0})
     page = build_report([st], tmp_path / "r.html").read_text()
     data, layout = page_figures(page)[0]
@@ -267,7 +253,7 @@ def test_teacher_that_cannot_be_placed_is_said_so(tmp_path, future_fields):
     assert "not recorded in no-teacher" in build_report([none], tmp_path / "n.html").read_text()
 
 
-def test_one_objective_plots_trials_and_the_best_so_far(tmp_path, future_fields):
+def test_one_objective_plots_trials_and_the_best_so_far(tmp_path):
     st = hand_study(tmp_path, metrics=("heldout_mse",), directions=("minimize",))
     data, layout = page_figures(build_report([st], tmp_path / "r.html").read_text())[0]
     assert layout["xaxis"]["title"]["text"] == "trial number"
@@ -279,12 +265,13 @@ def test_one_objective_plots_trials_and_the_best_so_far(tmp_path, future_fields)
     assert trace(data, "presets")["text"] == ["bk-sdm-small"]
 
 
-def test_multi_fidelity_study_shows_rungs_and_audit(tmp_path, future_fields):
+def test_multi_fidelity_study_shows_rungs_and_audit(tmp_path, monkeypatch):
     fid = {"rungs": [40, 160], "promote": 0.5}
     st = hand_study(tmp_path, fidelity=fid)
-    future_fields.audit = {"metric": "heldout_mse", "possible": True, "n": 6, "kendall_tau": 0.333, "tau_interval_90": [-0.2, 0.8],
-                           "top_k": 3, "top_k_recall": 0.667, "first_rung": 40, "highest_rung": 160,
-                           "warning": "the first rung ranks the 6 candidates scored at both rungs at Kendall tau 0.33"}
+    audit = {"metric": "heldout_mse", "possible": True, "n": 6, "kendall_tau": 0.333, "tau_interval_90": [-0.2, 0.8],
+             "top_k": 3, "top_k_recall": 0.667, "first_rung": 40, "highest_rung": 160,
+             "warning": "the first rung ranks the 6 candidates scored at both rungs at Kendall tau 0.33"}
+    edit_summary(monkeypatch, lambda s: s.update(audit=audit))
     page = build_report([st], tmp_path / "r.html").read_text()
     body = page_body(page)
     assert "<th>rung (steps)</th>" in body
@@ -304,24 +291,15 @@ def test_multi_fidelity_study_shows_rungs_and_audit(tmp_path, future_fields):
     earlier = trace(data, "earlier rungs of promoted")
     assert len(earlier["x"]) == 6 and all("rung 40 steps" in h for h in earlier["hovertext"])
 
-    future_fields.audit = {"possible": False, "n": 0, "reason": "no promotions yet", "warning": None}
+    none = {"possible": False, "n": 0, "reason": "no promotions yet", "warning": None}
+    edit_summary(monkeypatch, lambda s: s.update(audit=none))
     body = page_body(build_report([st], tmp_path / "r2.html").read_text())
     assert "Rung audit: not possible: no promotions yet." in body and "class='warn'" not in body
 
 
-def test_label_names_the_candidate_everywhere(tmp_path, future_fields, monkeypatch):
-    import hybridsd_nas.study.report as report
-
+def test_label_names_the_candidate_everywhere(tmp_path, monkeypatch):
     st = hand_study(tmp_path)
-    inner = report.summarize
-
-    def labelled(study, scale=None):
-        s = inner(study, scale=scale)
-        for r in s["trials"] + s["front"]:
-            r["label"] = f"cand-{r['trial']}"
-        return s
-
-    monkeypatch.setattr(report, "summarize", labelled)
+    edit_summary(monkeypatch, lambda s: [r.update(label=f"cand-{r['trial']}") for r in s["trials"] + s["front"]])
     page = build_report([st], tmp_path / "r.html").read_text()
     front = pareto_front(st)
     for t in front:
@@ -352,7 +330,7 @@ def svg_texts(dom, cls):
 
 
 @pytest.mark.slow  # chromium's start alone takes about 4 s here
-def test_hand_built_report_draws_titles_teacher_presets_and_toggle_in_a_browser(tmp_path, future_fields):
+def test_hand_built_report_draws_titles_teacher_presets_and_toggle_in_a_browser(tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium: `apt-get install chromium` (scripts/bootstrap.sh does it)")
@@ -373,19 +351,9 @@ def test_hand_built_report_draws_titles_teacher_presets_and_toggle_in_a_browser(
     assert dom.count('class="point"') == n_markers(page_figures(page.read_text()))
 
 
-def test_without_labels_the_preset_name_then_the_key_names_a_candidate(tmp_path, future_fields, monkeypatch):
-    import hybridsd_nas.study.report as report
-
+def test_without_labels_the_preset_name_then_the_key_names_a_candidate(tmp_path, monkeypatch):
     st = hand_study(tmp_path)
-    inner = report.summarize
-
-    def unlabelled(study, scale=None):
-        s = inner(study, scale=scale)
-        for r in s["trials"] + s["front"]:
-            r.pop("label", None)
-        return s
-
-    monkeypatch.setattr(report, "summarize", unlabelled)
+    edit_summary(monkeypatch, lambda s: [r.pop("label", None) for r in s["trials"] + s["front"]])
     body = page_body(build_report([st], tmp_path / "r.html").read_text())
     for t in st.get_trials():
         if t.user_attrs["status"] in ("ok", "infeasible"):
@@ -395,7 +363,7 @@ def test_without_labels_the_preset_name_then_the_key_names_a_candidate(tmp_path,
 
 @pytest.mark.parametrize("metrics,directions,shape", [(("macs", "adherence"), ("minimize", "maximize"), "hv"),
                                                       (("adherence", "macs"), ("maximize", "minimize"), "vh")])
-def test_front_staircase_follows_the_directions(tmp_path, future_fields, metrics, directions, shape):
+def test_front_staircase_follows_the_directions(tmp_path, metrics, directions, shape):
     st = hand_study(tmp_path, metrics=metrics, directions=directions)
     data, layout = page_figures(build_report([st], tmp_path / "r.html").read_text())[0]
     front = trace(data, "Pareto front")
@@ -406,7 +374,7 @@ def test_front_staircase_follows_the_directions(tmp_path, future_fields, metrics
     assert "prompt adherence (share of samples, higher is better)" in titles
 
 
-def test_labels_of_neighbouring_presets_take_different_sides(tmp_path, future_fields, monkeypatch):
+def test_labels_of_neighbouring_presets_take_different_sides(tmp_path, monkeypatch):
     import hybridsd_nas.study.report as report
 
     st = hand_study(tmp_path)
