@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import StudyConfig, artifacts_dir_of
+from .config import StudyConfig
 from .fidelity import Fidelity, audit, promotion_candidates
 from .metrics import METRICS
 from .status import SCORED, TrialStatus
@@ -39,14 +39,10 @@ PROMOTION_ATTRS = (RUNG, PROMOTION_OF, "candidate_key", "enqueued_as")
 CHECKPOINTS = "rung-checkpoints"  # in the study's artifact folder: one folder per candidate key
 
 
-def fidelity_of(config: dict[str, Any] | StudyConfig | None) -> Fidelity | None:
-    """The study's :class:`Fidelity` from its config (a :class:`StudyConfig` or the stored dict), or None."""
-    if config is None:
-        return None
-    f = config.fidelity if isinstance(config, StudyConfig) else config.get("fidelity")
-    if f is None or isinstance(f, Fidelity):
-        return f
-    return Fidelity(rungs=f["rungs"], promote=f["promote"])
+def fidelity_of(config: dict[str, Any] | None) -> Fidelity | None:
+    """The :class:`Fidelity` of a study from its stored config dict, or None."""
+    f = (config or {}).get("fidelity")
+    return None if f is None else Fidelity(rungs=f["rungs"], promote=f["promote"])
 
 
 def is_promotion(t: FrozenTrial | optuna.trial.Trial) -> bool:
@@ -62,14 +58,15 @@ def rung_of(t: FrozenTrial, fidelity: Fidelity | None) -> int | None:
     return fidelity.first if fidelity is not None else None
 
 
-def checkpoint_dir(cfg: StudyConfig | dict[str, Any], key: str, name: str | None = None) -> Path:
-    """Where candidate ``key``'s distillation checkpoint lives between rungs: under the study's
-    artifact folder, which every worker of a study must share (as it shares the sample grids)."""
-    if isinstance(cfg, StudyConfig):
-        root = cfg.artifacts_dir()
-    else:
-        root = artifacts_dir_of(name or cfg["name"], cfg.get("artifacts"), cfg.get("results"))
-    return root / CHECKPOINTS / key
+def checkpoint_root(cfg: StudyConfig) -> Path:
+    """The folder of a study's rung checkpoints: in its artifact folder, which every worker of a study
+    must share (as it shares the sample grids)."""
+    return cfg.artifacts_dir() / CHECKPOINTS
+
+
+def checkpoint_dir(cfg: StudyConfig, key: str) -> Path:
+    """Where candidate ``key``'s distillation checkpoint lives between rungs."""
+    return checkpoint_root(cfg) / key
 
 
 def drop_checkpoint(cfg: StudyConfig, key: str) -> None:
@@ -84,6 +81,13 @@ def _scored(t: FrozenTrial) -> bool:
 
 def _finite(t: FrozenTrial) -> bool:
     return t.values is not None and all(math.isfinite(v) for v in t.values)
+
+
+def _ranking(here: dict[str, FrozenTrial]) -> tuple[dict[str, tuple], dict[str, bool]]:
+    """The objective values of a rung's trials with finite ones, and whether each is feasible (``ok``):
+    what :func:`promotion_candidates` ranks."""
+    scores = {k: tuple(t.values) for k, t in here.items() if _finite(t)}
+    return scores, {k: here[k].user_attrs.get("status") == TrialStatus.OK for k in scores}
 
 
 def _key(t: FrozenTrial) -> str:
@@ -133,8 +137,7 @@ def enqueue_promotions(study: optuna.Study, fidelity: Fidelity) -> list[tuple[st
         if not here:
             continue
         nxt = fidelity.rungs[i + 1]
-        scores = {k: tuple(t.values) for k, t in here.items() if _finite(t)}
-        feasible = {k: here[k].user_attrs.get("status") == TrialStatus.OK for k in scores}
+        scores, feasible = _ranking(here)
         for k in promotion_candidates(scores, feasible, fidelity.promote, promoted_keys(trials, nxt), directions):
             src = here[k]
             attrs = {a: src.user_attrs[a] for a in ("candidate_key", "enqueued_as") if a in src.user_attrs}
@@ -153,7 +156,7 @@ def prune_checkpoints(study: optuna.Study, cfg: StudyConfig, everything: bool = 
     does not depend on the run's length, and the trainer's draws come from one seeded generator), at
     the cost of the steps redone. ``everything``: delete them all (the study is done)."""
     fid = cfg.fidelity
-    root = cfg.artifacts_dir() / CHECKPOINTS
+    root = checkpoint_root(cfg)
     if fid is None or not root.is_dir():
         return []
     keep: set[str] = set()
@@ -164,9 +167,7 @@ def prune_checkpoints(study: optuna.Study, cfg: StudyConfig, everything: bool = 
         rungs = by_rung(trials, fid)
         last = {_key(t): rung_of(t, fid) for t in highest_rung_trials(trials, fid)}
         for r in fid.rungs[:-1]:
-            here = {k: t for k, t in rungs.get(r, {}).items() if last.get(k) == r and _finite(t)}
-            scores = {k: tuple(t.values) for k, t in here.items()}
-            feasible = {k: t.user_attrs.get("status") == TrialStatus.OK for k, t in here.items()}
+            scores, feasible = _ranking({k: t for k, t in rungs.get(r, {}).items() if last.get(k) == r})
             keep |= set(promotion_candidates(scores, feasible, min(1.0, 2 * fid.promote), (), directions))
     removed = []
     for d in sorted(root.iterdir()):
