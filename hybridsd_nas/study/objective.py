@@ -80,9 +80,7 @@ class TrialObjective:
     def _run(self, trial: optuna.trial.Trial):
         t_start = time.perf_counter()
         if self._surplus(trial):
-            trial.set_user_attr("status", TrialStatus.SURPLUS.value)
-            trial.set_user_attr("reason", "the trial budget was taken by other workers; nothing was run")
-            raise Surplus()
+            self._stand_down(trial, "the trial budget was taken by other workers")
         timings: dict[str, float] = {}
         try:
             pt = self.ev.space.suggest(trial, self.ev.arch)
@@ -102,9 +100,7 @@ class TrialObjective:
             # Workers with one sampler seed draw the same candidates; the first to record it scores it,
             # and this worker's sampler is reseeded so that the two streams part.
             trial.study.sampler.reseed_rng()
-            trial.set_user_attr("status", TrialStatus.SURPLUS.value)
-            trial.set_user_attr("reason", f"trial {busy} is scoring the same candidate now; nothing was run")
-            raise Surplus()
+            self._stand_down(trial, f"trial {busy} is scoring the same candidate now")
         twin = self._twin(trial, key)
         if twin is not None:
             figures = {k: twin.user_attrs[k] for k in twin.user_attrs if k in METRICS}
@@ -150,9 +146,7 @@ class TrialObjective:
         trial.set_user_attr("label", self.ev.label(cand))
         twin = earlier_twin(trial.study, trial.number, key, rung)
         if twin is not None:
-            trial.set_user_attr("status", TrialStatus.SURPLUS.value)
-            trial.set_user_attr("reason", f"trial {twin.number} runs the same promotion to {rung} steps; nothing was run")
-            raise Surplus()
+            self._stand_down(trial, f"trial {twin.number} runs the same promotion to {rung} steps")
         src = source_trial(trial.study, src_no)
         if src is None or src.user_attrs.get("candidate_key") != key:
             self._finish(trial, TrialStatus.FAILED, f"promotion of trial {src_no}: that trial is missing or holds another "
@@ -221,6 +215,13 @@ class TrialObjective:
             drop_checkpoint(self.cfg, self.ev.key(pt))
         self._finish(trial, status, check_constraints(late, figures), figures, timings, t_start)
         return self._values(figures)
+
+    @staticmethod
+    def _stand_down(trial, why: str):
+        """End ``trial`` without running anything (status ``surplus``): another trial does its work."""
+        trial.set_user_attr("status", TrialStatus.SURPLUS.value)
+        trial.set_user_attr("reason", f"{why}; nothing was run")
+        raise Surplus()
 
     def _in_flight(self, trial, key: str) -> int | None:
         """The number of another running trial that scores candidate ``key`` (not a promotion), if any.
