@@ -90,8 +90,9 @@ def ema_runs(out: Path, replicates: dict[str, list[dict]], long_steps: int, deca
 
 
 def first_runs(out: Path) -> list[dict]:
-    """The first runs (with the proxies) of every candidate list, in list order; failed ones left out."""
-    names = [n for lst in run.LISTS.values() for n, _ in lst]
+    """The first runs (with the proxies) of every candidate list, in list order, each candidate once (a list
+    may repeat candidates of another: RETRAINED); failed ones left out."""
+    names = list(dict.fromkeys(n for lst in run.LISTS.values() for n, _ in lst))
     store = Records(out)
     rows = [store.read(f) for f in (run.record_name(n, None) for n in names) if store.exists(f)]
     return [r for r in rows if r["status"] == "ok"]

@@ -164,7 +164,19 @@ FRESH_C: list[tuple[str, object]] = [
     # A-SDM-style recombination: the two middle stages from the Base, the rest of the original frozen
     ("middle-from-base", _middle_from_base),
 ]
-LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B, "fresh-c": FRESH_C}  # a run's "set": the list it came from
+
+
+def _pick(*names: str) -> list[tuple[str, object]]:
+    every = dict(CANDIDATES + FRESH + FRESH_B + FRESH_C)
+    return [(n, every[n]) for n in names]
+
+
+# The list re-measured on the retrained teacher (``--retrained``, teacher v4: ``results/tiny_teacher/eval.md``),
+# fixed in results/proxy_fidelity/teacher_v4/notes.md before any of it was run: twelve candidates of the
+# earlier lists across layer removal, unit removal, channel pruning, recombination and a mix, the Base first.
+RETRAINED = _pick("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny", "asdm-m1", "asdm-m2", "drop-mid", "drop-first-attentions",
+                  "prune-ff-half", "prune-resnet-half", "drop-mid-attention", "prune-resnet-mild", "small-prune-ff-half")
+LISTS = {"first": CANDIDATES, "fresh": FRESH, "fresh-b": FRESH_B, "fresh-c": FRESH_C, "retrained": RETRAINED}  # a run's "set": the list it came from
 RAW_READ = ("first", "fresh", "fresh-b")  # the lists this script's own analysis (the raw reference) reads
 UNNAMED_MACHINE = "a 2-core CPU the oldest records do not name"
 
@@ -346,12 +358,12 @@ def warm_caches(args, pipe) -> float:
     """Teacher samples and reference features for both evaluations, computed once before any
     candidate (a study pays for them once too); returns the seconds spent."""
     from hybridsd_nas.metrics import FeatureExtractor
-    from hybridsd_nas.proxy import references
+    from hybridsd_nas.proxy import scorer
 
     t0 = time.perf_counter()
     fx = FeatureExtractor(device=args.device)
     for n in (args.proxy_samples, args.long_samples):
-        references(args.teacher, pipe, ProxySettings(samples=n, seed=args.seed), args.sampler_steps, args.guidance, fx)
+        scorer(args.teacher, pipe, ProxySettings(samples=n, seed=args.seed), args.sampler_steps, args.guidance, device=args.device, fx=fx)
     return time.perf_counter() - t0
 
 
@@ -1185,6 +1197,8 @@ def main(argv=None) -> int:
                        help="run the second fresh list (FRESH_B), fixed before it was run, which checks the scores the first check left open")
     which.add_argument("--fresh-c", action="store_true",
                        help="run the third fresh list (FRESH_C), fixed before it was run, read by ema_reference.py (with --ema-decay)")
+    which.add_argument("--retrained", action="store_true",
+                       help="run the list fixed for the retrained teacher (RETRAINED), read by retrained.py (with --ema-decay)")
     ap.add_argument("--rescore", action="store_true",
                     help="for candidates already run: repeat only the first max(--score-checkpoints) steps and add the "
                          "cheap scores (held-out profile, paired samples) to their record, under evals[n]['rescore']")
@@ -1198,7 +1212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-checkpoints", type=_ints, default=_ints("10,20,30,40"),
                     help="steps (among --score-checkpoints) at which the paired sample score is taken")
     args = ap.parse_args(argv)
-    args.list = "fresh" if args.fresh else "fresh-b" if args.fresh_b else "fresh-c" if args.fresh_c else "first"
+    args.list = "fresh" if args.fresh else "fresh-b" if args.fresh_b else "fresh-c" if args.fresh_c else "retrained" if args.retrained else "first"
     args.base_used = None
     args.base_rebuilt = None
     if args.train_seed is None:

@@ -86,28 +86,37 @@ def read_runs(source: Path) -> list[dict]:
         return [{**r, "loss": []} for r in json.loads(source.read_text())["runs"]]
     if (source / "warm_start.json").is_file():
         w = json.loads((source / "warm_start.json").read_text())
-        return [{"name": w["run"], "recipe": w["recipe"], "chunks": w["chunks"], "loss": []}]
+        return [{"name": w["run"], "recipe": w["recipe"], "chunks": w["chunks"], "loss": [], "continues": w.get("continues")}]
     return [read_run(source)]
 
 
 def cmd_report(args) -> dict:
     out = Path(args.out)
-    runs = [r for w in args.runs for r in read_runs(Path(w))]
+    by_name: dict[str, dict] = {}
+    for w in args.runs:  # a run named again (a warm start of a run an earlier report holds) replaces the earlier entry
+        for r in read_runs(Path(w)):
+            # an export-only call (--until-step at the step already reached) adds no training: not a chunk
+            r["chunks"] = [c for c in r["chunks"] if c["to_step"] > c["from_step"] or "eval" in c]
+            by_name[r["name"]] = r
+    runs = list(by_name.values())
     floor = json.loads((out / "fid_floor.json").read_text()) if (out / "fid_floor.json").is_file() else None
     starts = json.loads((out / "start_points.json").read_text()) if (out / "start_points.json").is_file() else []
-    fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
+    with_loss = any(r["loss"] for r in runs)
+    fig, axes = plt.subplots(1, 4 if with_loss else 3, figsize=(19 if with_loss else 14.5, 3.8))
+    ends: dict[str, tuple[float, dict]] = {}  # each run's last scored point, where a run that continues it starts
     for r in runs:
-        ev = [(c["run_train_seconds"] / 60, c["eval"]) for c in r["chunks"] if "eval" in c]
+        cont = r.get("continues") or {}
+        offset = cont.get("train_seconds", 0.0) / 60  # a continued run's minutes count on from the run it continues
+        ev = [(offset + c["run_train_seconds"] / 60, c["eval"]) for c in r["chunks"] if "eval" in c]
+        start = ends.get(cont["run"]) if cont.get("run") in ends else (0.0, starts[0]) if starts and not cont else None
         if ev:
-            xs = [0.0] + [x for x, _ in ev] if starts else [x for x, _ in ev]
+            pts = ([start] if start else []) + ev
             for ax, key in zip(axes[:3], ("adherence", "blank", "fid")):
-                ys = [e.get(key) for _, e in ev]
-                if starts:
-                    ys = [starts[0].get(key)] + ys
-                ax.plot(xs, ys, marker="o", label=r["name"])
+                ax.plot([x for x, _ in pts], [e.get(key) for _, e in pts], marker="o", label=r["name"] + (f" (continues {cont['run']})" if cont else ""))
+            ends[r["name"]] = ev[-1]
         if r["loss"]:
             axes[3].plot([row["train_seconds"] / 60 for row in r["loss"]], [row["loss"] for row in r["loss"]], label=r["name"], lw=0.8)
-    for ax, title in zip(axes, ("adherence (eval classifier)", "blank share", "FID vs held-out real", "training loss (weighted)")):
+    for ax, title in zip(axes, ("adherence (eval classifier)", "blank share", "FID vs held-out real", "training loss (weighted)")[:len(axes)]):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training minutes")
         ax.grid(alpha=0.3)
@@ -115,7 +124,8 @@ def cmd_report(args) -> dict:
         for row in floor["floor"]:
             axes[2].axhline(2.5 * row["fid"], ls="--", lw=0.8, color="grey")
             axes[2].text(0, 2.5 * row["fid"], f"2.5 x floor at {row['count']}", fontsize=7, va="bottom")
-    axes[3].set_yscale("log")
+    if with_loss:
+        axes[3].set_yscale("log")
     axes[0].legend(fontsize=8)
     devices = sorted({c["device"] for r in runs for c in r["chunks"]})
     fig.suptitle(f"tiny teacher runs (trained on {', '.join(devices) or '?'}, float32; chunks scored on {runs[0]['chunks'][-1]['eval']['count'] if runs and runs[0]['chunks'] and 'eval' in runs[0]['chunks'][-1] else '?'} samples, PNDM 25 steps, guidance 4, seed 0)", fontsize=9)
@@ -141,9 +151,16 @@ def cmd_report(args) -> dict:
                   f"; starts from `{Path(rec['init']).name}`.", "",
                   "| chunk | steps | training min (run) | images/s | device | adherence | blank | FID |", "|---|---|---:|---:|---|---:|---:|---:|"]
         for i, c in enumerate(r["chunks"], 1):
-            e = c.get("eval", {})
+            e = c.get("eval")
+            scored = f"{e['adherence']:.1%} | {e['blank']:.1%} | {e['fid']:.1f}" if e else "not scored | | "
             lines.append(f"| {i} | {c['from_step']}..{c['to_step']} | {c['run_train_seconds'] / 60:.1f} | {c['images_per_second']:.1f} | "
-                         f"{c['device']} | {e.get('adherence', float('nan')):.1%} | {e.get('blank', float('nan')):.1%} | {e.get('fid', float('nan')):.1f} |")
+                         f"{c['device']} | {scored} |")
+        lines.append("")
+    if (out / "scores_500.json").is_file():  # the chunk ends scored again at the targets' sample count
+        lines += ["## Scored at 500 samples (`scores_500.json`)", "", "| weights | adherence | blank | FID | sampled on |",
+                  "|---|---:|---:|---:|---|"]
+        lines += [f"| {r['label']} | {r['adherence']:.1%} | {r['blank']:.1%} | {r['fid']:.2f} | {r['measured_on']} |"
+                  for r in json.loads((out / "scores_500.json").read_text())]
         lines.append("")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / args.name}.md/.json/.png")
