@@ -1,9 +1,11 @@
-"""How well the per-unit latency lookup table predicts measured latency.
+"""How well the per-unit latency lookup table predicts measured latency, before and after calibration.
 
-For a set of SD-1.x candidates (BK-SDM presets, unit removals, depth, mid and stage removal,
+For a set of 12 SD-1.x candidates (BK-SDM presets, unit removals, depth, mid and stage removal,
 config-built and surgery-built), compare the table's prediction (sum of unit latencies + the
-base's fixed overhead) with the latency measured on the same device. Writes
-results/latency_lut_<device>_<dtype>_<res>px.{csv,md,png} and the table itself.
+base's fixed overhead) with each whole candidate measured on the same device, with the same
+statistic; then the calibrated prediction, leave-one-out over the 12 and fitted on the first K (5)
+for the other 7. Writes results/latency_lut_<device>_<dtype>_<res>px.{csv,json,md,png} and the
+table itself, calibrated on all 12, in results/lut/.
 
     python benchmarks/bench_latency_lut.py --device cpu --resolution 128
     python benchmarks/bench_latency_lut.py --device cuda --dtype float16 --resolution 512
@@ -14,14 +16,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
+import diffusers
 import torch
+from scipy.stats import kendalltau
 
 from hybridsd_nas.arch import Candidate, candidate_preset, describe
-from hybridsd_nas.cost import LatencyTable, estimate_cost
+from hybridsd_nas.cost import build_table, estimate_cost
+from hybridsd_nas.cost.calibrate import MIN_CANDIDATES, fit, leave_one_out, measure_points, summarize
 from hybridsd_nas.cost.latency import check_device, device_label, parse_dtype
+from hybridsd_nas.cost.lut import REPEATS, apply_calibration, base_key
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -50,8 +57,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--lut-repeats", type=int, default=10)
+    ap.add_argument("--lut-repeats", type=int, default=REPEATS, help="timed calls per unit and per whole forward")
+    ap.add_argument("--k", type=int, default=MIN_CANDIDATES, help="candidates of the K-point calibration (the first K)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args()
     dev = check_device(args.device)
@@ -64,71 +71,95 @@ def main() -> None:
     lut_path = out_dir / "lut" / f"{label}-{dname}-{args.resolution}px-b{args.batch_size}.json"
     if lut_path.exists():
         lut_path.unlink()  # a fresh table: this benchmark measures building it too
-    table = LatencyTable(str(dev), dt, args.resolution, args.batch_size, path=lut_path, warmup=3, repeats=args.lut_repeats)
     arch = describe("sd-v1")
-    rows = []
-    t_lut = 0.0
-    for c in candidates(arch):
-        t0 = time.perf_counter()
-        pred = estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch_size, latency="lut", lut=table, arch=arch)
-        t_lut += time.perf_counter() - t0
-        meas = estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch_size, latency="measure",
-                             device=str(dev), dtype=dt, repeats=args.repeats, arch=arch)
-        err = (pred.latency_ms - meas.latency_ms) / meas.latency_ms * 100
-        rows.append({"candidate": c.label, "build": pred.build, "params_M": round(pred.params / 1e6, 2),
-                     "macs_G": round(pred.macs / 1e9, 2), "measured_ms": round(meas.latency_ms, 3),
-                     "measured_p10_ms": round(meas.latency["p10_ms"], 3), "measured_p90_ms": round(meas.latency["p90_ms"], 3),
-                     "predicted_ms": round(pred.latency_ms, 3), "error_pct": round(err, 2)})
-        print(rows[-1], flush=True)
-    from scipy.stats import kendalltau, spearmanr
-
-    m = [r["measured_ms"] for r in rows]
-    p = [r["predicted_ms"] for r in rows]
-    abs_err = [abs(r["error_pct"]) for r in rows]
+    cands = candidates(arch)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    table, _ = build_table("sd-v1", cands, out=lut_path, device=str(dev), dtype=dt, resolution=args.resolution,
+                           batch=args.batch_size, repeats=args.lut_repeats, arch=arch, progress=True)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    points = measure_points("sd-v1", cands, table, arch=arch, progress=True)
+    t_measure = time.perf_counter() - t0
+    builds = {c.label: estimate_cost("sd-v1", c, resolution=args.resolution, batch=args.batch_size, arch=arch) for c in cands}
+    raw = [(p.uncalibrated_ms - p.measured_ms) / p.measured_ms * 100 for p in points]
+    loo = leave_one_out(points)
+    k = args.k
+    cal_k = fit(points[:k])
+    held = [(apply_calibration(cal_k, p.units_ms, p.n_units) - p.measured_ms) / p.measured_ms * 100 for p in points[k:]]
+    cal_all = calibrate_from(points, table, arch)
+    rows = [{"candidate": p.candidate, "build": builds[p.candidate].build, "params_M": round(builds[p.candidate].params / 1e6, 2),
+             "macs_G": round(builds[p.candidate].macs / 1e9, 2), "n_units": p.n_units, "units_ms": round(p.units_ms, 3),
+             "measured_ms": round(p.measured_ms, 3), "table_ms": round(p.uncalibrated_ms, 3), "table_error_pct": round(e, 2),
+             "loo_error_pct": round(lo, 2), f"k{k}_error_pct": (round(held[i - k], 2) if i >= k else None)}
+            for i, (p, e, lo) in enumerate(zip(points, raw, loo))]
+    m = [p.measured_ms for p in points]
     summary = {
         "device": label, "dtype": dname, "resolution": args.resolution, "batch": args.batch_size, "text_tokens": 77,
-        "candidates": len(rows), "repeats_measured": args.repeats, "repeats_per_unit": args.lut_repeats,
-        "mean_abs_error_pct": round(sum(abs_err) / len(abs_err), 2), "max_abs_error_pct": round(max(abs_err), 2),
-        "spearman": round(float(spearmanr(m, p).statistic), 4), "kendall_tau": round(float(kendalltau(m, p).statistic), 4),
+        "teacher": "sd-v1 (config only, random weights)", "candidates": len(rows), "statistic": table.meta["statistic"],
+        "repeats": args.lut_repeats, "timing": table.meta["timing"],
+        "table": summarize(raw), "leave_one_out": summarize(loo), f"k{k}_fit_on_first_{k}_held_out": summarize(held),
+        "fit_all": {"terms": cal_all["terms"], "coef": cal_all["coef"]}, f"fit_k{k}": {"terms": cal_k["terms"], "coef": cal_k["coef"]},
+        "kendall_tau_table": round(float(kendalltau(m, [p.uncalibrated_ms for p in points]).statistic), 4),
         "overhead_ms": round(next(iter(table.overhead.values()))["ms"], 3), "units_in_table": len(table.units),
-        "lut_seconds_incl_build": round(t_lut, 1), "torch": torch.__version__,
+        "build_seconds": round(t_build, 1), "measure_seconds": round(t_measure, 1),
+        "load_average_before": [round(x, 2) for x in load_before], "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
     }
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    t, lo_s, h = summary["table"], summary["leave_one_out"], summary[f"k{k}_fit_on_first_{k}_held_out"]
     lines = [f"# Latency lookup table vs measured latency: {label}, {dname}, {args.resolution} px, batch {args.batch_size}", "",
-             f"SD-1.x candidates, 77 text tokens, random weights. Measured: median of {args.repeats} forwards after at least 3 warm-up "
-             f"forwards{' lasting at least 0.5 s' if dev.type != 'cpu' else ''}; "
-             f"table: each unit timed standalone ({args.lut_repeats} repeats), plus the base's fixed overhead "
-             f"({summary['overhead_ms']} ms). Mean |error| {summary['mean_abs_error_pct']}%, max {summary['max_abs_error_pct']}%, "
-             f"Spearman {summary['spearman']}, Kendall tau {summary['kendall_tau']}.", "",
-             "| candidate | build | params (M) | MACs (G) | measured ms (p10-p90) | predicted ms | error % |", "|---|---|---|---|---|---|---|"]
+             f"Made by `python benchmarks/bench_latency_lut.py --device {args.device} --resolution {args.resolution}`. SD-1.x "
+             f"candidates (config only, random weights), 77 text tokens. Every figure is the {summary['statistic']} of "
+             f"{args.lut_repeats} timed calls after at least 3 warm-ups, re-measured while the 10th-90th percentile spread "
+             f"exceeds 1.5x: each unit standalone (the table), and each candidate's whole forward (measured). The table's "
+             f"prediction is the sum of the candidate's units plus the teacher's overhead ({summary['overhead_ms']} ms); the "
+             f"calibration fits `{cal_all['model']}` to whole candidates measured on the device (`hybridsd-nas lut calibrate`). "
+             f"Load average before and after: {summary['load_average_before'][0]}, {summary['load_average_after'][0]}.", "",
+             f"- Table alone: mean |error| {t['mean_abs_pct']}%, max {t['max_abs_pct']}%, Kendall tau {summary['kendall_tau_table']}.",
+             f"- Calibrated, leave-one-out over the {len(rows)} (each fitted on the other {len(rows) - 1}): mean |error| "
+             f"{lo_s['mean_abs_pct']}%, max {lo_s['max_abs_pct']}%.",
+             f"- Calibrated on the first {k} only ({', '.join(r['candidate'] for r in rows[:k])}), on the other {len(rows) - k}: "
+             f"mean |error| {h['mean_abs_pct']}%, max {h['max_abs_pct']}%.", "",
+             "| candidate | build | params (M) | MACs (G) | units | measured ms | table ms | table error % | LOO error % | "
+             f"K={k} error % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['candidate']} | {r['build']} | {r['params_M']} | {r['macs_G']} | {r['measured_ms']} "
-                     f"({r['measured_p10_ms']}-{r['measured_p90_ms']}) | {r['predicted_ms']} | {r['error_pct']} |")
+        kk = r[f"k{k}_error_pct"]
+        lines.append(f"| {r['candidate']} | {r['build']} | {r['params_M']} | {r['macs_G']} | {r['n_units']} | {r['measured_ms']} | "
+                     f"{r['table_ms']} | {r['table_error_pct']} | {r['loo_error_pct']} | {'(fitted)' if kk is None else kk} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(m, p)
-        for r in rows:
-            ax.annotate(r["candidate"], (r["measured_ms"], r["predicted_ms"]), fontsize=6)
-        lo, hi = min(m + p) * 0.9, max(m + p) * 1.1
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlabel("measured latency (ms)")
-        ax.set_ylabel("predicted by lookup table (ms)")
-        ax.set_title(f"{label}\n{dname}, {args.resolution}px, batch {args.batch_size}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=120)
-    except ImportError:
-        pass
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(m, [p.uncalibrated_ms for p in points], label="table (sum of units + overhead)", marker="o")
+    ax.scatter(m, [p.measured_ms * (1 + e / 100) for p, e in zip(points, loo)], label="calibrated, leave-one-out", marker="x")
+    for p in points:
+        ax.annotate(p.candidate, (p.measured_ms, p.uncalibrated_ms), fontsize=6)
+    lo, hi = min(m) * 0.8, max(m) * 1.1
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel(f"measured latency (ms, {summary['statistic']} of {args.lut_repeats})")
+    ax.set_ylabel("predicted (ms)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{label}, {dname}, {args.resolution} px, batch {args.batch_size}, SD-1.x candidates", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
     print("\n".join(lines))
+
+
+def calibrate_from(points, table, arch):
+    """Store the fit over every point in the table (what `lut calibrate` would write from these measurements)."""
+    cal = {**fit(points), "candidates": len(points), "statistic": table.meta["statistic"], "points": [vars(p) for p in points],
+           "loo": summarize(leave_one_out(points)), "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    cal["model"] = "latency_ms = intercept + " + " + ".join(f"coef[{t}] * {t}" for t in cal["terms"])
+    table.set_calibration(base_key(arch), cal)
+    return cal
 
 
 if __name__ == "__main__":

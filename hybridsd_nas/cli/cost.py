@@ -7,7 +7,7 @@ import argparse
 from hybridsd_nas.arch import describe
 from hybridsd_nas.cli.common import add_device, add_json, add_latency, add_parser, add_teacher, print_json, print_table
 from hybridsd_nas.core.errors import ConfigError
-from hybridsd_nas.cost import CostReport, default_resolution, estimate_cost, open_table
+from hybridsd_nas.cost import COUNT_METHODS, CostReport, default_resolution, estimate_cost, open_table
 
 MAIN_TABLE = ("identity", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 
@@ -21,8 +21,9 @@ def _row(label: str, r: CostReport, lat: bool) -> list[str]:
 
 def how_measured(r: CostReport) -> str:
     m = r.measured
+    how = "params and MACs in closed form" if r.method == "analytic" else "MACs counted on the meta device"
     s = (f"{m['resolution']}x{m['resolution']} px (latent {m['latent']}x{m['latent']}), batch {m['batch']}, "
-         f"{m['text_tokens']} text tokens; MACs counted on the meta device")
+         f"{m['text_tokens']} text tokens; {how}")
     if r.latency is not None:
         s += f"; latency ({r.latency['method']}) on {r.latency['device']}, {r.latency['dtype']}"
     return s
@@ -38,7 +39,8 @@ def _reports(args: argparse.Namespace, candidates: list[str | None], by_block: b
         lut = open_table(args.table, resolution=args.resolution or default_resolution(args.teacher, arch), dtype=args.dtype,
                          batch=args.batch_size)
     return [estimate_cost(args.teacher, c, resolution=args.resolution, batch=args.batch_size, latency=args.latency,
-                          device=args.device, dtype=args.dtype, by_block=by_block, arch=arch, repeats=args.repeats, lut=lut)
+                          device=args.device, dtype=args.dtype, by_block=by_block, arch=arch, repeats=args.repeats, lut=lut,
+                          method=args.method)
             for c in candidates]
 
 
@@ -60,6 +62,9 @@ def _print(args: argparse.Namespace, cands: list[str | None], rows: list[CostRep
     for r in rows:
         if r.surgery_reason:
             print(f"note: {r.candidate.get('name') or r.candidate_key} is built by surgery: {r.surgery_reason}")
+    reasons = {r.method_reason for r in rows if r.method_reason}
+    for reason in sorted(reasons):  # the same for every row of one base
+        print(f"note: counted by tracing, the closed form does not cover this base: {reason}")
     print(f"\n{args.teacher}: {how_measured(rows[0])}")
     return 0
 
@@ -83,6 +88,9 @@ def _cost_args(sp: argparse.ArgumentParser) -> None:
     add_device(sp)
     sp.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float16 on cuda, else float32)")
     sp.add_argument("--repeats", type=int, default=10, help="timed repeats for --latency measure (default: 10)")
+    sp.add_argument("--method", choices=list(COUNT_METHODS), default="auto",
+                    help="how params and MACs are counted: " + "; ".join(f"{k}: {v}" for k, v in COUNT_METHODS.items())
+                    + " (default: auto)")
     sp.add_argument("--table", default=None, metavar="FILE",
                     help="--latency lut from this table file (built with `lut build` on the target device; read here as it "
                          "is, no device needed); default: this machine's table for --device in the cache")

@@ -1,4 +1,5 @@
-"""The study commands: ``search``, ``pareto``, ``export`` (of a study's trial) and ``report``.
+"""The study commands: ``search``, ``pareto``, ``export`` (of a study's trial), ``pick`` (one model for a
+device budget) and ``report``.
 
 Argument wiring and printing only; the work is done by :mod:`hybridsd_nas.study`."""
 
@@ -8,21 +9,27 @@ import argparse
 import io
 import json
 import sys
+from pathlib import Path
 
 from hybridsd_nas.cli.common import ExitCode, RunFailed, add_device, add_json, add_overwrite, add_parser, print_json
-from hybridsd_nas.core.errors import ConfigError
+from hybridsd_nas.core.errors import ConfigError, HybridSDError
+from hybridsd_nas.cost import check_device
 from hybridsd_nas.study import (
+    BUDGET_FORMS,
     SAMPLERS,
     StopReason,
     build_report,
     claim_results_dir,
     describe_audit,
+    export_pick,
     export_trial,
     format_table,
     front_columns,
     front_json,
     load_study,
     load_study_config,
+    parse_budget,
+    pick,
     run_study,
     summarize,
     write_front_csv,
@@ -102,6 +109,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pick(args: argparse.Namespace) -> int:
+    budgets = [parse_budget(b) for b in args.budget or []]  # malformed or unknown: one line, before anything loads
+    if args.verify_on is not None:
+        check_device(args.verify_on)
+    if Path(args.out).exists() and not args.overwrite:
+        raise HybridSDError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    studies = [load_study(n, args.storage) for n in args.study]
+
+    def said(e) -> None:
+        if not args.json:
+            state = f"dropped: {e.dropped}" if e.dropped else "within every budget"
+            print(f"measured on {args.verify_on}: {e.name}: "
+                  + ", ".join(f"{m} {v:.4g}" for m, v in e.measured.items()) + f"; {state}", file=sys.stderr)
+
+    result = pick(studies, budgets, verify_on=args.verify_on, table=args.table, on_verify=said)
+    if result.chosen is None:
+        raise RunFailed(result.nearest_miss())
+    out, data = export_pick(result, args.out, device=args.device, overwrite=args.overwrite)
+    if args.json:
+        print_json(data)
+        return 0
+    e, q = result.chosen, result.quality["metric"]
+    within = ", ".join(f"{b.metric} {e.value(b.metric):.4g} ({b})" for b in result.budgets) or "no budget"
+    print(f"picked {e.name}: {q} {e.figures[q]:.4g}, the best of {len(result.feasible)} of {len(result.entries)} candidates "
+          f"within every budget; {within} -> {out} (pick.json, README.md)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     studies = [load_study(n, args.storage) for n in args.study]
     out = build_report(studies, args.out)
@@ -113,7 +148,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    """Add ``search``, ``pareto``, ``export`` and ``report`` to the CLI's sub-parsers."""
+    """Add ``search``, ``pareto``, ``export``, ``pick`` and ``report`` to the CLI's sub-parsers."""
     p = add_parser(sub, "search", help="run (or resume, or join as another worker) a study declared in YAML "
                                       f"(samplers: {', '.join(SAMPLERS.names())})")
     p.add_argument("config", help="study YAML, e.g. experiments/quickstart.yaml")
@@ -147,6 +182,23 @@ def register(sub) -> None:
     add_overwrite(p)
     add_json(p)
     p.set_defaults(func=cmd_export)
+
+    p = add_parser(sub, "pick", help="the best model of finished studies within device budgets, exported with its model card "
+                                    "and pick.json")
+    p.add_argument("--study", action="append", required=True, help="a study name; repeat to pool the candidates of several")
+    p.add_argument("--storage", help=f"storage URL holding the studies ({_DEFAULT_STORAGE}, of each)")
+    p.add_argument("--budget", action="append", metavar="EXPR",
+                   help=f"a budget every candidate must meet, one of {', '.join(BUDGET_FORMS)} for a study metric "
+                        "(pipeline_latency_ms<=800, peak_memory_mb<=4000, params<5e8); repeatable")
+    p.add_argument("--verify-on", metavar="DEVICE", help="measure the feasible front again on this device (cpu, cuda, cuda:N) "
+                   "and drop those that break a budget there, before choosing")
+    p.add_argument("--table", metavar="FILE", help="a latency lookup table for latency_ms or pipeline_latency_ms where the "
+                   "trials did not record them (default: the study's own table)")
+    p.add_argument("--out", required=True, help="output directory: the U-Net, its model card (README.md) and pick.json")
+    add_device(p)
+    add_overwrite(p)
+    add_json(p)
+    p.set_defaults(func=cmd_pick)
 
     p = add_parser(sub, "report", help="one self-contained HTML page comparing the Pareto fronts of studies")
     p.add_argument("--study", action="append", required=True, help="a study name; repeat to compare")

@@ -2,6 +2,7 @@
 else of the package."""
 
 from hybridsd_nas.core.errors import (
+    BudgetError,
     ConfigError,
     HybridSDError,
     InvalidCandidateError,
@@ -14,6 +15,7 @@ from hybridsd_nas.core.registry import Registry
 from hybridsd_nas.core.runtime import __version__, quiet
 
 __all__ = [
+    "BudgetError",
     "ConfigError",
     "HybridSDError",
     "InvalidCandidateError",

@@ -40,3 +40,7 @@ class NotExpressibleError(HybridSDError, ValueError):
 class UnreliableMeasurementError(HybridSDError):
     """A measurement that contradicts itself (a latency table whose units and whole forward disagree
     even when measured again): the run failed (exit status 1), nothing was written."""
+
+
+class BudgetError(HybridSDError, ValueError):
+    """A budget expression (``METRIC<=V``) that is malformed, names an unknown metric or an impossible bound."""

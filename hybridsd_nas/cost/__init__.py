@@ -1,8 +1,9 @@
-"""The cost engine: params, MACs (two conventions) and latency of any candidate, weight-free (latency
-lookup tables built once on a device and read anywhere); the whole text-to-image pipeline's cost
-and a hybrid schedule's cloud/edge accounting."""
+"""The cost engine: params, MACs (two conventions; in closed form where that is exact, else traced)
+and latency of any candidate, weight-free (latency lookup tables built once on a device and read
+anywhere); the whole text-to-image pipeline's cost and a hybrid schedule's cloud/edge accounting."""
 
-from hybridsd_nas.cost.engine import LATENCY_MODES, CostReport, LatencyRequest, estimate_cost
+from hybridsd_nas.cost.analytic import NotAnalyticError, analytic_count, analytic_support
+from hybridsd_nas.cost.engine import COUNT_METHODS, LATENCY_MODES, CostReport, LatencyRequest, estimate_cost
 from hybridsd_nas.cost.inputs import latent_size, unet_inputs
 from hybridsd_nas.cost.latency import (
     LatencyStats,
@@ -25,6 +26,7 @@ from hybridsd_nas.cost.lut import (
 from hybridsd_nas.cost.macs import MacCount, count_macs
 
 __all__ = [
+    "COUNT_METHODS",
     "LATENCY_MODES",
     "CostReport",
     "LatencyRequest",
@@ -32,6 +34,9 @@ __all__ = [
     "LatencyTable",
     "MacCount",
     "MissingUnitsError",
+    "NotAnalyticError",
+    "analytic_count",
+    "analytic_support",
     "base_key",
     "build_table",
     "check_device",

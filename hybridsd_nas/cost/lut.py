@@ -79,7 +79,53 @@ MAX_REMEASURE = 2
 # teacher timed at 164 ms under load against 19 ms alone): the table is rebuilt once, then refused.
 SANITY_RATIO = 2.0
 LOCK_TIMEOUT = 4 * 3600.0  # seconds a worker waits for another one's build; a dead builder's lock is freed by the OS
-TIMING_MODE = "eager"  # a plain forward per call (no torch.compile, no CUDA graphs)
+TIMING_MODE = "eager"  # a plain forward per call (no torch.compile, no CUDA graphs): what tables without ``timing`` used
+# How a unit (and a whole forward) is run while timed: the way the model will run on the device.
+TIMING_MODES = {
+    "eager": "a plain forward per call",
+    "compile": "torch.compile'd (inductor, static shapes); compilation happens during the warm-up, outside the timing",
+    "cuda-graph": "captured once in a CUDA graph and replayed (CUDA only): no per-kernel launch cost, as a graphed "
+                  "deployment runs",
+}
+
+
+def default_timing(device: torch.device) -> str:
+    """CUDA graphs on CUDA (batch-1 forwards there are bound by kernel launches, which a graph removes); eager elsewhere."""
+    return "cuda-graph" if device.type == "cuda" else "eager"
+
+
+def check_timing(timing: str, device: torch.device) -> str:
+    if timing not in TIMING_MODES:
+        raise ConfigError(f"unknown timing mode {timing!r}; valid: {', '.join(TIMING_MODES)}")
+    if timing == "cuda-graph" and device.type != "cuda":
+        raise ConfigError(f"timing mode cuda-graph needs a CUDA device, not {device}; use eager or compile")
+    return timing
+
+
+def runner(module: Callable[..., Any], args: Any, kwargs: dict[str, Any], timing: str) -> Callable[[], Any]:
+    """A call of ``module(*args, **kwargs)`` without arguments, run the way ``timing`` says (:data:`TIMING_MODES`)."""
+    if timing == "eager":
+        return lambda: module(*args, **kwargs)
+    if timing == "compile":
+        compiled = torch.compile(module, dynamic=False)
+        return lambda: compiled(*args, **kwargs)
+    # CUDA graph: warm up on a side stream (allocations settle), capture one call on these static inputs, replay it
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                module(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = module(*args, **kwargs)
+
+    def replay() -> Any:
+        graph.replay()
+        return static_out  # the graph writes its output where the capture allocated it
+
+    return replay
 _WARNED: set[str] = set()
 
 
@@ -103,9 +149,10 @@ def default_resolution(unet: Any, arch: UNetArch | None = None) -> int:
     return int(arch.config.get("sample_size") or 64) * vae_scale_factor(unet)
 
 
-def table_path(device: torch.device, dtype: torch.dtype, resolution: int, batch: int) -> Path:
+def table_path(device: torch.device, dtype: torch.dtype, resolution: int, batch: int, timing: str = TIMING_MODE) -> Path:
     """Where this machine keeps its table for ``device`` by default (the cache)."""
-    return cache_dir("lut") / f"{device_label(device)}-{dtype_name(dtype)}-{resolution}px-b{batch}.json"
+    mode = "" if timing == TIMING_MODE else f"-{timing}"
+    return cache_dir("lut") / f"{device_label(device)}-{dtype_name(dtype)}-{resolution}px-b{batch}{mode}.json"
 
 
 def _now() -> str:
@@ -134,17 +181,20 @@ class LatencyTable:
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32, resolution: int = 512,
                  batch: int = 1, path: str | Path | None = None, warmup: int = WARMUP, repeats: int = REPEATS,
-                 load: bool = True):
+                 load: bool = True, timing: str | None = None):
         self.device: torch.device | None = check_device(device)
         self.portable = False
         self.dtype = dtype
         self.resolution, self.batch = resolution, batch
         self.warmup, self.repeats = warmup, repeats
+        self.timing = check_timing(timing or default_timing(self.device), self.device)
         self.inner = 1 if self.device.type == "cpu" else 5  # queued like inside the model on async devices
-        self.path = Path(path) if path else table_path(self.device, dtype, resolution, batch)
+        self.path = Path(path) if path else table_path(self.device, dtype, resolution, batch, self.timing)
         self.meta = self._fresh_meta(device_label(self.device))
         self.units: dict[str, dict[str, Any]] = {}
         self.overhead: dict[str, dict[str, Any]] = {}
+        self.components: dict[str, dict[str, Any]] = {}  # optional: the pipeline's text encoder and decoder (add_components)
+        self.calibration: dict[str, dict[str, Any]] = {}  # optional: per teacher, the fitted correction (cost/calibrate.py)
         self.space_hint: str | None = None  # the space whose candidates are costed, named in a missing-units message
         if load and self.path.is_file():  # not ``load``: the file is replaced (``ensure(rebuild=True)``)
             self._merge(self._read(), explicit=path is not None)
@@ -166,10 +216,13 @@ class LatencyTable:
         if meta["version"] == 1:  # the same keys and figures; it recorded medians and no diffusers version
             meta = {"statistic": "median", "timing": TIMING_MODE, **meta}
         self.meta = meta
+        self.timing = meta.get("timing", TIMING_MODE)
         self.dtype = parse_dtype(meta["dtype"])
         self.resolution, self.batch = int(meta["resolution"]), int(meta["batch"])
         self.warmup, self.repeats, self.inner = meta.get("warmup"), meta.get("repeats"), meta.get("inner")
         self.units, self.overhead = data.get("units", {}), data.get("overhead", {})
+        self.components = data.get("components", {})
+        self.calibration = data.get("calibration", {})
         self._warn_versions()
         return self
 
@@ -178,7 +231,7 @@ class LatencyTable:
         return {"version": self.VERSION, "device": label, "device_type": self.device.type if self.device else None,
                 "dtype": dtype_name(self.dtype), "resolution": self.resolution, "batch": self.batch,
                 "torch": torch.__version__, "diffusers": diffusers.__version__, "hybridsd_nas": __version__,
-                "timing": TIMING_MODE, "statistic": STATISTIC, "warmup": self.warmup, "repeats": self.repeats,
+                "timing": getattr(self, "timing", TIMING_MODE), "statistic": STATISTIC, "warmup": self.warmup, "repeats": self.repeats,
                 "inner": self.inner, "spread_limit": SPREAD_LIMIT, "max_remeasure": MAX_REMEASURE,
                 "sanity_ratio": SANITY_RATIO, "teacher": None, "covers": {}, "built": None, "build_id": None}
 
@@ -198,13 +251,18 @@ class LatencyTable:
             return  # an older format: its units are timed again
         mine = (self.meta["device"], self.meta["dtype"], self.resolution, self.batch)
         theirs = (meta.get("device"), meta.get("dtype"), meta.get("resolution"), meta.get("batch"))
-        if theirs != mine:
+        if theirs != mine or meta.get("timing", TIMING_MODE) != self.timing:
             if not explicit:  # a cache file is named by these settings; a foreign one there is timed anew
                 return
-            raise ConfigError(f"latency table {self.path} is for {_settings(*theirs)}, not {_settings(*mine)}; give another path")
+            if theirs != mine:
+                raise ConfigError(f"latency table {self.path} is for {_settings(*theirs)}, not {_settings(*mine)}; give another path")
+            raise ConfigError(f"latency table {self.path} was timed {meta.get('timing', TIMING_MODE)}, not {self.timing}; give "
+                              f"another path or --timing {meta.get('timing', TIMING_MODE)}")
         self.meta = {**meta, "covers": dict(meta.get("covers") or {})}
         self.units.update(data.get("units", {}))
         self.overhead.update(data.get("overhead", {}))
+        self.components.update(data.get("components", {}))
+        self.calibration.update(data.get("calibration", {}))
         self._warn_versions()
 
     def _warn_versions(self) -> None:
@@ -219,7 +277,12 @@ class LatencyTable:
         """Write the table atomically (a reader sees the old file or the new one, never half of one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "units": self.units, "overhead": self.overhead}, indent=1, sort_keys=True))
+        data = {"meta": self.meta, "units": self.units, "overhead": self.overhead}
+        if self.components:  # optional: a table without them is written as before
+            data["components"] = self.components
+        if self.calibration:  # optional, likewise
+            data["calibration"] = self.calibration
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
 
     def _lock(self) -> filelock.FileLock:
@@ -271,12 +334,12 @@ class LatencyTable:
         mod = materialize(copy.deepcopy(call.module), self.device, self.dtype)
         args = _from_spec(call.args, self.device, self.dtype, g)
         kwargs = _from_spec(call.kwargs, self.device, self.dtype, g)
-        return {**self._time(lambda: mod(*args, **kwargs)), "desc": call.desc}
+        return {**self._time(runner(mod, args, kwargs, self.timing)), "desc": call.desc}
 
     def _time_whole(self, base: BaseForward) -> dict[str, Any]:
         model = materialize(copy.deepcopy(base.model), self.device, self.dtype)
         x = _to_device_inputs(base.inputs, self.device, self.dtype, torch.Generator().manual_seed(0))
-        return self._time(lambda: model(**x, return_dict=False))
+        return self._time(runner(model, (), {**x, "return_dict": False}, self.timing))
 
     def _time_units(self, calls: dict[str, UnitCall], progress: bool) -> dict[str, dict[str, Any]]:
         return {k: self._time_unit(c) for k, c in tqdm(calls.items(), desc="timing units", disable=not progress, leave=False)}
@@ -339,6 +402,36 @@ class LatencyTable:
             f"forward measured {whole['ms']:.3g} ms ({ratio:.1f}x apart, more than {SANITY_RATIO:g}x, twice); the device was "
             "probably busy: rebuild when nothing else runs on it (nothing was written)")
 
+    # -- the pipeline's other parts (optional key ``components``; tables without it read as before) --
+    def add_components(self, figures: dict[str, dict[str, Any]]) -> None:
+        """Record timings of a pipeline's text encoder and VAE decoder (keyed and timed by
+        :mod:`hybridsd_nas.cost.request`), under the file lock, beside what another worker wrote."""
+        if self.portable:
+            raise ConfigError(f"latency table {self.path} was opened to read; add the pipeline's parts with hybridsd-nas lut build --pipeline")
+        with self._lock():
+            if self.path.is_file():
+                self._merge(self._read(), explicit=True)
+            self.components.update(figures)
+            self.save()
+
+    # -- calibration (optional key ``calibration``, per teacher; cost/calibrate.py fits it) ----
+    def time_forward(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A whole forward of ``model`` (meta or real) timed on the table's device as its units are: the
+        table's statistic, re-measured while the spread is wide."""
+        if self.device is None:
+            raise ConfigError(f"latency table {self.path} was opened to read; time forwards on its device")
+        m = materialize(copy.deepcopy(model), self.device, self.dtype)
+        x = _to_device_inputs(inputs, self.device, self.dtype, torch.Generator().manual_seed(0))
+        return self._time(runner(m, (), {**x, "return_dict": False}, self.timing))
+
+    def set_calibration(self, key: str, calibration: dict[str, Any]) -> None:
+        """Store the correction fitted for teacher ``key``, under the file lock, beside what another worker wrote."""
+        with self._lock():
+            if self.path.is_file():
+                self._merge(self._read(), explicit=True)
+            self.calibration[key] = calibration
+            self.save()
+
     # -- prediction ------------------------------------------------------------------------
     def unit_latencies(self, model: nn.Module, inputs: dict[str, Any], progress: bool = False,
                        memo: dict[str, Any] | None = None) -> list[tuple[UnitCall, float]]:
@@ -357,8 +450,10 @@ class LatencyTable:
                                  f"rebuild it on {self.meta.get('device')} with the candidates' space: {self.build_command()}", keys)
 
     def predict(self, model: nn.Module, inputs: dict[str, Any], base_key: str, base_model: Callable[[], nn.Module] | None = None,
-                progress: bool = False) -> dict[str, Any]:
-        """Predicted latency of ``model`` (meta) in ms: sum of its units + the base's overhead."""
+                progress: bool = False, calibrated: bool = True) -> dict[str, Any]:
+        """Predicted latency of ``model`` (meta) in ms: sum of its units + the base's overhead, or, where the
+        table holds a calibration for the base (and ``calibrated``), the fitted correction of the unit sum
+        and count (``uncalibrated_ms`` keeps the plain sum)."""
         if base_key not in self.overhead:
             if self.portable or base_model is None:
                 have = ", ".join(sorted(self.overhead)) or "(none)"
@@ -370,9 +465,19 @@ class LatencyTable:
         units = self.unit_latencies(model, inputs, progress=progress)
         total_units = sum(ms for _, ms in units)
         over = self.overhead[base_key]["ms"]
-        return {"latency_ms": total_units + over, "units_ms": total_units, "overhead_ms": over, "n_units": len(units),
+        cal = self.calibration.get(base_key) if calibrated else None
+        extra = {"uncalibrated_ms": total_units + over, "calibration": {"candidates": cal["candidates"], "loo": cal["loo"],
+                                                                      "fitted": cal["fitted"]}} if cal else {}
+        ms = apply_calibration(cal, total_units, len(units)) if cal else total_units + over
+        return {"latency_ms": ms, **extra, "units_ms": total_units, "overhead_ms": over, "n_units": len(units),
                 "table": str(self.path), "build_id": self.meta.get("build_id"), "statistic": self.meta.get("statistic"),
                 **{k: self.meta[k] for k in ("device", "dtype", "resolution", "batch")}}
+
+
+def apply_calibration(calibration: dict[str, Any], units_ms: float, n_units: int) -> float:
+    """A stored correction (cost/calibrate.py's ``fit``) applied to a unit sum and count."""
+    c = calibration["coef"]
+    return c["intercept"] + sum(c[t] * (units_ms if t == "units_ms" else n_units) for t in calibration["terms"])
 
 
 def _settings(device: Any, dtype: Any, resolution: Any, batch: Any) -> str:
@@ -412,9 +517,10 @@ def unit_calls(arch: UNetArch, candidates: Iterable[Candidate | str | None], res
 def build_table(teacher: Any, candidates: Iterable[Candidate | str | None] = (), out: str | Path | None = None,
                 device: str = "cpu", dtype: torch.dtype | str | None = None, resolution: int | None = None, batch: int = 1,
                 warmup: int = WARMUP, repeats: int = REPEATS, covers: Iterable[str] = (), rebuild: bool = False,
-                arch: UNetArch | None = None, progress: bool = False) -> tuple[LatencyTable, dict[str, Any]]:
+                arch: UNetArch | None = None, progress: bool = False, timing: str | None = None) -> tuple[LatencyTable, dict[str, Any]]:
     """Build (or extend) the table of ``teacher`` at ``out`` (default: this machine's cache) on ``device``:
-    every unit shape of the teacher and of ``candidates``, and the teacher's overhead.
+    every unit shape of the teacher and of ``candidates``, and the teacher's overhead, timed the way
+    ``timing`` says (:data:`TIMING_MODES`; default :func:`default_timing`).
 
     ``covers`` names what ``candidates`` stand for (``layer-removal@1``); when the file already records
     them for this teacher, nothing is traced or timed. Several workers may call this at once: one
@@ -425,7 +531,7 @@ def build_table(teacher: Any, candidates: Iterable[Candidate | str | None] = (),
     dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     vs = vae_scale_factor(teacher)
     res = resolution or default_resolution(teacher, arch)
-    table = LatencyTable(device, dt, res, batch, path=out, warmup=warmup, repeats=repeats, load=not rebuild)
+    table = LatencyTable(device, dt, res, batch, path=out, warmup=warmup, repeats=repeats, load=not rebuild, timing=timing)
     key = base_key(arch)
     covers = sorted(set(covers))
     if not rebuild and key in table.overhead and set(covers) <= set(table.meta["covers"].get(key, [])):
@@ -437,5 +543,5 @@ def build_table(teacher: Any, candidates: Iterable[Candidate | str | None] = (),
     return table, {**summary, "candidates": n, "sanity": table.overhead.get(key)}
 
 
-__all__ = ["LatencyTable", "MissingUnitsError", "base_key", "build_table", "default_resolution", "open_table", "table_path",
+__all__ = ["TIMING_MODES", "LatencyTable", "MissingUnitsError", "base_key", "default_timing", "build_table", "default_resolution", "open_table", "table_path",
            "unit_calls"]

@@ -4,13 +4,14 @@ Modules by job: ``config`` (the YAML, validated), ``metrics`` (the METRICS regis
 (the SAMPLERS registry), ``storage`` (where a study lives), ``evaluator`` (cost and proxy of a
 point), ``objective`` (one trial), ``status`` (what became of a trial), ``worker`` (run_study),
 ``results`` (rows, the front, hypervolume), ``outputs`` (the files a study leaves), ``report``
-(the HTML page), ``hybrid`` (hybrid-schedule points). The commands are :mod:`hybridsd_nas.cli.study`.
+(the HTML page), ``hybrid`` (hybrid-schedule points), ``pick`` (one model for a device budget). The commands are :mod:`hybridsd_nas.cli.study`.
 """
 
 from .config import (
     WANDB_MODES,
     Constraint,
     Objective,
+    PipelineSpec,
     StudyConfig,
     artifacts_dir_of,
     load_study_config,
@@ -35,6 +36,7 @@ from .outputs import (
     write_front_csv,
     write_outputs,
 )
+from .pick import BUDGET_FORMS, Budget, Pick, export_pick, parse_budget, pick, quality_objective
 from .report import build_report
 from .results import (
     HV_NOTE,
@@ -54,16 +56,20 @@ from .storage import default_storage_url, load_or_create_study, load_study, open
 from .worker import enqueue_known, requeue, run_study
 
 __all__ = [
+    "BUDGET_FORMS",
     "HV_NOTE",
     "METRICS",
     "METRIC_GROUPS",
     "SAMPLERS",
     "WANDB_MODES",
+    "Budget",
     "Constraint",
     "Evaluator",
     "Fidelity",
     "Metric",
     "Objective",
+    "Pick",
+    "PipelineSpec",
     "StopReason",
     "StudyConfig",
     "Surplus",
@@ -83,6 +89,7 @@ __all__ = [
     "enqueue_promotions",
     "evaluated",
     "export_extra",
+    "export_pick",
     "export_row",
     "export_trial",
     "feasible_trials",
@@ -102,8 +109,11 @@ __all__ = [
     "normaliser",
     "open_storage",
     "pareto_front",
+    "parse_budget",
+    "pick",
     "pick_best",
     "promotion_candidates",
+    "quality_objective",
     "redact_url",
     "register_metric",
     "requeue",

@@ -11,6 +11,7 @@ from typing import Any
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.core.paths import results_root
 from hybridsd_nas.cost import LATENCY_MODES
+from hybridsd_nas.cost.request import MEMORY_MODES
 from hybridsd_nas.data import parse_data_spec
 from hybridsd_nas.data.evalset import load_eval_set
 from hybridsd_nas.distill import LR_SCHEDULES, DistillConfig
@@ -18,13 +19,13 @@ from hybridsd_nas.proxy import ProxySettings
 from hybridsd_nas.spaces import read_yaml
 
 from .fidelity import Fidelity
-from .metrics import DIRECTIONS, METRICS, metrics_in
+from .metrics import DIRECTIONS, METRICS, metrics_in, pipeline_metrics
 from .samplers import SAMPLERS
 
 WANDB_MODES = ("off", "offline", "online")
 _TOP = ("name", "teacher", "base", "space", "objectives", "constraints", "cost", "latency", "sampler", "trials",
         "timeout", "enqueue", "proxy", "prefilter", "storage", "results_dir", "artifacts", "heartbeat", "wandb",
-        "max_failures", "description", "data", "eval_prompts", "classifier", "clip_model", "fidelity")
+        "max_failures", "description", "data", "eval_prompts", "classifier", "clip_model", "fidelity", "pipeline")
 EVAL_KEYS = ("data", "eval_prompts", "classifier", "clip_model")  # top-level keys that go to the proxy's settings
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -71,6 +72,23 @@ class Constraint:
 
 
 @dataclass(frozen=True)
+class PipelineSpec:
+    """The request whose ``pipeline_latency_ms`` and ``peak_memory_mb`` a study counts (YAML ``pipeline:``);
+    what is None is the teacher's (its sampling defaults; the resolution: ``cost.resolution``, else the
+    teacher's sampling height, else its default)."""
+
+    steps: int | None = None
+    guidance: float | None = None
+    resolution: int | None = None
+    images: int = 1
+    memory: str = "predict"  # predicted weight-free, or measured on latency.device
+    table: str | None = None  # a lookup table for the guidance batch; default latency.table
+
+
+PIPELINE_KEYS = tuple(PipelineSpec.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     teacher: str
@@ -102,6 +120,7 @@ class StudyConfig:
     wandb: str = "off"
     description: str = ""
     fidelity: Fidelity | None = None  # multi-fidelity: rungs of distillation steps and the fraction promoted
+    pipeline: PipelineSpec | None = None  # the whole request of pipeline_latency_ms and peak_memory_mb (None: defaults)
     source: str = "<dict>"
 
     # -- derived -------------------------------------------------------------------------------
@@ -210,6 +229,9 @@ def _constraints(src: str, key: str, v: Any) -> tuple[Constraint, ...]:
             raise _err(src, k, "needs max, min or both")
         if lo is not None and hi is not None and lo > hi:
             raise _err(src, k, f"min {lo:g} is above max {hi:g}")
+        bad = ([f"max {hi:g}"] if hi is not None and hi <= 0 else []) + ([f"min {lo:g}"] if lo is not None and lo < 0 else [])
+        if METRICS.get(m).pipeline and bad:
+            raise _err(src, k, f"{m} is a time or a size: max must be > 0 and min >= 0, got {bad[0]}")
         of = c.get("of")
         if of is not None:
             if of != "teacher":
@@ -297,6 +319,18 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
     elif data.get("classifier") is not None:
         raise _err(src, "classifier", "needs eval_prompts: (labelled prompts for the classifier to check)")
 
+    pipeline = None
+    if data.get("pipeline") is not None:
+        pp = _mapping(src, "pipeline", data["pipeline"], PIPELINE_KEYS)
+        if pp.get("table") is not None and not isinstance(pp["table"], str):
+            raise _err(src, "pipeline.table", f"must be a string, got {pp['table']!r}")
+        pipeline = PipelineSpec(
+            steps=_num(src, "pipeline.steps", pp.get("steps"), int, low=1),
+            guidance=_num(src, "pipeline.guidance", pp.get("guidance"), float, low=0),
+            resolution=_num(src, "pipeline.resolution", pp.get("resolution"), int, low=8),
+            images=_num(src, "pipeline.images", pp.get("images", 1), int, low=1, allow_none=False),
+            memory=_choice(src, "pipeline.memory", pp.get("memory", "predict"), MEMORY_MODES), table=pp.get("table"))
+
     fidelity = None
     if data.get("fidelity") is not None:
         fidelity = Fidelity.from_dict(data["fidelity"], f"{src}: fidelity")
@@ -327,14 +361,18 @@ def study_from_dict(data: Any, source: str = "<dict>") -> StudyConfig:
         max_retry=_num(src, "heartbeat.max_retry", hb.get("max_retry", 3), int, low=0, allow_none=False),
         wandb=_choice(src, "wandb", data.get("wandb", "off"), WANDB_MODES),
         max_failures=_num(src, "max_failures", data.get("max_failures", 5), int, low=1, allow_none=False),
-        description=data.get("description") or "", fidelity=fidelity, source=src,
+        description=data.get("description") or "", fidelity=fidelity, pipeline=pipeline, source=src,
     )
     if cfg.trials is None and cfg.timeout is None:
         raise _err(src, "trials", "a study needs a trial count, a timeout, or both")
     if cfg.heartbeat_grace <= cfg.heartbeat_interval:
         raise _err(src, "heartbeat.grace", f"must exceed heartbeat.interval ({cfg.heartbeat_interval}s), got {cfg.heartbeat_grace}")
-    if "latency_ms" in cfg.metrics and cfg.latency_mode == "off":
-        raise _err(src, "latency.mode", "latency_ms is an objective or constraint, so latency.mode must be lut or measure")
+    for m in ("latency_ms", "pipeline_latency_ms"):
+        if m in cfg.metrics and cfg.latency_mode == "off":
+            raise _err(src, "latency.mode", f"{m} is an objective or constraint, so latency.mode must be lut or measure")
+    if pipeline is not None and not any(m in cfg.metrics for m in pipeline_metrics()):
+        raise _err(src, "pipeline", f"sets the request of {' and '.join(pipeline_metrics())}, which are neither objectives nor "
+                   "constraints of this study; add one, or remove pipeline")
     if fidelity is not None and not cfg.needs("quality"):
         raise _err(src, "fidelity", f"rungs are distillation steps of the quality proxy, and this study's metrics "
                    f"({', '.join(cfg.metrics)}) need no distillation; add a quality objective such as heldout_mse, or remove fidelity")

@@ -21,14 +21,15 @@ from hybridsd_nas.cost import (
     estimate_cost,
     open_table,
 )
+from hybridsd_nas.cost.request import PipelineCost, default_request, schedule_runs
 from hybridsd_nas.distill import checked_data_spec
 from hybridsd_nas.proxy import ProxyResult, ProxySettings, Stage, eval_set_for, run_proxy
 from hybridsd_nas.sources import resolve_teacher
 from hybridsd_nas.spaces import load_space
 
-from .config import Constraint, StudyConfig
+from .config import Constraint, PipelineSpec, StudyConfig
 from .hybrid import HybridProxy, ScheduleCost, point_key
-from .metrics import METRICS, hybrid_metrics, unsampled_metrics
+from .metrics import METRICS, hybrid_metrics, pipeline_metrics, unsampled_metrics
 
 # figures measured against the teacher's own outputs or samples: the teacher scores 0 on each
 TEACHER_RELATIVE = ("output_mse", "latent_stat_shift", "proxy_fid", "kid", "heldout_mse", "paired_mse", "cmmd")
@@ -89,6 +90,11 @@ class Evaluator:
                                   f"(it holds {', '.join(sorted(self._lut.overhead)) or 'no teacher'}); build one: "
                                   f"{self._lut.build_command(self.space.name, cfg.teacher)}")
             self._lut.space_hint = self.space.name
+        self.pipeline_metrics = tuple(m for m in pipeline_metrics() if m in cfg.metrics)
+        self._pipeline: PipelineCost | None = None
+        self._pipeline_built = False
+        if self.pipeline_metrics:  # the request, the teacher's text encoder and VAE, a named table: checked before any model loads
+            self._pipeline = self._pipeline_cost(build=False)
         self._names: dict[str, str] | None = None
         self._teacher_cost: dict[str, Any] | None = None
         self._schedule_cost = None
@@ -110,9 +116,9 @@ class Evaluator:
         return self._names.get(candidate.key) or candidate.label
 
     def teacher_marker(self) -> dict[str, float]:
-        """The teacher's own figures for plots: its cost (weight-free count; latency where the study
-        uses it), and 0 for every figure measured against the teacher itself."""
-        if self._teacher_cost is not None or "latency_ms" in self.cfg.metrics:  # the study times the teacher anyway
+        """The teacher's own figures for plots: its cost (weight-free count; latency and whole-request
+        figures where the study uses them), and 0 for every figure measured against the teacher itself."""
+        if self._teacher_cost is not None or "latency_ms" in self.cfg.metrics or self.pipeline_metrics:  # counted anyway
             figs = dict(self.teacher_figures())
         else:
             figs = cost_figures(estimate_cost(self.cfg.teacher, Candidate(), resolution=self.cfg.resolution, batch=self.cfg.batch,
@@ -132,10 +138,89 @@ class Evaluator:
         return self._schedule_cost(pt.extra["schedule"], int(cost.macs), int(self.teacher_figures()["macs"]))
 
     def teacher_figures(self) -> dict[str, Any]:
-        """The teacher's own cost figures (the no-op candidate), counted once."""
+        """The teacher's own cost figures (the no-op candidate; its whole request where the study counts
+        one: every step on the teacher), counted once."""
         if self._teacher_cost is None:
-            self._teacher_cost = cost_figures(self.cost(Candidate()))
+            cost = self.cost(Candidate())
+            figs = cost_figures(cost)
+            if self.pipeline_metrics:
+                figs.update({k: v for k, v in self.pipeline_figures(Candidate(), None, cost).items() if k != "record"})
+            self._teacher_cost = figs
         return self._teacher_cost
+
+    def _pipeline_cost(self, build: bool) -> PipelineCost:
+        """The whole-request figures' calculator: the request of the YAML's ``pipeline:`` (defaults: the
+        teacher's), and for ``pipeline_latency_ms`` in ``lut`` mode the table of the guidance batch:
+        ``pipeline.table``, else ``latency.table``, read as it is where the file exists; else (``build``)
+        the study's own table when it is for the same resolution and batch, or one built on the device."""
+        c, spec = self.cfg, self.cfg.pipeline or PipelineSpec()
+        timed = "pipeline_latency_ms" in self.pipeline_metrics
+        try:
+            request = default_request(c.teacher, spec.steps, spec.guidance, spec.resolution or c.resolution, spec.images)
+        except HybridSDError as e:
+            raise ConfigError(f"{c.source}: pipeline: {e}") from None
+        key, path = ("pipeline.table", spec.table) if spec.table else ("latency.table", c.latency_table)
+        table: Any = None
+        if timed and c.latency_mode == "lut":
+            if path and Path(path).is_file():
+                table = path
+            elif build:
+                table = self._pipeline_table(request, path)
+        try:
+            return PipelineCost(c.teacher, request, latency=c.latency_mode if timed else "off", device=c.latency_device,
+                                dtype=c.latency_dtype, table=table, memory=spec.memory, arch=self.arch)
+        except HybridSDError as e:
+            hint = (f"; pipeline_latency_ms runs the U-Net on {request.unet_batch} latents at {request.resolution} px: "
+                    "name a table built for those in pipeline.table") if table is not None and not spec.table else ""
+            raise ConfigError(f"{c.source}: {key if table is not None else 'pipeline'}: {e}{hint}") from None
+
+    def _pipeline_table(self, request, path: str | None) -> LatencyTable:
+        """The lookup table of the whole request's U-Net steps when no table file exists yet: the study's
+        own when it is for the same resolution and batch, else built on ``latency.device`` like it."""
+        c = self.cfg
+        res = c.resolution or default_resolution(c.teacher, self.arch)
+        if path == c.latency_table:
+            if (res, c.batch) == (request.resolution, request.unet_batch):
+                return self.latency_table()
+            path = None  # that file is the study's table for another batch or resolution: this one goes to the cache
+        try:
+            check_device(c.latency_device)
+        except HybridSDError as e:
+            raise ConfigError(f"{c.source}: latency.device: the whole request's latency table needs the device ({e}); build "
+                              f"one there with hybridsd-nas lut build --batch-size {request.unet_batch} --resolution "
+                              f"{request.resolution} --pipeline and name it in pipeline.table") from None
+        cands = itertools.chain(self.space.presets(self.arch).values(), self.space.unit_cover(self.arch))
+        table, _ = build_table(c.teacher, cands, out=path, device=c.latency_device, dtype=c.latency_dtype,
+                               resolution=request.resolution, batch=request.unet_batch,
+                               covers=[f"{self.space.name}@{self.space.version}"], arch=self.arch)
+        table.space_hint = self.space.name
+        return table
+
+    def pipeline_cost(self) -> PipelineCost:
+        """The study's :class:`PipelineCost` (its lookup table built or read on first use)."""
+        if self._pipeline is None:
+            raise ConfigError(f"{self.cfg.source}: the study counts no whole-request figure ({', '.join(pipeline_metrics())})")
+        if not self._pipeline_built:
+            if self._pipeline.mode == "lut" and self._pipeline.table is None:
+                self._pipeline = self._pipeline_cost(build=True)
+            self._pipeline_built = True
+        return self._pipeline
+
+    def pipeline_figures(self, candidate: Candidate, schedule: dict[str, Any] | None = None,
+                         cost: CostReport | None = None) -> dict[str, Any]:
+        """The study's whole-request figures of ``candidate`` (and its hybrid ``schedule``: each U-Net for
+        its own steps), with how they were found under ``record``; ``cost``: its cost report, whose U-Net
+        latency is reused when it was taken at the request's resolution and guidance batch."""
+        pc = self.pipeline_cost()
+        known = {}
+        spec = self.cfg.pipeline or PipelineSpec()
+        if (cost is not None and cost.latency_ms is not None and spec.table is None
+                and (cost.measured["resolution"], cost.measured["batch"]) == (pc.request.resolution, pc.request.unet_batch)):
+            known[candidate.key] = cost.latency_ms
+        try:
+            return pc.figures(schedule_runs(candidate, schedule, pc.request.steps), self.pipeline_metrics, known)
+        except MissingUnitsError as e:
+            raise ConfigError(f"{self.cfg.source}: {'pipeline.table' if spec.table else 'latency.table'}: {e}") from None
 
     def constraints(self, group: str) -> list[Constraint]:
         """The config's constraints on metrics of ``group``, fractions of the teacher made absolute."""
@@ -150,10 +235,16 @@ class Evaluator:
 
     def measured(self) -> dict[str, Any]:
         c = self.cfg
-        return {"cost": {"resolution": c.resolution, "batch": c.batch, "method": "meta-device count, no weights"},
-                "latency": None if c.latency_mode == "off" else {"mode": c.latency_mode, "device": c.latency_device,
-                                                                 "dtype": c.latency_dtype, "batch": c.batch},
-                "proxy": {**self.settings.as_dict(), "device": self.device, "dtype": "float32"}}
+        out = {"cost": {"resolution": c.resolution, "batch": c.batch, "method": "meta-device count, no weights"},
+               "latency": None if c.latency_mode == "off" else {"mode": c.latency_mode, "device": c.latency_device,
+                                                                "dtype": c.latency_dtype, "batch": c.batch},
+               "proxy": {**self.settings.as_dict(), "device": self.device, "dtype": "float32"}}
+        if self._pipeline is not None:
+            spec = c.pipeline or PipelineSpec()
+            out["pipeline"] = {"request": self._pipeline.request.to_dict(), "metrics": list(self.pipeline_metrics),
+                               "memory": spec.memory, "table": spec.table or c.latency_table,
+                               "dtype": str(self._pipeline.dtype).replace("torch.", "")}
+        return out
 
     def latency_table(self) -> LatencyTable | None:
         """The study's lookup table (``latency.mode: lut``): the YAML's ``table`` file as it is when it

@@ -27,7 +27,7 @@ from .rungs import PROMOTION_OF, RUNG, checkpoint_dir, drop_checkpoint, earlier_
 from .status import SCORED, TrialStatus, evaluated
 
 # what a trial records about its candidate's cost besides the figures (a promotion copies them from its source)
-COST_ATTRS = ("build", "cost_measured", "latency", "accounting")
+COST_ATTRS = ("build", "cost_measured", "latency", "accounting", "pipeline")
 # figures of the proxy's result recorded as user attributes (study metrics and their companions)
 PROXY_FIGURES = ("proxy_fid", "kid", "fid_real", "paired_mse", "heldout_mse", "adherence", "kid_std", "adherence_teacher",
                  "clip_score", "clip_score_teacher", "cmmd", "kid_real", "distill_final_loss")
@@ -114,12 +114,16 @@ class TrialObjective:
 
         t0 = time.perf_counter()
         cost = self.ev.cost(cand)
+        whole = self.ev.pipeline_figures(cand, pt.extra.get("schedule"), cost) if self.ev.pipeline_metrics else None
         timings["cost_seconds"] = time.perf_counter() - t0
         figures = cost_figures(cost)
         if self.ev.hybrid:
             sc = self.ev.schedule_figures(pt, cost)
             figures.update({m: sc[m] for m in ("cloud_share", "edge_macs")})
             trial.set_user_attr("accounting", sc["accounting"])
+        if whole is not None:  # the whole request: pipeline_latency_ms, peak_memory_mb, and how they were found
+            trial.set_user_attr("pipeline", whole.pop("record"))
+            figures.update(whole)
         trial.set_user_attr("build", cost.build)
         trial.set_user_attr("cost_measured", {k: v for k, v in cost.measured.items() if k != "method"})
         if cost.latency is not None:

@@ -144,6 +144,26 @@ def _provenance_md(r: dict[str, Any]) -> str:
     return "\n## What the quality figures were measured on\n\n" + "\n".join(lines) + "\n"
 
 
+def _pipeline_md(r: dict[str, Any]) -> str:
+    """How the whole request's figures of trial ``r`` were found (nothing when it has none)."""
+    p = r.get("pipeline")
+    if not p:
+        return ""
+    q = p["request"]
+    out = (f"\n- whole request (`pipeline_latency_ms`, `peak_memory_mb`): {q['steps']} steps at guidance {q['guidance']:g}, "
+           f"{q['resolution']} px, {q['images']} image(s), {q['unet_batch']} latents per U-Net forward, {p.get('dtype')}")
+    if "latency" in p:
+        lat = p["latency"]
+        out += (f"; latency = text encoder {lat['text_encoder_ms']:.4g} + U-Net steps {lat['unet_ms']:.4g} + VAE decoder "
+                f"{lat['decoder_ms']:.4g} ms (U-Net: {lat['unet_from']}; text encoder and decoder: {lat['components_from']})")
+    if "memory" in p:
+        mem = p["memory"]
+        parts = ", ".join(f"{k} {v:.4g}" for k, v in (mem.get("weights_mb") or {}).items())
+        out += f"; memory {mem['method']}" + (f" (weights MB: {parts}; activation peak {mem['activation_peak_mb']:.4g} MB)"
+                                               if parts else "")
+    return out + "."
+
+
 def model_card(study_row: dict[str, Any], summary: dict[str, Any], cost: dict[str, Any]) -> str:
     """A README for an exported trial: the candidate, every figure, how each was measured."""
     cfg = summary["config"]
@@ -178,7 +198,7 @@ Constraints: {', '.join(json.dumps(c) for c in summary['constraints']) or 'none'
 - params and MACs: counted on the meta device, no weights, one forward at {cost['measured']['resolution']} px,
   batch {cost['measured']['batch']}, {cost['measured']['text_tokens']} text tokens (this export: {cost['params']} params,
   {cost['macs']} MACs, {cost['macs_conv_linear']} conv+linear MACs).
-- latency: {lat}, batch {cfg.get('batch')}.
+- latency: {lat}, batch {cfg.get('batch')}.{_pipeline_md(r)}
 - quality proxy (when an objective): short distillation of {proxy.get('distill_steps', ProxySettings.distill_steps)} steps, batch
   {proxy.get('batch_size', ProxySettings.batch_size)}, then {proxy.get('samples', ProxySettings.samples)} samples with seed {proxy.get('seed', 0)}; proxy FID and KID
   against the teacher's samples from the same prompts and seeds; float32 on the study's worker device.

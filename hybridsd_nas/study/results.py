@@ -118,7 +118,7 @@ def trial_row(t: optuna.trial.FrozenTrial, cfg_objectives: Sequence[str] | None 
         if m in ua:
             row[m] = ua[m]
     for k in ("adherence_teacher", "kid_std", "build", "cost_measured", "latency", "duplicate_of", "enqueued_as", "retry_of", "sample_grid_artifact",
-              "schedule", "accounting", "provenance", "resumed_from_step"):
+              "schedule", "accounting", "pipeline", "provenance", "resumed_from_step"):
         if k in ua:
             row[k] = ua[k]
     row["timings"] = ua.get("timings", {})
