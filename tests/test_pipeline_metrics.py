@@ -204,6 +204,7 @@ def test_a_study_table_for_another_batch_than_the_guidance_batch_is_one_line(tmp
     assert Evaluator(ok).pipeline_cost().request.unet_batch == 1
 
 
+@pytest.mark.slow  # a whole study; the fast lane keeps the metrics' own checks
 def test_a_study_builds_the_guidance_batch_table_and_keeps_the_parts_in_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDSD_NAS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(lut_mod, "time_fn", lambda fn, device, warmup=3, repeats=10, dtype="", inner=1:
@@ -233,6 +234,7 @@ def fast_latency(monkeypatch):
     LATENCY_MODES.register("measure", real, replace=True)
 
 
+@pytest.mark.slow  # a whole study; the fast lane keeps the metrics' own checks
 def test_study_objective_and_constraint_with_fractions_of_the_teacher(tmp_path, fast_latency):
     # the teacher's request: 2 x 3 + 5 x 462 + 7 = 2322 ms; bk-sdm-base's 1506 (65%), bk-sdm-tiny's 1420 (61%)
     cfg = study_from_dict({"name": "whole", **COST_ONLY, "trials": 1, "artifacts": str(tmp_path / "art"),
