@@ -49,7 +49,7 @@ def arithmetic(out: Path) -> list[dict]:
         "configs at 512x512 px (latent 64x64), 77 text tokens, classifier-free guidance (every U-Net step and the",
         "text encoder run on a batch of 2: cond + uncond).",
         "",
-        f"- U-Net (sd-v1), one forward, batch 1: {u['macs'] / 1e9:.1f} GMACs -> {2 * u['macs'] / 1e9:.1f} GMACs per guided step",
+        f"- U-Net (sd-v1), one forward, batch 1: {u.macs / 1e9:.1f} GMACs -> {2 * u.macs / 1e9:.1f} GMACs per guided step",
         f"- text encoder (CLIP ViT-L/14 text tower), one call: {te / 1e9:.2f} GMACs -> {2 * te / 1e9:.2f} GMACs (cond + uncond)",
         f"- VAE decoder, one 512x512 image: {dec / 1e9:.1f} GMACs",
         "",
@@ -73,7 +73,7 @@ def arithmetic(out: Path) -> list[dict]:
     lines += [
         "",
         f"Reading: Hybrid SD's own example schedule, 10 cloud steps of 25, saves {100 * (1 - r10['steps']):.1f}% by step "
-        f"count and {100 * (1 - r10['macs_te_vae']):.1f}% of MACs once the decoder (worth {dec / (2 * u['macs']):.2f} "
+        f"count and {100 * (1 - r10['macs_te_vae']):.1f}% of MACs once the decoder (worth {dec / (2 * u.macs):.2f} "
         "guided U-Net steps of MACs) moves to the edge. The settings listed above are the ones that give \"-66%\"; the",
         "abstract does not say which was used, and this table is the arithmetic, not a reproduction of their",
         "measurement (which may be in GPU time, where the decoder weighs more than its MACs suggest).",
