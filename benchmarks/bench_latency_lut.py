@@ -26,7 +26,7 @@ from scipy.stats import kendalltau
 
 from hybridsd_nas.arch import Candidate, candidate_preset, describe
 from hybridsd_nas.cost import build_table, estimate_cost
-from hybridsd_nas.cost.calibrate import MIN_CANDIDATES, fit, leave_one_out, measure_points, summarize
+from hybridsd_nas.cost.calibrate import MIN_CANDIDATES, calibration_record, fit, leave_one_out, measure_points, summarize
 from hybridsd_nas.cost.latency import check_device, device_label, parse_dtype
 from hybridsd_nas.cost.lut import REPEATS, apply_calibration, base_key
 
@@ -87,7 +87,8 @@ def main() -> None:
     k = args.k
     cal_k = fit(points[:k])
     held = [(apply_calibration(cal_k, p.units_ms, p.n_units) - p.measured_ms) / p.measured_ms * 100 for p in points[k:]]
-    cal_all = calibrate_from(points, table, arch)
+    cal_all = calibration_record(points, table.meta["statistic"])  # what `lut calibrate` would store from these
+    table.set_calibration(base_key(arch), cal_all)
     rows = [{"candidate": p.candidate, "build": builds[p.candidate].build, "params_M": round(builds[p.candidate].params / 1e6, 2),
              "macs_G": round(builds[p.candidate].macs / 1e9, 2), "n_units": p.n_units, "units_ms": round(p.units_ms, 3),
              "measured_ms": round(p.measured_ms, 3), "table_ms": round(p.uncalibrated_ms, 3), "table_error_pct": round(e, 2),
@@ -151,15 +152,6 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
     print("\n".join(lines))
-
-
-def calibrate_from(points, table, arch):
-    """Store the fit over every point in the table (what `lut calibrate` would write from these measurements)."""
-    cal = {**fit(points), "candidates": len(points), "statistic": table.meta["statistic"], "points": [vars(p) for p in points],
-           "loo": summarize(leave_one_out(points)), "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    cal["model"] = "latency_ms = intercept + " + " + ".join(f"coef[{t}] * {t}" for t in cal["terms"])
-    table.set_calibration(base_key(arch), cal)
-    return cal
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from hybridsd_nas.arch import Candidate, UNetArch, describe, plan, resolve_candi
 from hybridsd_nas.build import build_student
 from hybridsd_nas.core.errors import ConfigError
 from hybridsd_nas.cost.inputs import unet_inputs
-from hybridsd_nas.cost.lut import LatencyTable, apply_calibration, base_key
+from hybridsd_nas.cost.lut import LatencyTable, apply_calibration, base_key, calibration_features
 from hybridsd_nas.sources import vae_scale_factor
 
 MIN_CANDIDATES = 5
@@ -49,10 +49,6 @@ class CalibrationPoint:
     uncalibrated_ms: float  # units_ms + the teacher's overhead: the table's prediction without calibration
 
 
-def features(units_ms: float, n_units: int, terms: Sequence[str]) -> list[float]:
-    return [1.0] + [units_ms if t == "units_ms" else float(n_units) for t in terms]
-
-
 def terms_for(points: Sequence[CalibrationPoint]) -> list[str]:
     """The terms fitted besides the intercept: the count only from :data:`COUNT_TERM_FROM` points, and only
     when the counts differ (else it is not identifiable)."""
@@ -67,7 +63,7 @@ def fit(points: Sequence[CalibrationPoint], terms: Sequence[str] | None = None) 
     if len(points) < 2:
         raise ConfigError(f"a calibration needs at least 2 measured candidates to fit, got {len(points)}")
     terms = list(terms or terms_for(points))
-    x = np.array([features(p.units_ms, p.n_units, terms) for p in points])
+    x = np.array([calibration_features(p.units_ms, p.n_units, terms) for p in points])
     y = np.array([p.measured_ms for p in points])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     return {"terms": terms, "coef": {"intercept": float(coef[0]), **{t: float(c) for t, c in zip(terms, coef[1:])}}}
@@ -110,6 +106,25 @@ def measure_points(teacher: Any, candidates: Iterable[Candidate | str | None], t
     return points
 
 
+def calibration_record(points: Sequence[CalibrationPoint], statistic: str | None) -> dict[str, Any]:
+    """What a table stores for a teacher: the fit over ``points``, the points with their leave-one-out and
+    uncalibrated errors, and both errors' summaries."""
+    loo = leave_one_out(points)
+    raw = [(p.uncalibrated_ms - p.measured_ms) / p.measured_ms * 100 for p in points]
+    cal = fit(points)
+    cal["model"] = "latency_ms = intercept + " + " + ".join(f"coef[{t}] * {t}" for t in cal["terms"])
+    cal.update({
+        "candidates": len(points),
+        "statistic": statistic,
+        "points": [{**asdict(p), "loo_error_pct": round(e, 3), "uncalibrated_error_pct": round(r, 3)}
+                   for p, e, r in zip(points, loo, raw)],
+        "loo": summarize(loo),
+        "uncalibrated": summarize(raw),
+        "fitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return cal
+
+
 def calibrate(teacher: Any, candidates: Sequence[Candidate | str | None], table: LatencyTable, arch: UNetArch | None = None,
               text_len: int = 77, progress: bool = False) -> dict[str, Any]:
     """Measure ``candidates`` (at least :data:`MIN_CANDIDATES`), fit the correction, store it in ``table``
@@ -118,19 +133,6 @@ def calibrate(teacher: Any, candidates: Sequence[Candidate | str | None], table:
         raise ConfigError(f"calibration needs at least {MIN_CANDIDATES} whole candidates measured on the device, got "
                           f"{len(candidates)}; give more --candidate (presets or space samples: --space NAME --count K)")
     arch = arch or describe(teacher)
-    points = measure_points(teacher, candidates, table, arch, text_len, progress)
-    loo = leave_one_out(points)
-    raw = [(p.uncalibrated_ms - p.measured_ms) / p.measured_ms * 100 for p in points]
-    cal = fit(points)
-    cal["model"] = "latency_ms = intercept + " + " + ".join(f"coef[{t}] * {t}" for t in cal["terms"])
-    cal.update({
-        "candidates": len(points),
-        "statistic": table.meta.get("statistic"),
-        "points": [{**asdict(p), "loo_error_pct": round(e, 3), "uncalibrated_error_pct": round(r, 3)}
-                   for p, e, r in zip(points, loo, raw)],
-        "loo": summarize(loo),
-        "uncalibrated": summarize(raw),
-        "fitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
+    cal = calibration_record(measure_points(teacher, candidates, table, arch, text_len, progress), table.meta.get("statistic"))
     table.set_calibration(base_key(arch), cal)
     return cal

@@ -474,10 +474,15 @@ class LatencyTable:
                 **{k: self.meta[k] for k in ("device", "dtype", "resolution", "batch")}}
 
 
+def calibration_features(units_ms: float, n_units: int, terms: Iterable[str]) -> list[float]:
+    """The regressors of a calibration: 1 (the intercept), then each of ``terms`` (``units_ms``, ``n_units``)."""
+    return [1.0] + [units_ms if t == "units_ms" else float(n_units) for t in terms]
+
+
 def apply_calibration(calibration: dict[str, Any], units_ms: float, n_units: int) -> float:
     """A stored correction (cost/calibrate.py's ``fit``) applied to a unit sum and count."""
-    c = calibration["coef"]
-    return c["intercept"] + sum(c[t] * (units_ms if t == "units_ms" else n_units) for t in calibration["terms"])
+    c, terms = calibration["coef"], calibration["terms"]
+    return sum(w * x for w, x in zip([c["intercept"], *(c[t] for t in terms)], calibration_features(units_ms, n_units, terms)))
 
 
 def _settings(device: Any, dtype: Any, resolution: Any, batch: Any) -> str:
